@@ -1,0 +1,128 @@
+"""One participant's local PPO round: collect, estimate advantages, optimise, report the update.
+
+The update leaves the participant (clipped and encrypted by the caller); everything
+else (environments, RNG state, episodes in progress) stays local across rounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from participant.rollout import Rollout, RolloutCollector, compute_gae
+from scenarios.policy import Policy, PPOBatch, PPOLossInfo
+from scenarios.scenario import Scenario
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """``update`` follows the descent convention: the server does ``theta -= lr * adam(update)``."""
+
+    update: np.ndarray
+    episode_returns: list[float]
+    steps: int
+    episodes: int
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Adam:
+    """Plain Adam with bias correction; a fresh one per round keeps no state across rounds."""
+
+    def __init__(self, size: int, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-5) -> None:
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.m = np.zeros(size)
+        self.v = np.zeros(size)
+        self.t = 0
+
+    def step(self, theta: np.ndarray, grad: np.ndarray) -> None:
+        """Update ``theta`` in place."""
+        self.t += 1
+        self.m = self.beta1 * self.m + (1 - self.beta1) * grad
+        self.v = self.beta2 * self.v + (1 - self.beta2) * grad * grad
+        m_hat = self.m / (1 - self.beta1**self.t)
+        v_hat = self.v / (1 - self.beta2**self.t)
+        theta -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+
+class ParticipantTrainer:
+    """Holds a participant's vector envs and RNG so episodes continue across rounds."""
+
+    def __init__(self, scenario: Scenario, participant_index: int, seed: int, variant: str | None = None) -> None:
+        self.scenario = scenario
+        self.spec = scenario.policy_spec()
+        env_seed, rng_seed = np.random.SeedSequence([seed, participant_index]).generate_state(2)
+        self.rng = np.random.default_rng(int(rng_seed))
+        self.env = scenario.build_vector_env(participant_index, int(env_seed), variant)
+        self.collector = RolloutCollector(self.env, int(env_seed))
+
+    def train(self, theta: np.ndarray, round: int) -> LocalResult:
+        """Run one local round starting from the shared ``theta`` (not modified)."""
+        del round  # rounds are stateless locally; kept in the signature for schedules and logging
+        cfg = self.scenario.ppo
+        theta_in = np.array(theta, dtype=np.float64)
+        if theta_in.shape != (self.spec.num_params,):
+            raise ValueError(f"theta has shape {theta_in.shape}, scenario needs ({self.spec.num_params},)")
+        rollout = self.collector.collect(Policy(self.spec, theta_in), cfg.steps_per_env, self.rng,
+                                         cfg.gamma, cfg.reward_scale)
+        batch = _flatten(rollout, cfg.gamma, cfg.gae_lambda)
+        if self.scenario.update == "gradient":
+            info, update = Policy(self.spec, theta_in).ppo_loss_and_grad(
+                _normalized(batch, cfg.normalize_advantages), cfg.clip_coef, cfg.ent_coef, cfg.vf_coef)
+            infos = [info]
+        else:
+            theta_out, infos = self._optimise(theta_in.copy(), batch)
+            update = theta_in - theta_out
+        returns = rollout.episode_returns
+        return LocalResult(update=update, episode_returns=returns, steps=cfg.batch_size, episodes=len(returns),
+                           stats=_mean_stats(infos))
+
+    def _optimise(self, theta: np.ndarray, batch: PPOBatch) -> tuple[np.ndarray, list[PPOLossInfo]]:
+        cfg = self.scenario.ppo
+        adam = Adam(theta.size, cfg.lr)
+        policy = Policy(self.spec, theta)  # views into theta: Adam's in-place steps are seen by the policy
+        n = batch.obs.shape[0]
+        infos = []
+        for _ in range(cfg.epochs):
+            for idx in np.array_split(self.rng.permutation(n), cfg.minibatches):
+                mb = _normalized(_take(batch, idx), cfg.normalize_advantages)
+                info, grad = policy.ppo_loss_and_grad(mb, cfg.clip_coef, cfg.ent_coef, cfg.vf_coef)
+                norm = float(np.linalg.norm(grad))
+                if norm > cfg.max_grad_norm:
+                    grad *= cfg.max_grad_norm / norm
+                adam.step(theta, grad)
+                infos.append(info)
+        return theta, infos
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _flatten(rollout: Rollout, gamma: float, lam: float) -> PPOBatch:
+    advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.dones, rollout.last_value, gamma, lam)
+    steps, envs = rollout.rewards.shape
+    return PPOBatch(
+        obs=rollout.obs.reshape(steps * envs, -1),
+        actions=rollout.actions.reshape(steps * envs, *rollout.actions.shape[2:]),
+        old_log_probs=rollout.log_probs.reshape(-1),
+        advantages=advantages.reshape(-1),
+        returns=returns.reshape(-1),
+    )
+
+
+def _take(batch: PPOBatch, idx: np.ndarray) -> PPOBatch:
+    return PPOBatch(batch.obs[idx], batch.actions[idx], batch.old_log_probs[idx], batch.advantages[idx],
+                    batch.returns[idx])
+
+
+def _normalized(batch: PPOBatch, enabled: bool) -> PPOBatch:
+    if not enabled or batch.advantages.size < 2:
+        return batch
+    adv = batch.advantages
+    return PPOBatch(batch.obs, batch.actions, batch.old_log_probs, (adv - adv.mean()) / (adv.std() + 1e-8),
+                    batch.returns)
+
+
+def _mean_stats(infos: list[PPOLossInfo]) -> dict[str, float]:
+    keys = ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")
+    return {k: float(np.mean([getattr(i, k) for i in infos])) for k in keys}

@@ -1,0 +1,116 @@
+"""Experience collection and advantage estimation (no learning here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+
+from scenarios.policy import Policy
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """``steps x num_envs`` transitions; ``rewards`` are scaled and already bootstrapped on truncation."""
+
+    obs: np.ndarray
+    actions: np.ndarray
+    log_probs: np.ndarray
+    rewards: np.ndarray
+    dones: np.ndarray
+    values: np.ndarray
+    last_value: np.ndarray
+    episode_returns: list[float]
+
+
+class RolloutCollector:
+    """Steps a same-step-autoreset vector env; episodes continue across ``collect`` calls."""
+
+    def __init__(self, env: gym.vector.VectorEnv, seed: int) -> None:
+        if env.metadata.get("autoreset_mode") != gym.vector.AutoresetMode.SAME_STEP:
+            raise ValueError("RolloutCollector needs a vector env with AutoresetMode.SAME_STEP")
+        self.env = env
+        self.obs, _ = env.reset(seed=seed)
+        space = env.single_action_space
+        self._bounds = (space.low, space.high) if isinstance(space, gym.spaces.Box) else None
+
+    def collect(self, policy: Policy, steps: int, rng: np.random.Generator, gamma: float, reward_scale: float) -> Rollout:
+        n = self.env.num_envs
+        obs_buf = np.zeros((steps, n, self.obs.shape[1]))
+        act_buf: list[np.ndarray] = []
+        logp_buf = np.zeros((steps, n))
+        rew_buf = np.zeros((steps, n))
+        done_buf = np.zeros((steps, n), dtype=bool)
+        val_buf = np.zeros((steps, n))
+        episode_returns: list[float] = []
+        for t in range(steps):
+            obs = np.asarray(self.obs, dtype=np.float64)
+            obs_buf[t] = obs
+            val_buf[t] = policy.value(obs)
+            actions, logp_buf[t] = policy.act(obs, rng)
+            act_buf.append(actions)
+            env_actions = actions if self._bounds is None else np.clip(actions, *self._bounds)
+            self.obs, rewards, terminated, truncated, info = self.env.step(env_actions)
+            rew_buf[t] = reward_scale * np.asarray(rewards, dtype=np.float64)
+            done_buf[t] = terminated | truncated
+            cut = truncated & ~terminated
+            if cut.any():
+                # A time-limit cut is not a real end: bootstrap with V(final observation).
+                final = np.stack([info["final_obs"][i] for i in np.flatnonzero(cut)]).astype(np.float64)
+                rew_buf[t, cut] += gamma * policy.value(final)
+            if "_episode" in info:
+                episode_returns.extend(float(r) for r in info["episode"]["r"][info["_episode"]])
+        return Rollout(
+            obs=obs_buf,
+            actions=np.stack(act_buf),
+            log_probs=logp_buf,
+            rewards=rew_buf,
+            dones=done_buf,
+            values=val_buf,
+            last_value=policy.value(np.asarray(self.obs, dtype=np.float64)),
+            episode_returns=episode_returns,
+        )
+
+
+def compute_gae(
+    rewards: np.ndarray, values: np.ndarray, dones: np.ndarray, last_value: np.ndarray, gamma: float, lam: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generalised advantage estimates and value targets, arrays shaped (steps, envs).
+
+    ``dones[t]`` marks that the episode ended after step t, so V(s_{t+1}) is not used.
+    """
+    steps = rewards.shape[0]
+    advantages = np.zeros_like(rewards, dtype=np.float64)
+    last_gae = np.zeros_like(last_value, dtype=np.float64)
+    for t in range(steps - 1, -1, -1):
+        next_value = last_value if t == steps - 1 else values[t + 1]
+        live = 1.0 - dones[t]
+        delta = rewards[t] + gamma * next_value * live - values[t]
+        last_gae = delta + gamma * lam * live * last_gae
+        advantages[t] = last_gae
+    return advantages, advantages + values
+
+
+def evaluate_policy(
+    env: gym.Env, policy: Policy, episodes: int, seed: int, greedy: bool = True
+) -> list[float]:
+    """Undiscounted returns of ``episodes`` full episodes (reset seeds seed, seed+1, ...)."""
+    rng = np.random.default_rng(seed)
+    space = env.action_space
+    returns = []
+    for k in range(episodes):
+        obs, _ = env.reset(seed=seed + k)
+        total, done = 0.0, False
+        while not done:
+            action, _ = policy.act(np.asarray(obs, dtype=np.float64)[None], rng, greedy=greedy)
+            a = action[0]
+            if isinstance(space, gym.spaces.Box):
+                a = np.clip(a, space.low, space.high)
+            else:
+                a = int(a)
+            obs, reward, terminated, truncated, _ = env.step(a)
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    return returns

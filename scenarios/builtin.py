@@ -1,0 +1,61 @@
+"""Built-in scenarios with PPO/server defaults tuned by benchmarks/plain_federated_rl.py."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+from scenarios.scenario import PPOConfig, Scenario
+
+
+def make_cartpole(participant_index: int, seed: int, length: float = 0.5) -> gym.Env:
+    """CartPole-v1 with a configurable pole half-length (CartPoleEnv has no such kwarg)."""
+    del participant_index, seed  # the pole length comes from env_kwargs; episodes are seeded at reset
+    env = gym.make("CartPole-v1")
+    physics = env.unwrapped
+    physics.length = float(length)
+    physics.polemass_length = physics.masspole * physics.length
+    return env
+
+
+CARTPOLE = Scenario(
+    name="cartpole",
+    description="CartPole-v1, organisations with pole half-lengths 0.5/0.6/0.45",
+    make_env=make_cartpole,
+    env_kwargs=({"length": 0.5}, {"length": 0.6}, {"length": 0.45}),
+    env_variants={"long-pole": {"length": 0.75}, "short-pole": {"length": 0.35}},
+    reward_threshold=475.0,
+    hidden=(64,),
+    rounds=60,
+    ppo=PPOConfig(num_envs=8, steps_per_env=128, epochs=10, minibatches=4, lr=1e-3, gamma=0.99, gae_lambda=0.95),
+)
+
+ACROBOT = Scenario(
+    name="acrobot",
+    description="Acrobot-v1 (swing up), solved at -100",
+    env_id="Acrobot-v1",
+    hidden=(64,),
+    rounds=100,
+    ppo=PPOConfig(num_envs=8, steps_per_env=128, epochs=10, minibatches=4, lr=1e-3, gamma=0.99, gae_lambda=0.95),
+)
+
+LUNARLANDER = Scenario(
+    name="lunarlander",
+    description="LunarLander-v3 (discrete), solved at 200",
+    env_id="LunarLander-v3",
+    hidden=(64, 64),
+    rounds=400,
+    ppo=PPOConfig(num_envs=8, steps_per_env=256, epochs=10, minibatches=4, lr=1e-3, gamma=0.99, gae_lambda=0.95,
+                  ent_coef=0.01),
+)
+
+PENDULUM = Scenario(
+    name="pendulum",
+    description="Pendulum-v1 (continuous torque), no official threshold",
+    env_id="Pendulum-v1",
+    hidden=(64, 64),
+    rounds=200,
+    ppo=PPOConfig(num_envs=8, steps_per_env=256, epochs=10, minibatches=8, lr=1e-3, gamma=0.95, gae_lambda=0.95,
+                  reward_scale=0.1),
+)
+
+BUILTIN_SCENARIOS: dict[str, Scenario] = {s.name: s for s in (CARTPOLE, ACROBOT, LUNARLANDER, PENDULUM)}

@@ -1,0 +1,199 @@
+"""What a federation trains on: environment, model shape, PPO and server settings.
+
+A ``Scenario`` is the single object every node agrees on (by name), so it is
+frozen and validated eagerly: a bad value should fail at load time on the
+coordinator, not rounds later inside a participant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+
+from scenarios.policy import PolicySpec
+
+UpdateKind = Literal["pseudo-gradient", "gradient"]
+
+
+def _finite_positive(x: float) -> bool:
+    return isinstance(x, (int, float, np.floating)) and math.isfinite(x) and x > 0
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Local PPO hyperparameters (per participant, per round)."""
+
+    num_envs: int = 8
+    steps_per_env: int = 128
+    epochs: int = 10
+    minibatches: int = 4
+    lr: float = 1e-3
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_coef: float = 0.2
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    normalize_advantages: bool = True
+    reward_scale: float = 1.0  # multiplies rewards for learning only; reported returns stay raw
+
+    def __post_init__(self) -> None:
+        for name in ("num_envs", "steps_per_env", "epochs", "minibatches"):
+            _require(getattr(self, name) >= 1, f"ppo.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.minibatches <= self.batch_size,
+                 f"ppo.minibatches ({self.minibatches}) exceeds the batch size ({self.batch_size})")
+        for name in ("lr", "clip_coef", "max_grad_norm", "reward_scale"):
+            _require(getattr(self, name) > 0, f"ppo.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("gamma", "gae_lambda"):
+            _require(0.0 <= getattr(self, name) <= 1.0, f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("ent_coef", "vf_coef"):
+            _require(getattr(self, name) >= 0, f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs * self.steps_per_env
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A federated RL task. Give ``name`` and exactly one of ``env_id`` / ``make_env``.
+
+    ``make_env`` is called as ``make_env(participant_index, seed, **kwargs)`` where
+    kwargs are the participant's ``env_kwargs`` merged with the chosen variant;
+    with ``env_id`` those kwargs go to ``gymnasium.make``.
+    ``env_kwargs`` is one mapping for everybody or a sequence indexed by
+    participant index modulo its length (heterogeneous organisations).
+    """
+
+    name: str
+    env_id: str | None = None
+    make_env: Callable[..., gym.Env] | None = None
+    env_kwargs: Sequence[Mapping[str, Any]] | Mapping[str, Any] = ()
+    env_variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    description: str = ""
+    num_participants: int = 3
+    rounds: int = 150
+    seed: int = 0
+    hidden: tuple[int, ...] = (64,)
+    ppo: PPOConfig = PPOConfig()
+    update: UpdateKind = "pseudo-gradient"
+    he_profile: str = "n16k-d6"
+    clip_bound: float = 1.0
+    server_lr: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.99
+    adam_interval_upper: float = 4.0
+    reward_threshold: float | None = None
+    _spec_cache: dict[str, PolicySpec] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.name, str) and self.name.strip() != "", "Scenario.name must be a non-empty string")
+        _require((self.env_id is None) != (self.make_env is None),
+                 f"scenario {self.name!r}: give exactly one of env_id or make_env")
+        _require(self.make_env is None or callable(self.make_env), f"scenario {self.name!r}: make_env must be callable")
+        self._validate_kwargs()
+        _require(self.num_participants >= 1, f"scenario {self.name!r}: num_participants must be >= 1")
+        _require(self.rounds >= 1, f"scenario {self.name!r}: rounds must be >= 1")
+        object.__setattr__(self, "hidden", tuple(self.hidden))
+        _require(len(self.hidden) >= 1 and all(isinstance(h, int) and h > 0 for h in self.hidden),
+                 f"scenario {self.name!r}: hidden must be a non-empty tuple of positive ints, got {self.hidden}")
+        _require(isinstance(self.ppo, PPOConfig), f"scenario {self.name!r}: ppo must be a PPOConfig")
+        _require(self.update in ("pseudo-gradient", "gradient"),
+                 f"scenario {self.name!r}: update must be 'pseudo-gradient' or 'gradient', got {self.update!r}")
+        _require(isinstance(self.he_profile, str) and self.he_profile != "", f"scenario {self.name!r}: he_profile is empty")
+        _require(_finite_positive(self.clip_bound), f"scenario {self.name!r}: clip_bound must be > 0")
+        _require(_finite_positive(self.server_lr), f"scenario {self.name!r}: server_lr must be > 0")
+        _require(0.0 <= self.beta1 < 1.0, f"scenario {self.name!r}: beta1 must be in [0, 1)")
+        _require(0.0 < self.beta2 < 1.0, f"scenario {self.name!r}: beta2 must be in (0, 1)")
+        _require(self.adam_interval_upper > 1.0 and math.isfinite(self.adam_interval_upper),
+                 f"scenario {self.name!r}: adam_interval_upper (B) must be > 1")
+        if self.env_id is not None:
+            try:
+                spec = gym.spec(self.env_id)
+            except gym.error.Error as exc:
+                raise ValueError(f"scenario {self.name!r}: {self.env_id!r} is not a registered Gymnasium id ({exc})") from exc
+            if self.reward_threshold is None:
+                object.__setattr__(self, "reward_threshold", spec.reward_threshold)
+
+    def _validate_kwargs(self) -> None:
+        kw = self.env_kwargs
+        if not isinstance(kw, Mapping):
+            _require(isinstance(kw, Sequence) and not isinstance(kw, str) and all(isinstance(k, Mapping) for k in kw),
+                     f"scenario {self.name!r}: env_kwargs must be a mapping or a sequence of mappings")
+            object.__setattr__(self, "env_kwargs", tuple(kw))
+        _require(isinstance(self.env_variants, Mapping) and all(isinstance(v, Mapping) for v in self.env_variants.values()),
+                 f"scenario {self.name!r}: env_variants must map names to kwargs mappings")
+
+    # ----- environments --------------------------------------------------
+    def env_kwargs_for(self, participant_index: int, variant: str | None = None) -> dict[str, Any]:
+        """The participant's kwargs, overridden by the named variant's."""
+        if participant_index < 0:
+            raise ValueError(f"participant_index must be >= 0, got {participant_index}")
+        kw = self.env_kwargs
+        base = dict(kw) if isinstance(kw, Mapping) else (dict(kw[participant_index % len(kw)]) if kw else {})
+        if variant is not None:
+            if variant not in self.env_variants:
+                known = ", ".join(sorted(self.env_variants)) or "none"
+                raise ValueError(f"scenario {self.name!r} has no env variant {variant!r} (known: {known})")
+            base.update(self.env_variants[variant])
+        return base
+
+    def build_env(self, participant_index: int, seed: int, variant: str | None = None) -> gym.Env:
+        """One environment; ``seed`` seeds the action space (episodes are seeded at reset)."""
+        kwargs = self.env_kwargs_for(participant_index, variant)
+        if self.make_env is not None:
+            env = self.make_env(participant_index, seed, **kwargs)
+        else:
+            env = gym.make(self.env_id, **kwargs)
+        env.action_space.seed(seed)
+        return env
+
+    def build_vector_env(self, participant_index: int, seed: int, variant: str | None = None) -> gym.vector.VectorEnv:
+        """``ppo.num_envs`` copies with same-step autoreset and episode statistics.
+
+        Same-step autoreset puts the pre-reset observation in ``info["final_obs"]``
+        so truncated episodes can be bootstrapped without a dummy reset step.
+        """
+        fns = [
+            (lambda k=k: self.build_env(participant_index, seed + k, variant))
+            for k in range(self.ppo.num_envs)
+        ]
+        vec = gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        return gym.wrappers.vector.RecordEpisodeStatistics(vec)
+
+    def policy_spec(self) -> PolicySpec:
+        """Network shapes, read from one freshly built environment (cached)."""
+        if "spec" not in self._spec_cache:
+            env = self.build_env(0, self.seed)
+            try:
+                self._spec_cache["spec"] = _spec_from_spaces(env.observation_space, env.action_space, self.hidden)
+            finally:
+                env.close()
+        return self._spec_cache["spec"]
+
+    def with_overrides(self, **overrides: Any) -> "Scenario":
+        return dataclasses.replace(self, **overrides)
+
+
+def _spec_from_spaces(obs_space: gym.Space, action_space: gym.Space, hidden: tuple[int, ...]) -> PolicySpec:
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise ValueError(f"only flat Box observations are supported, got {obs_space}")
+    if isinstance(action_space, gym.spaces.Discrete):
+        return PolicySpec(obs_space.shape[0], "discrete", int(action_space.n), hidden)
+    if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
+        return PolicySpec(
+            obs_space.shape[0], "continuous", action_space.shape[0], hidden,
+            tuple(float(x) for x in action_space.low), tuple(float(x) for x in action_space.high),
+        )
+    raise ValueError(f"only Discrete or flat Box actions are supported, got {action_space}")
