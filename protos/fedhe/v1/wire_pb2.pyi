@@ -1,0 +1,146 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENCODING_UNSPECIFIED: _ClassVar[Encoding]
+    ENCODING_CKKS: _ClassVar[Encoding]
+    ENCODING_PLAIN_F64: _ClassVar[Encoding]
+ENCODING_UNSPECIFIED: Encoding
+ENCODING_CKKS: Encoding
+ENCODING_PLAIN_F64: Encoding
+
+class EncryptedVector(_message.Message):
+    __slots__ = ("protocol_version", "key_fingerprint", "he_profile", "length", "slots_per_chunk", "chunks", "encoding")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    HE_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    key_fingerprint: str
+    he_profile: str
+    length: int
+    slots_per_chunk: int
+    chunks: _containers.RepeatedScalarFieldContainer[bytes]
+    encoding: Encoding
+    def __init__(self, protocol_version: _Optional[int] = ..., key_fingerprint: _Optional[str] = ..., he_profile: _Optional[str] = ..., length: _Optional[int] = ..., slots_per_chunk: _Optional[int] = ..., chunks: _Optional[_Iterable[bytes]] = ..., encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
+
+class ParticipantUpdate(_message.Message):
+    __slots__ = ("protocol_version", "round", "update", "rollout_stats")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_STATS_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    round: int
+    update: EncryptedVector
+    rollout_stats: EncryptedVector
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., update: _Optional[_Union[EncryptedVector, _Mapping]] = ..., rollout_stats: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
+
+class RefreshRequest(_message.Message):
+    __slots__ = ("protocol_version", "round", "theta", "masked_state", "stats_to_release")
+    class MaskedStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: EncryptedVector
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    THETA_FIELD_NUMBER: _ClassVar[int]
+    MASKED_STATE_FIELD_NUMBER: _ClassVar[int]
+    STATS_TO_RELEASE_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    round: int
+    theta: EncryptedVector
+    masked_state: _containers.MessageMap[str, EncryptedVector]
+    stats_to_release: EncryptedVector
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., masked_state: _Optional[_Mapping[str, EncryptedVector]] = ..., stats_to_release: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
+
+class RefreshReply(_message.Message):
+    __slots__ = ("protocol_version", "round", "theta", "state", "released")
+    class StateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: EncryptedVector
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    THETA_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    round: int
+    theta: EncryptedVector
+    state: _containers.MessageMap[str, EncryptedVector]
+    released: ReleasedMetrics
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., state: _Optional[_Mapping[str, EncryptedVector]] = ..., released: _Optional[_Union[ReleasedMetrics, _Mapping]] = ...) -> None: ...
+
+class ReleasedMetrics(_message.Message):
+    __slots__ = ("round", "mean_return", "episodes", "steps", "valid")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MEAN_RETURN_FIELD_NUMBER: _ClassVar[int]
+    EPISODES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    VALID_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    mean_return: float
+    episodes: int
+    steps: int
+    valid: bool
+    def __init__(self, round: _Optional[int] = ..., mean_return: _Optional[float] = ..., episodes: _Optional[int] = ..., steps: _Optional[int] = ..., valid: _Optional[bool] = ...) -> None: ...
+
+class Checkpoint(_message.Message):
+    __slots__ = ("protocol_version", "round", "scenario", "key_fingerprint", "he_profile", "theta", "state", "history", "optimizer_config_json")
+    class StateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: EncryptedVector
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    HE_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    THETA_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    round: int
+    scenario: str
+    key_fingerprint: str
+    he_profile: str
+    theta: EncryptedVector
+    state: _containers.MessageMap[str, EncryptedVector]
+    history: _containers.RepeatedCompositeFieldContainer[ReleasedMetrics]
+    optimizer_config_json: str
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., scenario: _Optional[str] = ..., key_fingerprint: _Optional[str] = ..., he_profile: _Optional[str] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., state: _Optional[_Mapping[str, EncryptedVector]] = ..., history: _Optional[_Iterable[_Union[ReleasedMetrics, _Mapping]]] = ..., optimizer_config_json: _Optional[str] = ...) -> None: ...
+
+class KeyFile(_message.Message):
+    __slots__ = ("protocol_version", "he_profile", "key_fingerprint", "has_secret_key", "tenseal_context")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HE_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    HAS_SECRET_KEY_FIELD_NUMBER: _ClassVar[int]
+    TENSEAL_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    he_profile: str
+    key_fingerprint: str
+    has_secret_key: bool
+    tenseal_context: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., he_profile: _Optional[str] = ..., key_fingerprint: _Optional[str] = ..., has_secret_key: _Optional[bool] = ..., tenseal_context: _Optional[bytes] = ...) -> None: ...
