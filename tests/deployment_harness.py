@@ -1,0 +1,704 @@
+"""Run a real Flower deployment (SuperLink + N SuperNodes) on loopback for tests.
+
+This is a helper module (not a test file). It starts ``flower-superlink`` and N
+``flower-supernode`` processes as separate OS processes, runs a Flower App with
+``flwr run <app> <connection> --stream`` and reports the outcome::
+
+    from tests.deployment_harness import LocalDeployment
+
+    with LocalDeployment(
+        num_nodes=3,
+        node_configs=[{"key-dir": "/x/k0", "participant-index": 0}, ...],
+        workdir=tmp_path,
+    ) as dep:
+        result = dep.run_app(app_dir, run_config={"num-server-rounds": 2}, timeout=300)
+        result.check()            # AssertionError with every log's tail on failure
+        assert result.succeeded   # == returncode 0 and status "finished:completed"
+        result.output             # streamed ServerApp log (stdout+stderr of `flwr run`)
+        result.run_id, result.status, result.status_details
+
+Verified against flwr 1.41.0 on a 2-core box, loopback only, no network.
+
+Commands the harness runs (flwr 1.41; ``--insecure`` is for tests only)
+----------------------------------------------------------------------
+::
+
+    FLWR_HOME=<wd>/superlink/home flower-superlink --insecure \
+        --disable-runtime-dependency-installation --host 127.0.0.1 --port <P>
+    FLWR_HOME=<wd>/supernode-<i>/home flower-supernode --insecure \
+        --superlink 127.0.0.1:<P> --host 127.0.0.1 --port <Q_i> \
+        --node-config 'key-dir="/x/k0" participant-index=0'
+    FLWR_HOME=<wd>/cli-home flwr supernode list local-test --format json
+    FLWR_HOME=<wd>/cli-home flwr run <app_dir> local-test --stream \
+        --run-config <wd>/runs/run-<k>-config.toml
+    FLWR_HOME=<wd>/cli-home flwr list local-test --run-id <id> --format json
+
+* SuperLink 1.41 serves Control, Fleet and Runtime (ServerAppIo) on ONE HTTP
+  port (``--host/--port``, default 127.0.0.1:8000). ``--fleet-api-address``,
+  ``--control-api-address`` and ``--fleet-api-type`` still parse but are
+  deprecated (only used by legacy gRPC servers behind internal env switches).
+* Each SuperNode has its own Runtime (ClientAppIo) HTTP port (``--port``,
+  default 9094). Several SuperNodes on one host need distinct ports.
+* ``<wd>/cli-home/config.toml`` (the "Flower Configuration", 1.26+) holds the
+  connection; ``flwr`` reads ``$FLWR_HOME/config.toml`` (default ``~/.flwr``)::
+
+      [superlink]
+      default = "local-test"
+      [superlink.local-test]
+      address = "127.0.0.1:<P>"
+      insecure = true          # with TLS: root-certificates = "/abs/ca.crt"
+
+TLS (not used by the test): SuperLink ``--ssl-ca-certfile ca.crt
+--ssl-certfile server.pem --ssl-keyfile server.key`` (one cert for the
+Fleet, Control and Runtime APIs; drop ``--insecure``); SuperNode
+``--root-certificates ca.crt`` (a CA bundle to verify the SuperLink, not an
+mTLS client cert); ``flwr`` connection ``root-certificates = "<absolute path>"``
+(relative paths are rejected). The SuperNode's ``--ssl-*`` flags are for its
+*own* ClientAppIo port (SuperExec -> SuperNode), not for the Fleet connection.
+
+Where the app code comes from
+-----------------------------
+* ``flwr run <app_dir>`` builds a FAB (zip) in memory from ``app_dir`` and sends
+  it to the SuperLink, which forwards it to every SuperNode. Nothing needs to be
+  installed or present on the nodes except Python deps.
+* The SuperLink's SuperExec (``flower-superexec``, spawned by the SuperLink in
+  its OWN session) launches ``flwr-serverapp`` once per run; each SuperNode's
+  SuperExec launches a fresh ``flwr-clientapp`` process **per message** (i.e.
+  per node per round: import cost, e.g. TenSEAL, is paid every round; use
+  ``context.state`` for cross-round state, not module globals).
+* Both unpack the FAB to ``$FLWR_HOME/apps/<publisher>.<name>.<version>.<hash8>/``
+  and do ``sys.path.insert(0, that_dir)`` before importing the component module,
+  so the FAB copy shadows a same-named package installed in site-packages
+  (third-party deps still come from the environment, since runtime dependency
+  installation is disabled). ``FLWR_HOME`` is inherited from the SuperLink /
+  SuperNode process by SuperExec and the app processes, as are the environment
+  and the working directory. Relative paths in node config are therefore
+  resolved against the SuperNode's cwd -- pass absolute paths.
+* Each SuperNode gets its own ``FLWR_HOME`` here: ``install_from_fab`` returns
+  early if the target dir already exists, so processes sharing one FLWR_HOME
+  could race on a half-copied app dir.
+
+What the FAB contains (``flwr build``; see ``build_fab``/``fab_files``)
+---------------------------------------------------------------------
+* A zip with the rewritten ``pyproject.toml``, ``.info/CONTENT`` (manifest with
+  sha256 per file) and only files matching ``**/*.py **/*.toml **/*.md
+  **/*.yaml **/*.yml **/*.json **/*.jsonl /LICENSE``; excluded: ``.flwr/**``,
+  ``**/__pycache__/**``, ``**/*_test.py``, ``**/test_*.py``, ``build/ eggs/
+  lib/ lib64/ parts/ .venv/ env/ venv/ ENV/``, and anything in ``.gitignore``.
+  ``fab-include``/``fab-exclude`` in ``[tool.flwr.app]`` can only narrow this
+  (a user include of e.g. ``*.ctx`` is an error), so binary key files such as
+  ``*.ctx``/``*.pem``/``*.key`` can never enter a FAB -- but ``*.json``/``*.toml``
+  key material would. Max 10 MB; max 10 path components.
+* ``flwr build --app DIR`` writes ``<publisher>.<name>.<version>.<hash8>.fab``
+  into the CURRENT directory (there is no ``--output`` option); the app dir's
+  basename must be a valid project name (letters, digits, ``-``; no ``_``).
+  List a FAB with ``python -m zipfile -l x.fab`` or ``fab_files()``.
+
+Config values
+-------------
+* ``--node-config`` / ``--run-config`` ``k=v`` pairs are parsed as TOML values
+  (regex ``(\\S+?)=('[^']*'|"[^"]*"|\\S+)``): ``participant-index=0`` -> int,
+  ``lr=0.5`` -> float, ``plaintext=true`` -> bool, ``key-dir="/x/k0"`` -> str.
+  An unquoted ``/x/k0`` is a TOML error. ``a.b=1`` becomes key ``"a.b"``. Only
+  scalars (bool/int/float/str) are supported. ``context.node_config`` therefore
+  holds real Python ints/floats/bools/strs.
+* ``flwr run --run-config`` overrides must name keys that exist in
+  ``[tool.flwr.app.config]`` (flattened). An unknown key is rejected by the
+  SuperLink at StartRun: ``flwr run`` exits 1 with ``[code: 15] Invalid run
+  configuration.`` and no run is created (``RunResult.run_id is None``).
+  Types are NOT checked against the defaults (``num-server-rounds="two"`` is
+  accepted; the ServerApp then fails). ``--run-config file.toml`` (a single
+  argument ending in ``.toml``) loads overrides from a TOML file; the harness
+  uses that to avoid shell/regex quoting issues.
+* The ServerApp runs on the SuperLink host with the SuperLink's cwd, env and
+  ``FLWR_HOME`` (verified: it read a local file whose absolute path was given
+  in run config), so coordinator-side files (e.g. a public CKKS context) can
+  be referenced by absolute path in run config instead of entering the FAB.
+
+Exit status gotcha
+------------------
+``flwr run --stream`` exits 0 once the log stream ends, **even if the ServerApp
+raised** (verified; the ServerApp process itself exits 201). It exits non-zero
+only if the run could not be started. The harness therefore asks ``flwr list
+--run-id N --format json`` for the status (``finished:completed|failed|
+stopped``; ``status-details`` holds the reason, e.g. ``"ServerApp failed with
+exception: ..."``, and is ``"N/A"`` on success) and polls until ``finished:*``.
+
+Other gotchas
+-------------
+* Set ``FLWR_TELEMETRY_ENABLED=0`` and ``FLWR_DISABLE_UPDATE_CHECK=1`` (both set
+  here) -- otherwise the processes try to reach the internet.
+* The SuperLink's SuperExec runs in a new session (``start_new_session``), so
+  killing the SuperLink's process group misses it and its ServerApp; it exits on
+  its own ~0.2 s after its parent dies (``--parent-pid`` monitor). The harness
+  snapshots the whole process tree and signals every member.
+* Each ``flwr`` CLI call costs ~1.5-2 s of import time on this box.
+* Timing on this 2-core box: SuperLink + 3 SuperNodes online in ~4-9 s; a
+  trivial 2-round run with 3 nodes takes ~15-18 s per ``run_app`` (~2 s CLI
+  start + FAB build, ~2 s ServerApp start, ~6 s per round -- mostly the three
+  fresh ``flwr-clientapp`` processes importing flwr in parallel on 2 cores --
+  and ~2 s status poll); teardown ~1 s. The whole test (startup, one good and
+  one failing run) ~40-50 s.
+* Dead SuperExecs can linger as zombies (``<defunct>``) when PID 1 in a
+  container does not reap; they hold no ports or resources.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONNECTION_NAME = "local-test"
+_HOST = "127.0.0.1"
+_RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+ConfigValue = bool | int | float | str
+
+
+class DeploymentError(RuntimeError):
+    """Raised when the deployment cannot be started or queried."""
+
+
+# --------------------------------------------------------------------------- utils
+def _bin(name: str) -> str:
+    """Return the console script ``name`` next to the running interpreter."""
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
+def free_ports(n: int, host: str = _HOST) -> list[int]:
+    """Return ``n`` distinct free TCP ports (bind to port 0, hold all, release)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _port_open(port: int, host: str = _HOST) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def toml_value(value: ConfigValue) -> str:
+    """Format a scalar as a TOML value for a Flower ``k=v`` pair."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        # Flower's k=v regex does not understand escapes inside quotes.
+        if '"' not in value and "\\" not in value and "\n" not in value:
+            return f'"{value}"'
+        if "'" not in value and "\n" not in value:
+            return f"'{value}'"  # TOML literal string, no escapes needed
+        raise ValueError(f"cannot pass string {value!r} as a Flower k=v config value")
+    raise TypeError(f"unsupported config value type {type(value).__name__}: {value!r}")
+
+
+def format_config_pairs(config: Mapping[str, ConfigValue]) -> str:
+    """``{"key-dir": "/x", "i": 0}`` -> ``'key-dir="/x" i=0'`` (for --node-config)."""
+    parts = []
+    for key, value in config.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
+            raise ValueError(f"invalid config key {key!r}")
+        parts.append(f"{key}={toml_value(value)}")
+    return " ".join(parts)
+
+
+def _write_toml(path: Path, config: Mapping[str, ConfigValue]) -> None:
+    lines = [f'"{k}" = {toml_value(v)}' for k, v in config.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        return f"<cannot read {path}: {err}>"
+    return "\n".join(_ANSI_RE.sub("", text).splitlines()[-lines:])
+
+
+# ----------------------------------------------------------------- process trees
+def _proc_start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22: starttime
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def _descendants(root_pids: Sequence[int]) -> list[tuple[int, str]]:
+    """(pid, starttime) of roots and all their descendants (Linux /proc)."""
+    if not Path("/proc").is_dir():
+        return []
+    children = _children_map()
+    out, stack, seen = [], list(root_pids), set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        start = _proc_start_time(pid)
+        if start is not None:
+            out.append((pid, start))
+        stack.extend(children.get(pid, []))
+    return out
+
+
+def _signal_tree(members: Sequence[tuple[int, str]], sig: int) -> None:
+    for pid, start in members:
+        if _proc_start_time(pid) == start:  # guard against pid reuse
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
+
+def _alive(members: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+    alive = []
+    for pid, start in members:
+        if _proc_start_time(pid) != start:
+            continue
+        try:  # zombies (reparented to a non-reaping init) count as dead
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append((pid, start))
+    return alive
+
+
+@dataclass
+class ManagedProcess:
+    """A process started by the harness, with its log file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen[bytes]
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 40) -> str:
+        return _tail(self.log_path, lines)
+
+
+def _terminate_all(procs: Sequence[ManagedProcess], grace: float = 8.0) -> None:
+    """SIGTERM every process tree (incl. detached SuperExecs), then SIGKILL."""
+    roots = [p.popen.pid for p in procs]
+    members = _descendants(roots)
+    for p in procs:  # process groups (each started with start_new_session)
+        try:
+            os.killpg(p.popen.pid, signal.SIGTERM)
+        except OSError:
+            pass
+    _signal_tree(members, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        for p in procs:
+            p.popen.poll()
+        # Pick up children spawned meanwhile (e.g. a SuperExec launching an app).
+        members = list({*members, *_descendants(roots)})
+        if not _alive(members) and all(p.popen.poll() is not None for p in procs):
+            break
+        time.sleep(0.2)
+    for p in procs:
+        try:
+            os.killpg(p.popen.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    _signal_tree(_alive(members), signal.SIGKILL)
+    for p in procs:
+        try:
+            p.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+# ----------------------------------------------------------------------- results
+@dataclass
+class RunResult:
+    """Outcome of ``LocalDeployment.run_app``."""
+
+    returncode: int | None  # of `flwr run --stream`; None if it timed out
+    output: str  # stdout+stderr of `flwr run --stream` (ANSI stripped)
+    run_id: int | None
+    status: str | None  # e.g. "finished:completed", "finished:failed"
+    status_details: str
+    duration_s: float
+    timed_out: bool
+    log_path: Path
+    diagnostics: str = field(default="", repr=False)  # tails of all process logs
+
+    @property
+    def succeeded(self) -> bool:
+        return (
+            not self.timed_out
+            and self.returncode == 0
+            and self.status == "finished:completed"
+        )
+
+    def check(self) -> RunResult:
+        """Raise ``AssertionError`` with all log tails unless the run succeeded."""
+        if not self.succeeded:
+            raise AssertionError(self.describe())
+        return self
+
+    def describe(self) -> str:
+        return (
+            f"run_id={self.run_id} status={self.status!r} "
+            f"details={self.status_details!r} returncode={self.returncode} "
+            f"timed_out={self.timed_out} duration={self.duration_s:.1f}s\n"
+            f"--- flwr run output (tail) ---\n"
+            + "\n".join(self.output.splitlines()[-60:])
+            + "\n"
+            + self.diagnostics
+        )
+
+
+# -------------------------------------------------------------------- deployment
+class LocalDeployment:
+    """A SuperLink and ``num_nodes`` SuperNodes on loopback, as a context manager."""
+
+    def __init__(
+        self,
+        num_nodes: int,
+        workdir: str | os.PathLike[str],
+        node_configs: Sequence[Mapping[str, ConfigValue]] | None = None,
+        *,
+        startup_timeout: float = 90.0,
+        env: Mapping[str, str] | None = None,
+        superlink_args: Sequence[str] = (),
+        supernode_args: Sequence[str] = (),
+        cli_timeout: float = 60.0,
+    ) -> None:
+        if num_nodes < 1:
+            raise ValueError("num_nodes must be >= 1")
+        if node_configs is not None and len(node_configs) != num_nodes:
+            raise ValueError("node_configs must have one entry per node")
+        self.num_nodes = num_nodes
+        self.node_configs = [dict(c) for c in (node_configs or [{}] * num_nodes)]
+        self.workdir = Path(workdir).resolve()
+        self.startup_timeout = startup_timeout
+        self.cli_timeout = cli_timeout
+        self.superlink_args = list(superlink_args)
+        self.supernode_args = list(supernode_args)
+        self.extra_env = dict(env or {})
+        self.superlink_port: int | None = None
+        self.node_ports: list[int] = []
+        self.cli_home = self.workdir / "cli-home"
+        self.superlink: ManagedProcess | None = None
+        self.supernodes: list[ManagedProcess] = []
+        self._run_counter = 0
+        self.startup_s: float | None = None  # time until all nodes were online
+
+    # ------------------------------------------------------------ environment
+    def base_env(self, flwr_home: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            FLWR_HOME=str(flwr_home),
+            FLWR_TELEMETRY_ENABLED="0",
+            FLWR_DISABLE_UPDATE_CHECK="1",
+            PYTHONUNBUFFERED="1",
+            PYTHONDONTWRITEBYTECODE="1",
+            NO_COLOR="1",
+            COLUMNS="200",
+        )
+        env.update(self.extra_env)
+        return env
+
+    def _spawn(self, name: str, argv: list[str], home: Path) -> ManagedProcess:
+        cwd = home.parent
+        cwd.mkdir(parents=True, exist_ok=True)
+        home.mkdir(parents=True, exist_ok=True)
+        log_path = self.workdir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            log.write(f"$ {' '.join(argv)}\n".encode())
+            log.flush()
+            popen = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=self.base_env(home),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return ManagedProcess(name, argv, log_path, popen)
+
+    @property
+    def processes(self) -> list[ManagedProcess]:
+        return [p for p in [self.superlink, *self.supernodes] if p is not None]
+
+    def diagnostics(self, lines: int = 40) -> str:
+        out = []
+        for p in self.processes:
+            rc = p.popen.poll()
+            state = "running" if rc is None else f"exited rc={rc}"
+            out.append(f"--- {p.name} ({state}) {p.log_path} ---\n{p.tail(lines)}")
+        return "\n".join(out)
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self) -> LocalDeployment:
+        t0 = time.monotonic()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ports = free_ports(1 + self.num_nodes)
+        self.superlink_port, self.node_ports = ports[0], ports[1:]
+        self._write_cli_config()
+        try:
+            self.superlink = self._spawn(
+                "superlink",
+                [
+                    _bin("flower-superlink"),
+                    "--insecure",
+                    "--disable-runtime-dependency-installation",
+                    "--host", _HOST,
+                    "--port", str(self.superlink_port),
+                    *self.superlink_args,
+                ],
+                self.workdir / "superlink" / "home",
+            )
+            deadline = time.monotonic() + self.startup_timeout
+            self._wait(lambda: _port_open(self.superlink_port), deadline, "SuperLink port")
+            for i, (port, cfg) in enumerate(zip(self.node_ports, self.node_configs)):
+                argv = [
+                    _bin("flower-supernode"),
+                    "--insecure",
+                    "--superlink", f"{_HOST}:{self.superlink_port}",
+                    "--host", _HOST,
+                    "--port", str(port),
+                    *self.supernode_args,
+                ]
+                if cfg:
+                    argv += ["--node-config", format_config_pairs(cfg)]
+                self.supernodes.append(
+                    self._spawn(f"supernode-{i}", argv, self.workdir / f"supernode-{i}" / "home")
+                )
+            self._wait(
+                lambda: len(self.online_nodes()) >= self.num_nodes,
+                deadline,
+                f"{self.num_nodes} SuperNodes online",
+            )
+            self.startup_s = time.monotonic() - t0
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait(self, cond: Any, deadline: float, what: str) -> None:
+        while True:
+            dead = [p for p in self.processes if not p.alive()]
+            if dead:
+                raise DeploymentError(
+                    f"{', '.join(p.name for p in dead)} exited while waiting for {what}\n"
+                    + self.diagnostics()
+                )
+            if cond():
+                return
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"timed out waiting for {what}\n" + self.diagnostics())
+            time.sleep(0.3)
+
+    def stop(self, grace: float = 8.0) -> None:
+        procs = self.processes
+        if procs:
+            _terminate_all(procs, grace)
+
+    def __enter__(self) -> LocalDeployment:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -------------------------------------------------------------------- CLI
+    def _write_cli_config(self) -> None:
+        self.cli_home.mkdir(parents=True, exist_ok=True)
+        (self.cli_home / "config.toml").write_text(
+            "[superlink]\n"
+            f'default = "{CONNECTION_NAME}"\n\n'
+            f"[superlink.{CONNECTION_NAME}]\n"
+            f'address = "{_HOST}:{self.superlink_port}"\n'
+            "insecure = true\n",
+            encoding="utf-8",
+        )
+
+    def flwr(self, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``flwr <args>`` against this deployment (isolated FLWR_HOME)."""
+        return subprocess.run(
+            [_bin("flwr"), *args],
+            env=self.base_env(self.cli_home),
+            cwd=self.workdir,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout or self.cli_timeout,
+            check=False,
+        )
+
+    def _flwr_json(self, *args: str) -> dict[str, Any] | None:
+        try:
+            proc = self.flwr(*args, "--format", "json")
+        except subprocess.TimeoutExpired:
+            return None
+        try:
+            start = proc.stdout.index("{")
+            data = json.loads(proc.stdout[start:])
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) and data.get("success") else None
+
+    def online_nodes(self) -> list[dict[str, Any]]:
+        data = self._flwr_json("supernode", "list", CONNECTION_NAME)
+        nodes = (data or {}).get("nodes", [])
+        return [n for n in nodes if n.get("status") == "online"]
+
+    def run_info(self, run_id: int) -> dict[str, Any] | None:
+        data = self._flwr_json("list", CONNECTION_NAME, "--run-id", str(run_id))
+        runs = (data or {}).get("runs") or []
+        return runs[0] if runs else None
+
+    # -------------------------------------------------------------------- run
+    def run_app(
+        self,
+        app_dir: str | os.PathLike[str],
+        run_config: Mapping[str, ConfigValue] | None = None,
+        timeout: float = 300.0,
+        status_timeout: float = 30.0,
+    ) -> RunResult:
+        """``flwr run app_dir --stream``; block until the run is finished."""
+        if self.superlink is None:
+            raise DeploymentError("deployment not started")
+        self._run_counter += 1
+        k = self._run_counter
+        run_dir = self.workdir / "runs"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = run_dir / f"run-{k}.log"
+        argv = [_bin("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION_NAME, "--stream"]
+        if run_config:
+            cfg_path = run_dir / f"run-{k}-config.toml"
+            _write_toml(cfg_path, run_config)
+            argv += ["--run-config", str(cfg_path)]
+
+        t0 = time.monotonic()
+        timed_out = False
+        with log_path.open("wb") as log:
+            popen = subprocess.Popen(
+                argv,
+                env=self.base_env(self.cli_home),
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                returncode: int | None = popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out, returncode = True, None
+                _terminate_all([ManagedProcess("flwr-run", argv, log_path, popen)], 3.0)
+        output = _ANSI_RE.sub("", log_path.read_text(encoding="utf-8", errors="replace"))
+        match = _RUN_ID_RE.search(output)
+        run_id = int(match.group(1)) if match else None
+
+        status, details = None, ""
+        if run_id is not None:
+            if timed_out:
+                self.flwr("stop", str(run_id), CONNECTION_NAME)
+            # The log stream may end slightly before the status flips to finished.
+            deadline = time.monotonic() + status_timeout
+            while True:
+                info = self.run_info(run_id)
+                if info:
+                    status, details = info.get("status"), info.get("status-details") or ""
+                if (status or "").startswith("finished") or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        return RunResult(
+            returncode=returncode,
+            output=output,
+            run_id=run_id,
+            status=status,
+            status_details=details,
+            duration_s=time.monotonic() - t0,
+            timed_out=timed_out,
+            log_path=log_path,
+            diagnostics=self.diagnostics(),
+        )
+
+
+# ---------------------------------------------------------------------------- FAB
+def build_fab(app_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Build the FAB exactly as ``flwr build``/``flwr run`` would; return its path.
+
+    Runs ``flwr build --app app_dir`` with ``cwd=out_dir`` (the CLI writes into
+    the current directory and has no output option).
+    """
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    before = set(out.glob("*.fab"))
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               NO_COLOR="1", FLWR_HOME=str(out / ".flwr-home"))
+    proc = subprocess.run(
+        [_bin("flwr"), "build", "--app", str(Path(app_dir).resolve())],
+        cwd=out, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    new = sorted(set(out.glob("*.fab")) - before, key=lambda p: p.stat().st_mtime)
+    if proc.returncode != 0 or not new:
+        # Same content -> same file name; accept a pre-existing identical FAB.
+        m = re.search(r"Successfully built (\S+\.fab)", _ANSI_RE.sub("", proc.stdout))
+        if proc.returncode == 0 and m and (out / m.group(1)).exists():
+            return out / m.group(1)
+        raise DeploymentError(
+            f"flwr build failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    return new[-1]
+
+
+def fab_files(fab_path: str | os.PathLike[str]) -> list[str]:
+    """Sorted member names of a FAB (a zip), incl. ``pyproject.toml`` and ``.info/CONTENT``."""
+    with zipfile.ZipFile(fab_path) as zf:
+        return sorted(zf.namelist())
