@@ -83,6 +83,17 @@ PROFILES: dict[str, HEProfile] = {
             ),
         ),
         HEProfile(
+            name="n8k-d2",
+            poly_modulus_degree=8192,
+            coeff_mod_bit_sizes=(60, 40, 40, 60),
+            scale_bits=40,
+            description=(
+                "N=8192, 2 levels (200 of 218 bits, 128-bit secure), 4096 slots. Too shallow "
+                "for HE-Adam (refused); for sum-only aggregation, tests and fuzzing. "
+                "~81 bytes per parameter."
+            ),
+        ),
+        HEProfile(
             name="n32k-d12",
             poly_modulus_degree=32768,
             coeff_mod_bit_sizes=(60,) + (40,) * 12 + (60,),

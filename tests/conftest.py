@@ -1,0 +1,49 @@
+"""Shared fixtures: federation keys are expensive (~1 s each), so tests share them per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from participant.keyholder import KeySet, TensealKeyHolder, generate_keys, load_keyholder
+from protos.backend import TensealBackend
+from protos.keyfile import load_evaluation_backend
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> KeySet:
+    """A federation key with the default (HE-Adam capable) profile."""
+    return generate_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="session")
+def small_keys(tmp_path_factory: pytest.TempPathFactory) -> KeySet:
+    """A cheap N=8192 key for codec and fuzz tests."""
+    return generate_keys(tmp_path_factory.mktemp("small-keys"), "n8k-d2")
+
+
+@pytest.fixture(scope="session")
+def holder(keys: KeySet) -> TensealKeyHolder:
+    return load_keyholder(keys.directory)
+
+
+@pytest.fixture(scope="session")
+def coordinator_backend(keys: KeySet) -> TensealBackend:
+    return load_evaluation_backend(keys.coordinator_key)
+
+
+@pytest.fixture(scope="session")
+def small_holder(small_keys: KeySet) -> TensealKeyHolder:
+    return load_keyholder(small_keys.directory)
+
+
+@pytest.fixture(scope="session")
+def small_coordinator(small_keys: KeySet) -> TensealBackend:
+    return load_evaluation_backend(small_keys.coordinator_key)
+
+
+@pytest.fixture(scope="session")
+def other_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, unrelated federation key (same profile as small_keys)."""
+    return generate_keys(tmp_path_factory.mktemp("other-keys"), "n8k-d2").directory

@@ -1,0 +1,140 @@
+"""HE-Adam on ciphertexts agrees with NumPy Adam and keeps x inside the fitted interval."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.he_adam import (
+    HEAdamConfig,
+    HEAdamConfigError,
+    HEAdamState,
+    MASK_BOUND,
+    he_adam_step,
+    initial_optimizer_state,
+    mask_state,
+    reference_adam,
+    unmask_state,
+)
+from participant.keyholder import PlainKeyHolder, decrypt_vector, reencrypt
+from protos.backend import PlainBackend
+from protos.codec import EncryptedVector, decode_vector, encode_vector, encrypt_vector
+from protos.profiles import get_profile
+
+
+def test_default_tau_makes_the_interval_a_guarantee():
+    config = HEAdamConfig(clip_bound=2.0, beta2=0.99, interval_upper=4.0)
+    assert config.tau_value == pytest.approx(0.01 * 4 / 3)
+    assert config.x_bound == pytest.approx(4.0)
+
+
+def test_tau_too_small_is_refused():
+    with pytest.raises(HEAdamConfigError, match="cannot keep x inside"):
+        HEAdamConfig(clip_bound=1.0, tau=1e-5).validate()
+
+
+def test_depth_beyond_profile_is_refused():
+    with pytest.raises(HEAdamConfigError, match="levels"):
+        HEAdamConfig(degree=15, interval_upper=8.0).validate(get_profile("n16k-d6"))
+    with pytest.raises(HEAdamConfigError, match="levels"):
+        HEAdamConfig().validate(get_profile("n8k-d2"))
+    HEAdamConfig(degree=15, interval_upper=8.0).validate(get_profile("n16k-d7"))
+
+
+def test_polynomial_too_coarse_for_the_interval_is_refused():
+    with pytest.raises(HEAdamConfigError, match="relative error"):
+        HEAdamConfig(degree=3, interval_upper=8.0).validate()
+
+
+@pytest.mark.parametrize("upper, degree", [(2.0, 3), (4.0, 7), (8.0, 15)])
+def test_polynomial_approximates_inverse_sqrt(upper, degree):
+    poly = HEAdamConfig(interval_upper=upper, degree=degree).validate()
+    xs = np.linspace(*poly.interval, 1000)
+    assert np.max(np.abs(poly(xs) * np.sqrt(xs) - 1)) <= poly.max_rel_error < 1e-3
+
+
+def _gradients(steps: int, n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    grads = []
+    for t in range(steps):
+        g = rng.normal(size=n) * (0.02 if t < steps // 2 else 0.2)
+        grads.append(g * min(1.0, 1.0 / np.linalg.norm(g)))
+    return grads
+
+
+def _run(backend, holder, grads, config, send=lambda v: v, back=lambda v: v):
+    poly = config.validate(backend.profile)
+    n = grads[0].size
+    theta0 = np.linspace(-1, 1, n)
+    state = HEAdamState(send(encrypt_vector(holder, theta0)), **initial_optimizer_state(backend, n))
+    rng = np.random.default_rng(1)
+    xs, ws = [], []
+    for g in grads:
+        result = he_adam_step(backend, state, send(encrypt_vector(holder, g * config.update_scale)), config, poly)
+        xs.append(decrypt_vector(holder, back(result.x)))
+        masked, masks = mask_state(backend, result.state.named(), rng)
+        fresh = {k: send(reencrypt(holder, back(v))) for k, v in masked.items()}
+        theta = send(reencrypt(holder, back(result.state.theta)))
+        state = HEAdamState(theta, **unmask_state(backend, fresh, masks), step=result.state.step)
+        ws.append(decrypt_vector(holder, back(state.w)) / np.sqrt(config.tau_value))
+    return theta0, decrypt_vector(holder, back(state.theta)), xs, ws
+
+
+def test_ciphertext_adam_matches_numpy_adam(holder, coordinator_backend):
+    config = HEAdamConfig(lr=0.05, clip_bound=1.0)
+    grads = _gradients(8, 300)
+    send = lambda v: decode_vector(coordinator_backend, encode_vector(holder, v))
+    back = lambda v: decode_vector(holder, encode_vector(coordinator_backend, v))
+    theta0, theta, xs, ws = _run(coordinator_backend, holder, grads, config, send, back)
+    expected, w_ref, _ = reference_adam(theta0, grads, config)
+    movement = np.max(np.abs(expected - theta0))
+    assert np.max(np.abs(theta - expected)) / movement < 1e-3
+    for w, ref in zip(ws, w_ref):
+        assert np.max(np.abs(w / ref - 1)) < 1e-3
+    lo, hi = config.validate().interval
+    assert all(lo <= x.min() and x.max() <= hi for x in xs)
+
+
+def test_plaintext_backend_runs_the_identical_algorithm():
+    profile = get_profile("n16k-d6")
+    backend, holder = PlainBackend(profile), PlainKeyHolder(profile)
+    config = HEAdamConfig(lr=0.05, clip_bound=1.0)
+    grads = _gradients(50, 40)
+    theta0, theta, xs, ws = _run(backend, holder, grads, config)
+    expected, w_ref, _ = reference_adam(theta0, grads, config)
+    # Only the polynomial's approximation error separates the two.
+    assert np.max(np.abs(theta - expected)) / np.max(np.abs(expected - theta0)) < 1e-3
+    assert max(np.max(np.abs(w / r - 1)) for w, r in zip(ws, w_ref)) < 2e-4
+    assert max(x.max() for x in xs) <= config.x_bound
+
+
+def test_refresher_only_sees_masked_state(holder, coordinator_backend):
+    n = 50
+    state = initial_optimizer_state(coordinator_backend, n)
+    masked, masks = mask_state(coordinator_backend, state, np.random.default_rng(0))
+    for name, vec in masked.items():
+        seen = decrypt_vector(holder, decode_vector(holder, encode_vector(coordinator_backend, vec)))
+        true = decrypt_vector(holder, decode_vector(holder, encode_vector(coordinator_backend, state[name])))
+        np.testing.assert_allclose(seen - masks.values[name], true, atol=1e-5)
+        assert np.mean(np.abs(seen - true)) > MASK_BOUND / 4  # what the refresher sees is mask-dominated
+    unmasked = unmask_state(coordinator_backend, masked, masks)
+    back = decrypt_vector(holder, decode_vector(holder, encode_vector(coordinator_backend, unmasked["w"])))
+    np.testing.assert_allclose(back, np.ones(n), atol=1e-5)
+
+
+def test_unmask_rejects_a_reply_with_missing_state(coordinator_backend):
+    state = initial_optimizer_state(coordinator_backend, 3)
+    masked, masks = mask_state(coordinator_backend, state, np.random.default_rng(0))
+    del masked["v"]
+    with pytest.raises(ValueError, match="expected"):
+        unmask_state(coordinator_backend, masked, masks)
+
+
+def test_config_roundtrips_through_json():
+    config = HEAdamConfig(lr=0.3, beta1=0.5, clip_bound=2.5)
+    assert HEAdamConfig.from_json(config.to_json()) == config
+
+
+def test_encrypted_vector_needs_values():
+    with pytest.raises(ValueError):
+        EncryptedVector([], 0)
