@@ -133,6 +133,80 @@ def bench_he_adam(
     typer.echo(json.dumps(result, indent=None if as_json else 2))
 
 
+@app.command()
+def scenarios() -> None:
+    """List the scenarios you can train: built-ins and installed `fedhe.scenarios` entry points."""
+    from scenarios import list_scenarios
+
+    table = Table(title="scenarios (also: any .py file defining SCENARIO = Scenario(...))")
+    table.add_column("name")
+    table.add_column("source / description")
+    for name, description in list_scenarios():
+        table.add_row(name, description)
+    Console().print(table)
+
+
+@app.command()
+def simulate(
+    scenario: str = typer.Argument("cartpole", help="Built-in name, installed entry point, or path/to/file.py defining SCENARIO."),
+    participants: Optional[int] = typer.Option(None, "--participants", "-n", help="Simulated organizations (default: the scenario's)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Federated rounds (default: the scenario's)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for policy init and environments (default: the scenario's)."),
+    out: Path = typer.Option(Path("fedhe-run"), "--out", help="Output directory: checkpoint, metrics.jsonl, summary.json, learning_curve.png, keys/."),
+    plaintext: bool = typer.Option(False, "--plaintext", help="Same protocol with encryption replaced by identity (baseline for overhead ratios)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
+    key_dir: Optional[Path] = typer.Option(None, "--key-dir", help="Existing federation keys (default: create DIR/keys)."),
+    stop_on_solve: bool = typer.Option(True, "--stop-on-solve/--no-stop-on-solve", help="End once the mean return over the last 100 episodes reaches the env's threshold."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower and Ray logs."),
+) -> None:
+    """Train one policy with a simulated federation on this machine (Flower simulation engine).
+
+    With no arguments: encrypted CartPole with 3 participants. Only CKKS ciphertexts leave
+    the simulated participants; the coordinator never holds a secret key.
+    """
+    from participant.simulate import simulate as run
+    from protos.settings import RunSettings
+    from scenarios import load_scenario
+
+    try:
+        spec = load_scenario(scenario)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    if resume and not (out / "checkpoint.pb").exists():
+        fail(f"--resume: no checkpoint in {out}; run without --resume first")
+    if not resume and (out / "checkpoint.pb").exists():
+        fail(f"{out} already holds a run; use --resume to continue it or choose another --out")
+    n = participants or spec.num_participants
+    total = rounds or spec.rounds
+    settings = RunSettings(
+        scenario=scenario, num_server_rounds=total, plaintext=plaintext, out_dir=str(out),
+        resume=resume, seed=spec.seed if seed is None else seed, stop_on_solve=stop_on_solve,
+        min_participants=max(1, n - 1),
+    )
+    mode = "plaintext baseline" if plaintext else f"encrypted, {spec.he_profile}"
+    console.print(f"[bold]{spec.name}[/]: {n} participants, up to {total} rounds ({mode}) -> {out}")
+    with progress_bar() as bar:
+        task = bar.add_task("rounds", total=total)
+
+        def on_round(outcome, released) -> None:
+            ret = "" if not released or released.get("mean_return") is None else f" return {released['mean_return']:.1f}"
+            bar.update(task, completed=outcome.round, description=f"round {outcome.round}{ret}")
+
+        try:
+            summary = run(spec, settings, n, key_dir, on_round=on_round, verbose=verbose)
+        except (WireError, ValueError, RuntimeError) as exc:
+            fail(str(exc))
+    print_summary(summary, out)
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    table = Table(title=f"summary ({out / 'summary.json'})", show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, str(value).lower() if isinstance(value, bool) else str(value))
+    Console().print(table)
+    console.print(f"learning curve: {out / 'learning_curve.png'}   metrics: {out / 'metrics.jsonl'}")
+
+
 def main() -> None:
     app()
 

@@ -47,7 +47,7 @@ class ParticipantUpdate(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., update: _Optional[_Union[EncryptedVector, _Mapping]] = ..., rollout_stats: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
 
 class RefreshRequest(_message.Message):
-    __slots__ = ("protocol_version", "round", "theta", "masked_state", "stats_to_release")
+    __slots__ = ("protocol_version", "round", "theta", "masked_state", "stats_to_release", "stats_round")
     class MaskedStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -60,12 +60,14 @@ class RefreshRequest(_message.Message):
     THETA_FIELD_NUMBER: _ClassVar[int]
     MASKED_STATE_FIELD_NUMBER: _ClassVar[int]
     STATS_TO_RELEASE_FIELD_NUMBER: _ClassVar[int]
+    STATS_ROUND_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     round: int
     theta: EncryptedVector
     masked_state: _containers.MessageMap[str, EncryptedVector]
     stats_to_release: EncryptedVector
-    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., masked_state: _Optional[_Mapping[str, EncryptedVector]] = ..., stats_to_release: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
+    stats_round: int
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., masked_state: _Optional[_Mapping[str, EncryptedVector]] = ..., stats_to_release: _Optional[_Union[EncryptedVector, _Mapping]] = ..., stats_round: _Optional[int] = ...) -> None: ...
 
 class RefreshReply(_message.Message):
     __slots__ = ("protocol_version", "round", "theta", "state", "released")
@@ -103,7 +105,7 @@ class ReleasedMetrics(_message.Message):
     def __init__(self, round: _Optional[int] = ..., mean_return: _Optional[float] = ..., episodes: _Optional[int] = ..., steps: _Optional[int] = ..., valid: _Optional[bool] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
-    __slots__ = ("protocol_version", "round", "scenario", "key_fingerprint", "he_profile", "theta", "state", "history", "optimizer_config_json")
+    __slots__ = ("protocol_version", "round", "scenario", "key_fingerprint", "he_profile", "theta", "state", "history", "optimizer_config_json", "pending_stats", "pending_round_json")
     class StateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +122,8 @@ class Checkpoint(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    PENDING_STATS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_ROUND_JSON_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     round: int
     scenario: str
@@ -129,7 +133,9 @@ class Checkpoint(_message.Message):
     state: _containers.MessageMap[str, EncryptedVector]
     history: _containers.RepeatedCompositeFieldContainer[ReleasedMetrics]
     optimizer_config_json: str
-    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., scenario: _Optional[str] = ..., key_fingerprint: _Optional[str] = ..., he_profile: _Optional[str] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., state: _Optional[_Mapping[str, EncryptedVector]] = ..., history: _Optional[_Iterable[_Union[ReleasedMetrics, _Mapping]]] = ..., optimizer_config_json: _Optional[str] = ...) -> None: ...
+    pending_stats: EncryptedVector
+    pending_round_json: str
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., scenario: _Optional[str] = ..., key_fingerprint: _Optional[str] = ..., he_profile: _Optional[str] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., state: _Optional[_Mapping[str, EncryptedVector]] = ..., history: _Optional[_Iterable[_Union[ReleasedMetrics, _Mapping]]] = ..., optimizer_config_json: _Optional[str] = ..., pending_stats: _Optional[_Union[EncryptedVector, _Mapping]] = ..., pending_round_json: _Optional[str] = ...) -> None: ...
 
 class KeyFile(_message.Message):
     __slots__ = ("protocol_version", "he_profile", "key_fingerprint", "has_secret_key", "tenseal_context")

@@ -1,0 +1,99 @@
+"""Encrypted checkpoints: ciphertexts plus plaintext metadata, written atomically every round.
+
+A crash mid-write leaves the previous checkpoint intact (write to a temp file, fsync, rename).
+Loading validates the key fingerprint, profile, scenario and vector sizes, so resuming with the
+wrong key or scenario fails with a clear message instead of training garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.he_adam import STATE_NAMES, HEAdamState
+from protos.backend import HEBackend
+from protos.codec import PROTOCOL_VERSION, EncryptedVector, from_proto, parse_message, to_proto
+from protos.errors import CheckpointError, WireError
+from protos.fedhe.v1 import wire_pb2
+
+CHECKPOINT_FILE = "checkpoint.pb"
+
+
+@dataclass
+class CoordinatorState:
+    """What survives between rounds (and restarts)."""
+
+    round: int = 0  # last completed round
+    optimizer: HEAdamState | None = None
+    history: list[wire_pb2.ReleasedMetrics] = field(default_factory=list)
+    pending_stats: EncryptedVector | None = None
+    pending_round: dict = field(default_factory=dict)
+
+
+def save_checkpoint(
+    directory: Path, backend: HEBackend, scenario: str, config_json: str, state: CoordinatorState
+) -> Path:
+    msg = wire_pb2.Checkpoint(
+        protocol_version=PROTOCOL_VERSION,
+        round=state.round,
+        scenario=scenario,
+        key_fingerprint=backend.fingerprint,
+        he_profile=backend.profile.name,
+        history=state.history,
+        optimizer_config_json=config_json,
+        pending_round_json=json.dumps(state.pending_round),
+    )
+    if state.optimizer is not None:
+        msg.theta.CopyFrom(to_proto(backend, state.optimizer.theta))
+        for name, vec in state.optimizer.named().items():
+            msg.state[name].CopyFrom(to_proto(backend, vec))
+    if state.pending_stats is not None:
+        msg.pending_stats.CopyFrom(to_proto(backend, state.pending_stats))
+    path = Path(directory) / CHECKPOINT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(msg.SerializeToString())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(
+    directory: Path, backend: HEBackend, scenario: str, num_params: int
+) -> CoordinatorState:
+    path = Path(directory) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; start without --resume")
+    try:
+        msg = parse_message(wire_pb2.Checkpoint, path.read_bytes(), max_bytes=1 << 34)
+    except WireError as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({exc}); remove it to start over") from None
+    if msg.protocol_version != PROTOCOL_VERSION:
+        raise CheckpointError(f"checkpoint {path} has version {msg.protocol_version}")
+    if msg.key_fingerprint != backend.fingerprint:
+        raise CheckpointError(
+            f"checkpoint {path} belongs to federation key {msg.key_fingerprint[:12]}…, but this "
+            f"coordinator has {backend.fingerprint[:12]}…; resume with the original --key-dir"
+        )
+    if msg.scenario != scenario:
+        raise CheckpointError(f"checkpoint {path} is for scenario {msg.scenario!r}, not {scenario!r}")
+    state = CoordinatorState(round=msg.round, history=list(msg.history))
+    try:
+        if msg.HasField("theta"):
+            if set(msg.state) != set(STATE_NAMES):
+                raise CheckpointError(f"checkpoint {path} lacks optimizer state {STATE_NAMES}")
+            vectors = {
+                name: from_proto(backend, msg.state[name], expected_length=num_params)
+                for name in STATE_NAMES
+            }
+            theta = from_proto(backend, msg.theta, expected_length=num_params)
+            state.optimizer = HEAdamState(theta, **vectors, step=msg.round)
+        if msg.HasField("pending_stats"):
+            state.pending_stats = from_proto(backend, msg.pending_stats)
+        state.pending_round = json.loads(msg.pending_round_json or "{}")
+    except (WireError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unusable: {exc}") from None
+    return state

@@ -1,0 +1,104 @@
+"""The coordinator as a Flower ServerApp.
+
+Run config (pyproject ``[tool.flwr.app.config]``, see ``protos.settings.RunSettings``) names the
+scenario, the coordinator's evaluation key file (``coordinator-key``, a path on the SuperLink's
+machine) and the output directory. The coordinator loads only ``coordinator.ctx``; a secret-key
+context is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from coordinator.report import write_summary
+from coordinator.strategy import HEAdamStrategy, RoundOutcome
+from protos.backend import HEBackend, PlainBackend
+from protos.keyfile import load_evaluation_backend
+from protos.optimizer import HEAdamConfig
+from protos.profiles import get_profile
+from protos.settings import RunSettings
+from scenarios import load_scenario
+
+log = logging.getLogger("fedhe.coordinator")
+
+
+def coordinator_backend(settings: RunSettings, profile: str) -> HEBackend:
+    if settings.plaintext:
+        return PlainBackend(get_profile(profile))
+    if not settings.coordinator_key:
+        raise ValueError(
+            "no coordinator key: set run config coordinator-key=\"/path/to/coordinator.ctx\" "
+            "(created by `fedhe keygen`)"
+        )
+    return load_evaluation_backend(Path(settings.coordinator_key))
+
+
+def run_federation(
+    grid: Grid,
+    settings: RunSettings,
+    on_round: Callable[[RoundOutcome, dict | None], None] | None = None,
+) -> dict:
+    """Everything the ServerApp does; returns summary.json's content."""
+    t0 = time.perf_counter()
+    scenario = load_scenario(settings.scenario)
+    backend = coordinator_backend(settings, scenario.he_profile)
+    if backend.profile.name != scenario.he_profile:
+        raise ValueError(
+            f"scenario {scenario.name} uses HE profile {scenario.he_profile}, the key file is "
+            f"{backend.profile.name}; create keys with `fedhe keygen --profile {scenario.he_profile}`"
+        )
+    num_params = scenario.policy_spec().num_params
+    rounds = settings.num_server_rounds or scenario.rounds
+    strategy = HEAdamStrategy(
+        backend,
+        HEAdamConfig.for_scenario(scenario),
+        scenario.name,
+        num_params,
+        Path(settings.out_dir),
+        participants=settings.participants,
+        min_participants=settings.min_participants,
+        round_timeout=settings.round_timeout,
+        release_metrics=settings.release_metrics,
+        reward_threshold=scenario.reward_threshold,
+        stop_on_solve=settings.stop_on_solve,
+        on_round=on_round,
+        seed=max(settings.seed, 0),
+    )
+    strategy.start(grid, num_rounds=rounds, resume=settings.resume)
+    participants = settings.participants or len(list(grid.get_node_ids()))
+    return write_summary(
+        Path(settings.out_dir),
+        scenario=scenario.name,
+        encrypted=not settings.plaintext,
+        participants=participants,
+        threshold=scenario.reward_threshold,
+        num_params=num_params,
+        wall_s=time.perf_counter() - t0,
+    )
+
+
+def build_server_app(
+    settings: RunSettings | None = None,
+    on_round: Callable[[RoundOutcome, dict | None], None] | None = None,
+    on_summary: Callable[[dict], None] | None = None,
+) -> ServerApp:
+    """``settings`` fixed by `fedhe simulate`; None reads them from the run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        summary = run_federation(grid, settings or RunSettings.from_run_config(context.run_config), on_round)
+        log.info("summary: %s", summary)
+        if on_summary:
+            on_summary(summary)
+
+    return app
+
+
+app = build_server_app()

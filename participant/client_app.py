@@ -1,0 +1,58 @@
+"""The participant as a Flower ClientApp.
+
+Node config (``flower-supernode --node-config``): ``key-dir`` (directory with participant.ctx),
+``participant-index`` (which organization; picks its env kwargs), optional ``env-variant``.
+In simulation Flower sets ``partition-id`` instead, and the key directory comes from the run
+settings (everything runs on one machine there).
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+
+from participant.node import NodeIdentity, cached_scenario, handle
+from protos.settings import RunSettings
+
+
+def identity_from(context: Context, settings: RunSettings) -> NodeIdentity:
+    node = context.node_config
+    index = node.get("participant-index", node.get("partition-id"))
+    if index is None:
+        raise ValueError("node config needs participant-index (e.g. --node-config 'participant-index=0')")
+    seed = settings.seed if settings.seed >= 0 else cached_scenario(settings.scenario).seed
+    variant = node.get("env-variant") or None
+    return NodeIdentity(
+        participant_index=int(index),
+        key_dir=str(node.get("key-dir", settings.participant_key_dir)),
+        variant=str(variant) if variant else None,
+        scenario_ref=settings.scenario,
+        plaintext=settings.plaintext,
+        seed=seed,
+    )
+
+
+def build_client_app(settings: RunSettings | None = None, mods: list[Mod] | None = None) -> ClientApp:
+    """``settings`` fixed by `fedhe simulate`; None reads them from each run's config."""
+    app = ClientApp(mods=mods or [])
+
+    def respond(msg: Message, context: Context, training: bool) -> Message:
+        run = settings or RunSettings.from_run_config(context.run_config)
+        content = handle(msg.content, identity_from(context, run), context.run_id, training)
+        return Message(content, reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return respond(msg, context, training=True)
+
+    @app.query("refresh")
+    def refresh(msg: Message, context: Context) -> Message:
+        return respond(msg, context, training=False)
+
+    return app
+
+
+app = build_client_app()
+
+__all__ = ["app", "build_client_app"]

@@ -1,0 +1,75 @@
+"""`fedhe simulate`: a whole federation on Flower's simulation engine, on this machine.
+
+The ServerApp and ClientApps are the same ones `flwr run` deploys; only the settings are passed
+directly instead of through run config, and every simulated participant reads the same local
+key directory (in a deployment each organization keeps its own copy).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from coordinator.server_app import build_server_app
+from coordinator.strategy import RoundOutcome
+from participant.client_app import build_client_app
+from participant.keyholder import generate_keys
+from protos.keyfile import COORDINATOR_KEY, PARTICIPANT_KEY
+from protos.settings import RunSettings
+from scenarios import Scenario
+
+
+def prepare_keys(out_dir: Path, key_dir: Path | None, scenario: Scenario, plaintext: bool) -> Path | None:
+    """Use ``key_dir`` or create a fresh federation key in ``out_dir/keys``."""
+    if plaintext:
+        return None
+    if key_dir is not None:
+        return key_dir
+    keys = out_dir / "keys"
+    if not (keys / PARTICIPANT_KEY).exists():
+        generate_keys(keys, scenario.he_profile)
+    return keys
+
+
+def simulate(
+    scenario: Scenario,
+    settings: RunSettings,
+    num_participants: int,
+    key_dir: Path | None,
+    on_round: Callable[[RoundOutcome, dict | None], None] | None = None,
+    verbose: bool = False,
+) -> dict:
+    """Run the federation; returns summary.json's content."""
+    from flwr.simulation import run_simulation
+
+    out_dir = Path(settings.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = prepare_keys(out_dir, key_dir, scenario, settings.plaintext)
+    if keys is not None:
+        settings = _with_keys(settings, keys)
+    summary: dict = {}
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_simulation(
+        server_app=build_server_app(settings, on_round=on_round, on_summary=summary.update),
+        client_app=build_client_app(settings),
+        num_supernodes=num_participants,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"log_to_driver": verbose}},
+        verbose_logging=verbose,
+    )
+    if not summary:
+        raise RuntimeError(f"the federation did not finish; see the log above and {out_dir}")
+    return summary
+
+
+def _with_keys(settings: RunSettings, keys: Path) -> RunSettings:
+    from dataclasses import replace
+
+    return replace(
+        settings,
+        coordinator_key=str((keys / COORDINATOR_KEY).resolve()),
+        participant_key_dir=str(keys.resolve()),
+    )

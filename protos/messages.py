@@ -1,0 +1,66 @@
+"""How fedhe protobufs ride inside Flower messages.
+
+Each protobuf travels as one Flower ``Array`` of raw bytes (Flower chunks large arrays for
+transport), in an ``ArrayRecord`` under a fixed record name. The only other content is one
+``ConfigRecord`` of plaintext protocol metadata; ``PERMITTED_CONFIG_KEYS`` lists what a
+participant may put there, and the privacy test checks every outgoing message against it.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from google.protobuf.message import Message as ProtoMessage
+
+from protos.codec import DEFAULT_MAX_BYTES, parse_message
+from protos.errors import MalformedMessageError
+
+P = TypeVar("P", bound=ProtoMessage)
+
+# Record names.
+THETA = "fedhe.theta"  # coordinator -> participants: EncryptedVector of theta
+UPDATE = "fedhe.update"  # participant -> coordinator: ParticipantUpdate
+REFRESH_REQUEST = "fedhe.refresh-request"  # coordinator -> refresher: RefreshRequest
+REFRESH_REPLY = "fedhe.refresh-reply"  # refresher -> coordinator: RefreshReply
+CONFIG = "fedhe.config"  # plaintext protocol metadata, both directions
+
+# Message types.
+TRAIN = "train"
+REFRESH = "query.refresh"  # refresh/release only, no training (fallback refresher, last round)
+
+# Metadata a participant may send in the clear (threat-model.md, "What may leave a participant").
+PERMITTED_CONFIG_KEYS = frozenset({"round", "key-fingerprint", "protocol-version"})
+
+
+def pack(proto: ProtoMessage) -> ArrayRecord:
+    data = proto.SerializeToString()
+    name = proto.DESCRIPTOR.full_name
+    return ArrayRecord({name: Array(dtype="bytes", shape=(len(data),), stype=name, data=data)})
+
+
+def unpack(
+    content: RecordDict, record: str, cls: type[P], *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> P:
+    """The protobuf stored under ``record``, parsed with a size limit (WireError if bad)."""
+    if record not in content.array_records:
+        raise MalformedMessageError(f"message has no {record!r} record")
+    arrays = content.array_records[record]
+    name = cls.DESCRIPTOR.full_name
+    if list(arrays.keys()) != [name]:
+        raise MalformedMessageError(f"record {record!r} must hold exactly one {name}")
+    array = arrays[name]
+    if array.stype != name:
+        raise MalformedMessageError(f"record {record!r} holds {array.stype!r}, expected {name}")
+    return parse_message(cls, array.data, max_bytes=max_bytes)
+
+
+def config_of(content: RecordDict) -> ConfigRecord:
+    if CONFIG not in content.config_records:
+        raise MalformedMessageError(f"message has no {CONFIG!r} record")
+    return content.config_records[CONFIG]
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of all arrays in a message (what dominates the wire size)."""
+    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())

@@ -1,0 +1,54 @@
+"""Run settings shared by the ServerApp and the ClientApp.
+
+They arrive as Flower run config (``[tool.flwr.app.config]`` in pyproject.toml, overridable with
+``flwr run . <conn> --run-config 'k=v'``) or, for ``fedhe simulate``, straight from the CLI.
+Node-local facts (which participant am I, where is my key) come from the SuperNode's
+``--node-config`` instead, so key paths never travel through the coordinator in deployments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    scenario: str = "cartpole"  # built-in name, entry point, or path to a scenario .py file
+    num_server_rounds: int = 0  # 0: the scenario's default
+    plaintext: bool = False  # identical protocol, encryption replaced by identity
+    coordinator_key: str = ""  # coordinator.ctx on the coordinator's machine
+    participant_key_dir: str = ""  # simulation only: participant.ctx for all simulated nodes
+    out_dir: str = "fedhe-run"  # checkpoints, metrics.jsonl, summary.json, learning_curve.png
+    resume: bool = False
+    participants: int = 0  # nodes sampled per round; 0: all available
+    min_participants: int = 1  # a round completes with at least this many updates
+    round_timeout: float = 600.0  # seconds to wait for replies
+    seed: int = -1  # -1: the scenario's seed
+    stop_on_solve: bool = False  # end early once the released mean return reaches the threshold
+    release_metrics: bool = True  # a participant decrypts and releases rounded federation stats
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> "RunSettings":
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, value in config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                continue  # other apps' keys may share the run config
+            kind = type(known[name].default)
+            values[name] = kind(value) if kind is not bool else _as_bool(key, value)
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def _as_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in {"true", "1", "yes"}:
+        return True
+    if str(value).lower() in {"false", "0", "no"}:
+        return False
+    raise ValueError(f"run config {key!r} must be true or false, got {value!r}")
