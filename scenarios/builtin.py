@@ -26,7 +26,11 @@ CARTPOLE = Scenario(
     reward_threshold=475.0,
     hidden=(64,),
     rounds=60,
-    ppo=PPOConfig(num_envs=8, steps_per_env=128, epochs=10, minibatches=4, lr=1e-3, gamma=0.99, gae_lambda=0.95),
+    ppo=PPOConfig(num_envs=8, steps_per_env=256, epochs=10, minibatches=4, lr=2.5e-3, gamma=0.99, gae_lambda=0.95),
+    clip_bound=2.0,
+    server_lr=0.2,
+    beta1=0.5,
+    beta2=0.99,
 )
 
 ACROBOT = Scenario(
@@ -35,7 +39,11 @@ ACROBOT = Scenario(
     env_id="Acrobot-v1",
     hidden=(64,),
     rounds=100,
-    ppo=PPOConfig(num_envs=8, steps_per_env=128, epochs=10, minibatches=4, lr=1e-3, gamma=0.99, gae_lambda=0.95),
+    ppo=PPOConfig(num_envs=8, steps_per_env=256, epochs=10, minibatches=4, lr=2.5e-3, gamma=0.99, gae_lambda=0.95),
+    clip_bound=2.0,
+    server_lr=0.2,
+    beta1=0.5,
+    beta2=0.99,
 )
 
 LUNARLANDER = Scenario(
@@ -43,9 +51,13 @@ LUNARLANDER = Scenario(
     description="LunarLander-v3 (discrete), solved at 200",
     env_id="LunarLander-v3",
     hidden=(64, 64),
-    rounds=400,
-    ppo=PPOConfig(num_envs=8, steps_per_env=256, epochs=10, minibatches=4, lr=1e-3, gamma=0.99, gae_lambda=0.95,
-                  ent_coef=0.01),
+    rounds=300,
+    ppo=PPOConfig(num_envs=8, steps_per_env=256, epochs=10, minibatches=4, lr=2.5e-3, gamma=0.999, gae_lambda=0.98,
+                  ent_coef=0.01, reward_scale=0.1),
+    clip_bound=2.0,
+    server_lr=0.2,
+    beta1=0.5,
+    beta2=0.99,
 )
 
 PENDULUM = Scenario(

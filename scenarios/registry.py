@@ -22,14 +22,16 @@ class ScenarioFileError(ValueError):
 
 
 def load_scenario(ref: str) -> Scenario:
-    """Built-ins win over entry points; anything ending in .py (or an existing file) is a path."""
-    if ref.endswith(".py") or Path(ref).is_file():
+    """A ref ending in .py is a path; otherwise built-ins win over entry points, then existing files."""
+    if ref.endswith(".py"):
         return _load_file(Path(ref))
     if ref in BUILTIN_SCENARIOS:
         return BUILTIN_SCENARIOS[ref]
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == ref:
             return _from_entry_point(ep)
+    if Path(ref).is_file():
+        return _load_file(Path(ref))
     known = ", ".join(name for name, _ in list_scenarios())
     raise UnknownScenarioError(
         f"unknown scenario {ref!r}; known: {known}. To add one, pass a path to a .py file defining "
