@@ -8,6 +8,7 @@ context is refused.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from protos.settings import RunSettings
 from scenarios import load_scenario
 
 log = logging.getLogger("fedhe.coordinator")
+RUN_INFO_FILE = "run.json"
 
 
 def coordinator_backend(settings: RunSettings, profile: str) -> HEBackend:
@@ -55,6 +57,7 @@ def run_federation(
         )
     num_params = scenario.policy_spec().num_params
     rounds = settings.num_server_rounds or scenario.rounds
+    write_run_info(Path(settings.out_dir), settings, scenario.name, num_params)
     strategy = HEAdamStrategy(
         backend,
         HEAdamConfig.for_scenario(scenario),
@@ -81,6 +84,14 @@ def run_federation(
         num_params=num_params,
         wall_s=time.perf_counter() - t0,
     )
+
+
+def write_run_info(out_dir: Path, settings: RunSettings, scenario_name: str, num_params: int) -> None:
+    """Public run settings, so `fedhe evaluate DIR` can find the scenario again."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = {"scenario_ref": settings.scenario, "scenario": scenario_name, "num_params": num_params,
+            "plaintext": settings.plaintext, "seed": settings.seed}
+    (out_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def build_server_app(

@@ -199,6 +199,31 @@ def simulate(
     print_summary(summary, out)
 
 
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A directory written by `fedhe simulate --out` (or the coordinator's out-dir)."),
+    key_dir: Optional[Path] = typer.Option(None, "--key-dir", help="Directory with participant.ctx (default: RUN_DIR/keys)."),
+    episodes: int = typer.Option(20, help="Greedy evaluation episodes."),
+    scenario: Optional[str] = typer.Option(None, help="Override the scenario recorded in RUN_DIR/run.json."),
+    participant_index: int = typer.Option(0, help="Whose environment variant to evaluate in."),
+    as_json: bool = typer.Option(False, "--json", help="Print only JSON."),
+) -> None:
+    """Decrypt the latest checkpoint's policy (needs the secret key) and evaluate it greedily."""
+    from participant.evaluate import evaluate_run
+
+    try:
+        result = evaluate_run(run_dir, key_dir, episodes, scenario, participant_index)
+    except (WireError, ValueError, OSError) as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    table = Table(title=f"greedy evaluation of {run_dir}", show_header=False)
+    for key, value in result.items():
+        table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
 def print_summary(summary: dict, out: Path) -> None:
     table = Table(title=f"summary ({out / 'summary.json'})", show_header=False)
     for key, value in summary.items():
