@@ -61,7 +61,7 @@ def run(scenario: Scenario, participants: int, seed: int, rounds: int, stop_on_s
     window: deque[float] = deque(maxlen=100)
     history, norms = [], []
     solved_at, steps, episodes = None, 0, 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for rnd in range(rounds):
         total = np.zeros_like(theta)
         round_returns: list[float] = []
@@ -81,7 +81,7 @@ def run(scenario: Scenario, participants: int, seed: int, rounds: int, stop_on_s
             solved_at = rnd + 1
             if stop_on_solve:
                 break
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     for trainer in trainers:
         trainer.close()
     return {
@@ -91,6 +91,7 @@ def run(scenario: Scenario, participants: int, seed: int, rounds: int, stop_on_s
         "rounds_run": len(history),
         "final_return": history[-1] if history else None,
         "wall_seconds": round(wall, 2),
+        "cpu_seconds": round(cpu, 2),  # load-independent when other jobs share the cores
         "env_steps": steps,
         "episodes": episodes,
         "update_norm_median": round(float(np.median(norms)), 4),

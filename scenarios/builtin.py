@@ -65,9 +65,13 @@ PENDULUM = Scenario(
     description="Pendulum-v1 (continuous torque), no official threshold",
     env_id="Pendulum-v1",
     hidden=(64, 64),
-    rounds=200,
-    ppo=PPOConfig(num_envs=8, steps_per_env=256, epochs=10, minibatches=8, lr=1e-3, gamma=0.95, gae_lambda=0.95,
+    rounds=60,
+    ppo=PPOConfig(num_envs=8, steps_per_env=256, epochs=10, minibatches=4, lr=2.5e-3, gamma=0.9, gae_lambda=0.95,
                   reward_scale=0.1),
+    clip_bound=2.0,
+    server_lr=0.2,
+    beta1=0.5,
+    beta2=0.99,
 )
 
 BUILTIN_SCENARIOS: dict[str, Scenario] = {s.name: s for s in (CARTPOLE, ACROBOT, LUNARLANDER, PENDULUM)}

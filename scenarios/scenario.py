@@ -35,10 +35,10 @@ class PPOConfig:
     """Local PPO hyperparameters (per participant, per round)."""
 
     num_envs: int = 8
-    steps_per_env: int = 128
+    steps_per_env: int = 256
     epochs: int = 10
     minibatches: int = 4
-    lr: float = 1e-3
+    lr: float = 2.5e-3
     gamma: float = 0.99
     gae_lambda: float = 0.95
     clip_coef: float = 0.2
@@ -74,6 +74,9 @@ class Scenario:
     with ``env_id`` those kwargs go to ``gymnasium.make``.
     ``env_kwargs`` is one mapping for everybody or a sequence indexed by
     participant index modulo its length (heterogeneous organisations).
+    ``reward_threshold`` defaults to the Gymnasium registration's for ``env_id``
+    scenarios and stays None (never "solved") for ``make_env`` unless given.
+    Defaults of the server fields match the tuned CartPole scenario.
     """
 
     name: str
@@ -89,9 +92,9 @@ class Scenario:
     ppo: PPOConfig = PPOConfig()
     update: UpdateKind = "pseudo-gradient"
     he_profile: str = "n16k-d6"
-    clip_bound: float = 1.0
-    server_lr: float = 0.05
-    beta1: float = 0.9
+    clip_bound: float = 2.0
+    server_lr: float = 0.2
+    beta1: float = 0.5
     beta2: float = 0.99
     adam_interval_upper: float = 4.0
     reward_threshold: float | None = None
