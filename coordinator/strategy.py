@@ -143,7 +143,7 @@ class HEAdamStrategy(Strategy):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.state = load_checkpoint(self.out_dir, self.backend, self.scenario_name, self.num_params)
-            truncate_metrics(self.out_dir, self.state.round - 1)
+            truncate_metrics(self.out_dir, max((h.round for h in self.state.history), default=0))
             log.info("resumed from round %d", self.state.round)
         result = Result()
         for server_round in range(self.state.round + 1, num_rounds + 1):

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from flwr.clientapp.typing import Mod
+
 from coordinator.server_app import build_server_app
 from coordinator.strategy import RoundOutcome
 from participant.client_app import build_client_app
@@ -40,6 +42,7 @@ def simulate(
     key_dir: Path | None,
     on_round: Callable[[RoundOutcome, dict | None], None] | None = None,
     verbose: bool = False,
+    client_mods: list[Mod] | None = None,
 ) -> dict:
     """Run the federation; returns summary.json's content."""
     from flwr.simulation import run_simulation
@@ -50,12 +53,10 @@ def simulate(
     if keys is not None:
         settings = _with_keys(settings, keys)
     summary: dict = {}
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    quiet_simulation_engine(verbose)
     run_simulation(
         server_app=build_server_app(settings, on_round=on_round, on_summary=summary.update),
-        client_app=build_client_app(settings),
+        client_app=build_client_app(settings, mods=client_mods),
         num_supernodes=num_participants,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"log_to_driver": verbose}},
         verbose_logging=verbose,
@@ -63,6 +64,23 @@ def simulate(
     if not summary:
         raise RuntimeError(f"the federation did not finish; see the log above and {out_dir}")
     return summary
+
+
+class _DropRunSimulationDeprecation(logging.Filter):
+    """`flwr run` needs a SuperLink; in-process simulation is what a library user wants here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation` function is deprecated" not in record.getMessage()
+
+
+def quiet_simulation_engine(verbose: bool) -> None:
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logger = logging.getLogger("flwr")
+    if not any(isinstance(f, _DropRunSimulationDeprecation) for f in logger.filters):
+        logger.addFilter(_DropRunSimulationDeprecation())
+    if not verbose:
+        logger.setLevel(logging.WARNING)
 
 
 def _with_keys(settings: RunSettings, keys: Path) -> RunSettings:
