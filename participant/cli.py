@@ -32,7 +32,7 @@ bench_app = typer.Typer(help="Benchmarks that print one JSON object.", no_args_i
 app.add_typer(keys_app, name="keys")
 app.add_typer(bench_app, name="bench")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 PROFILE_HELP = "HE profile (CKKS parameter set): " + "; ".join(
     f"{p.name}: {p.description}" for p in PROFILES.values()
 )
@@ -130,6 +130,31 @@ def bench_he_adam(
             )
     except (HEAdamConfigError, WireError) as exc:
         fail(str(exc))
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
+@bench_app.command("federation")
+def bench_federation(
+    scenario: str = typer.Option("cartpole", "--scenario", help="Scenario to train."),
+    seeds: int = typer.Option(5, help="Seeds per mode (encrypted and plaintext)."),
+    participants: Optional[int] = typer.Option(None, "--participants", "-n"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Fixed rounds per run (default: the scenario's)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Keep the runs here (default: a temp dir)."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
+) -> None:
+    """Encrypted vs plaintext federations over several seeds: returns, rounds to solve, wall-time ratio."""
+    from participant.bench_federation import run_federation_bench
+
+    with progress_bar() as bar:
+        task = bar.add_task("federations", total=2 * seeds)
+
+        def on_run(mode: str, seed: int, run: dict) -> None:
+            bar.update(task, advance=1, description=f"{mode} seed {seed}: return {run['final_return']}")
+
+        try:
+            result = run_federation_bench(scenario, seeds, participants, rounds, out, on_run=on_run)
+        except (WireError, ValueError, RuntimeError) as exc:
+            fail(str(exc))
     typer.echo(json.dumps(result, indent=None if as_json else 2))
 
 

@@ -1,0 +1,112 @@
+"""The `fedhe` command line as a user runs it: help, errors, scenario files, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from protos.fedhe.v1 import wire_pb2
+
+FEDHE = [sys.executable, "-m", "participant.cli"]
+
+
+def fedhe(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*FEDHE, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def test_help_teaches_the_commands():
+    out = fedhe("--help").stdout
+    for command in ("simulate", "evaluate", "keygen", "keys", "bench", "scenarios"):
+        assert command in out
+    assert "--plaintext" in fedhe("simulate", "--help").stdout
+
+
+def test_scenarios_lists_builtins():
+    out = fedhe("scenarios").stdout
+    for name in ("cartpole", "acrobot", "lunarlander", "pendulum"):
+        assert name in out
+
+
+def test_unknown_scenario_is_a_clear_error(tmp_path):
+    run = fedhe("simulate", "no-such-scenario", "--out", str(tmp_path / "x"))
+    assert run.returncode == 2
+    assert "no-such-scenario" in run.stderr and "cartpole" in run.stderr
+
+
+def test_evaluate_on_a_non_run_directory(tmp_path):
+    run = fedhe("evaluate", str(tmp_path))
+    assert run.returncode == 2 and "not a fedhe run directory" in run.stderr
+
+
+SCENARIO_FILE = """
+import gymnasium as gym
+from scenarios import PPOConfig, Scenario
+
+def make_env(participant_index, seed, gravity=9.8):
+    env = gym.make("CartPole-v1")
+    env.unwrapped.gravity = gravity
+    return env
+
+SCENARIO = Scenario(
+    name="gravity-cartpole",
+    make_env=make_env,
+    env_kwargs=[{"gravity": 9.8}, {"gravity": 11.0}],
+    reward_threshold=475.0,
+    hidden=(16,),
+    ppo=PPOConfig(num_envs=2, steps_per_env=64, epochs=2),
+)
+"""
+
+
+@pytest.mark.slow
+def test_a_scenario_file_outside_the_repo_trains_and_evaluates(tmp_path):
+    path = tmp_path / "elsewhere" / "my_scenario.py"
+    path.parent.mkdir()
+    path.write_text(textwrap.dedent(SCENARIO_FILE))
+    out = tmp_path / "run"
+    run = fedhe("simulate", str(path), "--participants", "2", "--rounds", "2", "--out", str(out), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scenario"] == "gravity-cartpole" and summary["rounds"] == 2
+    evaluated = fedhe("evaluate", str(out), "--episodes", "2", "--json", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout)["round"] == 2
+
+
+def _checkpoint_round(out: Path) -> int:
+    try:
+        return wire_pb2.Checkpoint.FromString((out / "checkpoint.pb").read_bytes()).round
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_round(tmp_path):
+    out = tmp_path / "run"
+    cmd = [*FEDHE, "simulate", "cartpole", "--rounds", "60", "--no-stop-on-solve", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _checkpoint_round(out) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert _checkpoint_round(out) >= 3, "the run never reached round 3"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = _checkpoint_round(out)
+    assert killed_at < 60
+    refused = fedhe("simulate", "cartpole", "--out", str(out))
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = fedhe("simulate", "cartpole", "--rounds", str(killed_at + 2), "--no-stop-on-solve", "--resume", "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == list(range(1, killed_at + 3))
+    assert json.loads((out / "summary.json").read_text())["rounds"] == killed_at + 2
