@@ -335,7 +335,6 @@ class HEAdamStrategy(Strategy):
         for node in nodes:
             content = RecordDict({messages.CONFIG: self._base_config(self.state.round + 1, 0.0),
                                   messages.REFRESH_REQUEST: messages.pack(request)})
-            content[messages.CONFIG]["init"] = True
             msg = Message(content, dst_node_id=node, message_type=messages.REFRESH, group_id="release")
             for reply in self._stream(grid, [msg]):
                 try:

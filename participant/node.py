@@ -62,11 +62,15 @@ def cached_keyholder(key_dir: str, plaintext: bool, profile: str) -> KeyHolder:
 _trainers: dict[tuple, ParticipantTrainer] = {}
 
 
-def trainer_for(identity: NodeIdentity, scenario: Scenario, run_id: int) -> ParticipantTrainer:
-    """Environments live as long as the process does, so episodes span rounds when possible."""
+def trainer_for(identity: NodeIdentity, scenario: Scenario, run_id: int, round_: int) -> ParticipantTrainer:
+    """Environments live as long as the process does, so episodes span rounds when possible.
+
+    Deployed SuperNodes start a fresh ClientApp process per message: the round then enters the
+    seed so each round still sees new episodes.
+    """
     key = (run_id, identity.participant_index, identity.scenario_ref, identity.variant)
     if key not in _trainers:
-        seed = identity.seed + 1000 * (identity.participant_index + 1)
+        seed = identity.seed + 1000 * (identity.participant_index + 1) + 7919 * (round_ - 1)
         _trainers[key] = ParticipantTrainer(scenario, identity.participant_index, seed, identity.variant)
     return _trainers[key]
 
@@ -137,7 +141,7 @@ def handle(content: RecordDict, identity: NodeIdentity, run_id: int, training: b
 def train(
     holder: KeyHolder, scenario: Scenario, identity: NodeIdentity, run_id: int, theta: np.ndarray, round_: int, weight: float
 ) -> wire_pb2.ParticipantUpdate:
-    result = trainer_for(identity, scenario, run_id).train(theta, round_)
+    result = trainer_for(identity, scenario, run_id, round_).train(theta, round_)
     adam = HEAdamConfig.for_scenario(scenario)
     update = clip_and_scale(result.update, adam.clip_bound, weight, adam.update_scale)
     stats = np.array([float(np.sum(result.episode_returns)), float(result.episodes), float(result.steps)])
