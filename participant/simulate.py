@@ -74,6 +74,8 @@ class _DropRunSimulationDeprecation(logging.Filter):
 
 
 def quiet_simulation_engine(verbose: bool) -> None:
+    # Tiny matrices: one BLAS thread per simulated participant is 1.5-2x faster on 2 cores.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logger = logging.getLogger("flwr")
