@@ -30,6 +30,42 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+RobustMode = Literal["none", "sa-ppo", "noise-injection", "reward-defense"]
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    """Robust local training (issue 5). Everything here runs inside the participant.
+
+    ``sa-ppo``: PPO loss + ``kappa`` * mean KL(pi(.|s) || pi(.|s_hat)), s_hat from ``attack_steps``
+    PGD steps inside the l-inf ball of radius ``epsilon`` per-dimension batch state stds
+    (``kappa`` ramps up linearly over ``kappa_ramp_rounds``).
+    ``noise-injection``: the policy acts on and learns from s + N(0, (epsilon * std)^2).
+    ``reward-defense``: rewards pass through a perturbed-reward correction (Wang, Liu & Li 2020)
+    before learning. ``reward_flip_rate`` > 0 simulates tampered rewards at the participant
+    (r -> -r with that probability) in any mode; it is an attack knob, not a defense.
+    """
+
+    mode: RobustMode = "none"
+    kappa: float = 0.0
+    epsilon: float = 0.0
+    attack_steps: int = 5
+    kappa_ramp_rounds: int = 0
+    reward_flip_rate: float = 0.0
+    reward_noise_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.mode in ("none", "sa-ppo", "noise-injection", "reward-defense"),
+                 f"ppo.robust.mode must be none, sa-ppo, noise-injection or reward-defense, got {self.mode!r}")
+        for name in ("kappa", "epsilon", "reward_noise_std"):
+            v = getattr(self, name)
+            _require(math.isfinite(v) and v >= 0, f"ppo.robust.{name} must be finite and >= 0, got {v}")
+        _require(self.attack_steps >= 1, f"ppo.robust.attack_steps must be >= 1, got {self.attack_steps}")
+        _require(self.kappa_ramp_rounds >= 0, "ppo.robust.kappa_ramp_rounds must be >= 0")
+        _require(0.0 <= self.reward_flip_rate < 0.5,
+                 f"ppo.robust.reward_flip_rate must be in [0, 0.5), got {self.reward_flip_rate}")
+
+
 @dataclass(frozen=True)
 class PPOConfig:
     """Local PPO hyperparameters (per participant, per round)."""
@@ -47,6 +83,7 @@ class PPOConfig:
     max_grad_norm: float = 0.5
     normalize_advantages: bool = True
     reward_scale: float = 1.0  # multiplies rewards for learning only; reported returns stay raw
+    robust: RobustConfig = RobustConfig()  # robust local training (participant-side only)
 
     def __post_init__(self) -> None:
         for name in ("num_envs", "steps_per_env", "epochs", "minibatches"):
@@ -59,6 +96,7 @@ class PPOConfig:
             _require(0.0 <= getattr(self, name) <= 1.0, f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("ent_coef", "vf_coef"):
             _require(getattr(self, name) >= 0, f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+        _require(isinstance(self.robust, RobustConfig), "ppo.robust must be a RobustConfig")
 
     @property
     def batch_size(self) -> int:
