@@ -136,6 +136,9 @@ class Scenario:
     beta2: float = 0.99
     adam_interval_upper: float = 4.0
     reward_threshold: float | None = None
+    # Threat lab: misbehaving participants, e.g. ({"attack": "sign-flip", "participants": [0, 1, 2], "k": 2.5},).
+    # Behaviours and their parameters are defined (and fully validated) in participant/attacks.py.
+    party_mix: Sequence[Mapping[str, Any]] = ()
     _spec_cache: dict[str, PolicySpec] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -144,6 +147,7 @@ class Scenario:
                  f"scenario {self.name!r}: give exactly one of env_id or make_env")
         _require(self.make_env is None or callable(self.make_env), f"scenario {self.name!r}: make_env must be callable")
         self._validate_kwargs()
+        self._validate_party_mix()
         _require(self.num_participants >= 1, f"scenario {self.name!r}: num_participants must be >= 1")
         _require(self.rounds >= 1, f"scenario {self.name!r}: rounds must be >= 1")
         object.__setattr__(self, "hidden", tuple(self.hidden))
@@ -175,6 +179,18 @@ class Scenario:
             object.__setattr__(self, "env_kwargs", tuple(kw))
         _require(isinstance(self.env_variants, Mapping) and all(isinstance(v, Mapping) for v in self.env_variants.values()),
                  f"scenario {self.name!r}: env_variants must map names to kwargs mappings")
+
+    def _validate_party_mix(self) -> None:
+        mix = self.party_mix
+        _require(isinstance(mix, Sequence) and not isinstance(mix, str) and all(isinstance(m, Mapping) for m in mix),
+                 f"scenario {self.name!r}: party_mix must be a sequence of mappings")
+        for entry in mix:
+            _require(isinstance(entry.get("attack"), str) and entry["attack"] != "",
+                     f"scenario {self.name!r}: every party_mix entry needs an 'attack' name, got {dict(entry)}")
+            who = entry.get("participants")
+            _require(isinstance(who, Sequence) and not isinstance(who, str) and all(isinstance(i, int) and i >= 0 for i in who),
+                     f"scenario {self.name!r}: party_mix 'participants' must be a list of participant indices, got {who!r}")
+        object.__setattr__(self, "party_mix", tuple(dict(m) for m in mix))
 
     # ----- environments --------------------------------------------------
     def env_kwargs_for(self, participant_index: int, variant: str | None = None) -> dict[str, Any]:
