@@ -1,0 +1,216 @@
+"""The repo's Flower App on a real deployment: one SuperLink + 3 SuperNodes as separate processes.
+
+Mirrors how separate organizations deploy fedhe-rl (docs/deployment.md):
+
+* one key ceremony; afterwards each organization's SuperNode has its OWN copy of a directory
+  holding only ``participant.ctx`` (node config ``key-dir``, ``participant-index``), and the
+  coordinator gets only ``coordinator.ctx`` (run config ``coordinator-key``) in another
+  directory. The ceremony directory is deleted before anything starts, so the only secret-key
+  files on disk are the three nodes' copies.
+* the app is shipped as a FAB built by ``flwr run`` from the repo root; the ServerApp runs on
+  the SuperLink host, each ClientApp on its SuperNode.
+
+See ``tests/deployment_harness.py`` for how Flower 1.41 deployments behave (and cost) here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+try:  # `tests` is a plain directory (rootdir-relative import) or a package
+    from deployment_harness import LocalDeployment, build_fab, fab_files
+except ImportError:  # pragma: no cover
+    from tests.deployment_harness import LocalDeployment, build_fab, fab_files
+
+from coordinator.checkpoint import CHECKPOINT_FILE
+from coordinator.report import CURVE_FILE, METRICS_FILE, SUMMARY_FILE
+from participant.keyholder import generate_keys
+from protos.codec import parse_message
+from protos.fedhe.v1 import wire_pb2
+from protos.keyfile import COORDINATOR_KEY, PARTICIPANT_KEY, inspect_key_file
+
+pytestmark = pytest.mark.deployment
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUM_NODES = 3
+ROUNDS = 2
+KEY_SUFFIXES = (".ctx", ".pem", ".key")
+FAB_MAX_BYTES = 10 * 1024 * 1024  # Flower's FAB limit
+# Node 2 also exercises the optional `env-variant` node config (a built-in CartPole variant).
+ENV_VARIANTS = {2: "short-pole"}
+
+
+def _valid_app_dir_name(name: str) -> bool:
+    from flwr.cli.utils import is_valid_name
+
+    return bool(is_valid_name(name)[0])
+
+
+def shipped_files(fab: Path) -> list[str]:
+    """FAB members without Flower's own manifest."""
+    return [f for f in fab_files(fab) if f != ".info/CONTENT"]
+
+
+def app_dir_for(tmp_path: Path) -> Path:
+    """The repo root, as `flwr run .` uses it.
+
+    `flwr build/run` require the app directory's basename to be a valid app name (letters,
+    digits, hyphens). For a checkout under e.g. ``fedhe_rl/``, fall back to a copy of exactly
+    the files the repo's FAB ships, in ``tmp_path/fedhe-rl``.
+    """
+    if _valid_app_dir_name(REPO_ROOT.name):
+        return REPO_ROOT
+    fab = build_fab(REPO_ROOT, tmp_path / "fab")
+    app = tmp_path / "fedhe-rl"
+    for rel in shipped_files(fab):
+        (app / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / rel, app / rel)
+    return app
+
+
+def key_files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in KEY_SUFFIXES)
+
+
+@pytest.fixture
+def federation_keys(tmp_path: Path):
+    """Key ceremony, then distribution as separate organizations would have it."""
+    ceremony = generate_keys(tmp_path / "ceremony")  # default profile (HE-Adam capable)
+    org_dirs = []
+    for i in range(NUM_NODES):
+        d = tmp_path / f"org-{i}" / "keys"
+        d.mkdir(parents=True)
+        shutil.copy2(ceremony.participant_key, d / PARTICIPANT_KEY)
+        org_dirs.append(d)
+    coord_dir = tmp_path / "coordinator" / "keys"
+    coord_dir.mkdir(parents=True)
+    shutil.copy2(ceremony.coordinator_key, coord_dir / COORDINATOR_KEY)
+    shutil.rmtree(ceremony.directory)  # no other copy of the secret key remains
+    return ceremony.fingerprint, org_dirs, coord_dir / COORDINATOR_KEY
+
+
+@pytest.mark.timeout(300)
+def test_encrypted_federation_on_real_superlink_and_supernodes(tmp_path, federation_keys):
+    fingerprint, org_dirs, coordinator_key = federation_keys
+    out_dir = tmp_path / "coordinator" / "run"
+    app_dir = app_dir_for(tmp_path)
+
+    # Key distribution: secret key only in the organizations' dirs, nothing else there;
+    # the coordinator's dir holds one evaluation-only key file.
+    assert sorted(p.name for p in coordinator_key.parent.iterdir()) == [COORDINATOR_KEY]
+    coord_info = inspect_key_file(coordinator_key)
+    assert not coord_info.has_secret_key and coord_info.fingerprint == fingerprint
+    for d in org_dirs:
+        assert sorted(p.name for p in d.iterdir()) == [PARTICIPANT_KEY]
+        assert inspect_key_file(d / PARTICIPANT_KEY).has_secret_key
+    secret_copies = sorted(tmp_path.rglob(PARTICIPANT_KEY))
+    assert secret_copies == sorted(d / PARTICIPANT_KEY for d in org_dirs)
+
+    node_configs = []
+    for i, d in enumerate(org_dirs):
+        cfg = {"key-dir": str(d.resolve()), "participant-index": i}
+        if i in ENV_VARIANTS:
+            cfg["env-variant"] = ENV_VARIANTS[i]
+        node_configs.append(cfg)
+    run_config = {
+        "scenario": "cartpole",
+        "num-server-rounds": ROUNDS,
+        "coordinator-key": str(coordinator_key.resolve()),
+        "out-dir": str(out_dir.resolve()),
+        "round-timeout": 120.0,
+    }
+    # The coordinator is told about exactly one key file, and it is not a secret one.
+    assert [k for k, v in run_config.items() if str(v).endswith(KEY_SUFFIXES)] == ["coordinator-key"]
+
+    deployment_dir = tmp_path / "dep"
+    with LocalDeployment(
+        num_nodes=NUM_NODES, node_configs=node_configs, workdir=deployment_dir
+    ) as dep:
+        result = dep.run_app(app_dir, run_config=run_config, timeout=240)
+        result.check()  # on failure: status details + tails of every process log
+    assert all(p.popen.poll() is not None for p in dep.processes)
+
+    assert result.returncode == 0
+    assert result.status == "finished:completed", result.describe()
+    assert isinstance(result.run_id, int)
+
+    # metrics.jsonl: one released row per round, every participant's update in each.
+    rows = [json.loads(l) for l in (out_dir / METRICS_FILE).read_text().splitlines() if l.strip()]
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1)), rows
+    for row in rows:
+        assert row["participants"] == NUM_NODES, row
+        assert isinstance(row["mean_return"], float) and row["mean_return"] > 0, row
+        assert row["episodes"] > 0 and row["steps"] > 0, row
+        assert row["bytes_up"] > 0, row
+
+    summary = json.loads((out_dir / SUMMARY_FILE).read_text())
+    assert summary["encrypted"] is True
+    assert summary["rounds"] == ROUNDS
+    assert summary["scenario"] == "cartpole"
+    assert summary["participants"] == NUM_NODES
+
+    checkpoint = out_dir / CHECKPOINT_FILE
+    assert checkpoint.is_file() and checkpoint.stat().st_size > 0
+    assert (out_dir / CURVE_FILE).is_file()
+    ckpt = parse_message(wire_pb2.Checkpoint, checkpoint.read_bytes(), max_bytes=1 << 34)
+    assert ckpt.round == ROUNDS
+    assert ckpt.key_fingerprint == fingerprint  # the coordinator used the federation's key
+    assert ckpt.scenario == "cartpole"
+
+    # The ServerApp never had a secret key: after the run there are still exactly the three
+    # organizations' copies of participant.ctx, none under the SuperLink's cwd/FLWR_HOME (incl.
+    # the FAB unpacked there) or in the coordinator's directories, whose only key file is the
+    # evaluation-only coordinator.ctx.
+    assert sorted(tmp_path.rglob(PARTICIPANT_KEY)) == secret_copies
+    assert key_files_under(deployment_dir / "superlink") == []
+    assert key_files_under(coordinator_key.parent.parent) == [coordinator_key]
+    assert not inspect_key_file(coordinator_key).has_secret_key
+    # ...and the FAB every node received carried no key files either.
+    unpacked = [p for p in deployment_dir.glob("*/home/apps/*") if p.is_dir()]
+    assert len(unpacked) == 1 + NUM_NODES, unpacked  # SuperLink + each SuperNode
+    for app_copy in unpacked:
+        assert key_files_under(app_copy) == []
+
+
+@pytest.mark.parametrize("gitignore", [True, False], ids=["with-gitignore", "without-gitignore"])
+def test_fab_from_repo_has_no_key_files_even_with_keys_in_app_dir(tmp_path, gitignore):
+    """Without ``.gitignore`` (which lists ``*.ctx``), Flower's include list alone keeps keys out."""
+    repo_fab = build_fab(REPO_ROOT, tmp_path / "fab-repo")
+    repo_files = shipped_files(repo_fab)
+    assert repo_fab.stat().st_size < FAB_MAX_BYTES
+    for component in ("coordinator/server_app.py", "participant/client_app.py", "pyproject.toml"):
+        assert component in repo_files
+    assert not [f for f in repo_files if f.endswith(KEY_SUFFIXES)], repo_files
+
+    # A copy of the app dir (not the repo itself) with key material where people leave it.
+    app = tmp_path / "fedhe-rl"
+    shutil.copytree(
+        REPO_ROOT, app,
+        ignore=shutil.ignore_patterns(
+            ".git", "__pycache__", ".hypothesis", ".pytest_cache", "*.egg-info",
+            "runs", "fedhe-run", "build",  # run outputs (may hold keys/) are re-created below
+        ),
+    )
+    if not gitignore:
+        (app / ".gitignore").unlink(missing_ok=True)
+    key_dirs = [app / "keys", app / "participant" / "org-keys", app / "runs" / "quickstart" / "keys"]
+    for d in key_dirs:
+        generate_keys(d, "n8k-d2")  # cheap profile; real key files
+    tls = app / "certificates"
+    tls.mkdir()
+    for name in ("ca.pem", "server.pem", "server.key", "ca.key"):
+        (tls / name).write_text("-----BEGIN PRIVATE KEY-----\nnot really\n-----END PRIVATE KEY-----\n")
+    assert len(key_files_under(app)) == 2 * len(key_dirs) + 4
+
+    fab = build_fab(app, tmp_path / "fab-copy")
+    files = shipped_files(fab)
+    assert not [f for f in files if f.endswith(KEY_SUFFIXES)], files
+    key_prefixes = tuple(str(d.relative_to(app)) + "/" for d in [*key_dirs, tls])
+    assert not [f for f in files if f.startswith(key_prefixes)], files
+    # The key directories added nothing: the copy ships a subset of what the repo ships.
+    assert set(files) <= set(repo_files), sorted(set(files) - set(repo_files))
+    assert fab.stat().st_size < FAB_MAX_BYTES
