@@ -66,6 +66,7 @@ def write_summary(
     threshold: float | None,
     num_params: int,
     wall_s: float,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     rows = read_metrics(directory)
     final = recent_mean_return(rows)
@@ -83,6 +84,7 @@ def write_summary(
         "num_params": num_params,
         "upload_bytes_per_param": round(sum(up) / len(up) / num_params, 2) if up else None,
         "he_ms_per_round": round(sum(r["he_ms"] for r in rows) / len(rows), 2) if rows else None,
+        **(extra or {}),
     }
     (Path(directory) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     plot_learning_curve(directory, rows, scenario, threshold, encrypted)

@@ -49,6 +49,8 @@ def run_federation(
     """Everything the ServerApp does; returns summary.json's content."""
     t0 = time.perf_counter()
     scenario = load_scenario(settings.scenario)
+    if settings.he_profile:
+        scenario = scenario.with_overrides(he_profile=settings.he_profile)
     backend = coordinator_backend(settings, scenario.he_profile)
     if backend.profile.name != scenario.he_profile:
         raise ValueError(
@@ -72,6 +74,10 @@ def run_federation(
         stop_on_solve=settings.stop_on_solve,
         on_round=on_round,
         seed=max(settings.seed, 0),
+        defense=settings.defense,
+        defense_bound=settings.defense_bound,
+        dp_noise_multiplier=settings.dp_noise_multiplier,
+        dp_delta=settings.dp_delta,
     )
     strategy.start(grid, num_rounds=rounds, resume=settings.resume)
     participants = settings.participants or len(list(grid.get_node_ids()))
@@ -83,6 +89,7 @@ def run_federation(
         threshold=scenario.reward_threshold,
         num_params=num_params,
         wall_s=time.perf_counter() - t0,
+        extra=strategy.summary_fields(),
     )
 
 

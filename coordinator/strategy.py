@@ -30,7 +30,18 @@ from coordinator.he_adam import (
     mask_state,
     unmask_state,
 )
+from coordinator.privacy import effective_noise_multiplier, rdp_epsilon
 from coordinator.report import append_metrics, read_metrics, recent_mean_return, truncate_metrics
+from coordinator.robust import (
+    DEFENSES,
+    ROBUST_DEFENSES,
+    DefenseError,
+    check_profile_supports,
+    clip_factors,
+    masked_squared_norms,
+    unmask_squared_norms,
+    weighted_sum,
+)
 from protos import messages
 from protos.backend import HEBackend
 from protos.codec import PROTOCOL_VERSION, EncryptedVector, from_proto, map_chunks, to_proto
@@ -55,13 +66,21 @@ class RoundOutcome:
 
 
 class StreamingSum:
-    """Adds ciphertext vectors as they arrive; never holds more than one per stream."""
+    """Adds ciphertext vectors as they arrive; never holds more than one per stream.
 
-    def __init__(self, backend: HEBackend) -> None:
+    ``keep=True`` (robust aggregation) keeps the individual vectors instead: the sum is then
+    formed after the masked-norm exchange, with per-update factors.
+    """
+
+    def __init__(self, backend: HEBackend, keep: bool = False) -> None:
         self.backend, self.total, self.count = backend, None, 0
+        self.kept: list[EncryptedVector] | None = [] if keep else None
 
     def add(self, vec: EncryptedVector) -> None:
-        self.total = vec if self.total is None else map_chunks(self.backend.add, self.total, vec)
+        if self.kept is not None:
+            self.kept.append(vec)
+        else:
+            self.total = vec if self.total is None else map_chunks(self.backend.add, self.total, vec)
         self.count += 1
 
 
@@ -84,6 +103,10 @@ class HEAdamStrategy(Strategy):
         stop_on_solve: bool = False,
         on_round: Callable[[RoundOutcome, dict | None], None] | None = None,
         seed: int = 0,
+        defense: str = "none",
+        defense_bound: float = 0.0,
+        dp_noise_multiplier: float = 0.0,
+        dp_delta: float = 1e-5,
     ) -> None:
         self.backend, self.config = backend, config
         self.poly = config.validate(backend.profile)
@@ -94,6 +117,15 @@ class HEAdamStrategy(Strategy):
         self.threshold, self.stop_on_solve, self.on_round = reward_threshold, stop_on_solve, on_round
         self.rng = np.random.default_rng(seed + 7919)
         self.state = CoordinatorState()
+        if defense not in DEFENSES:
+            raise DefenseError(f"unknown defense {defense!r}; known: {', '.join(DEFENSES)}")
+        check_profile_supports(defense, backend.profile.levels, config.depth, backend.profile.name)
+        if defense == "dp" and dp_noise_multiplier <= 0:
+            raise DefenseError("defense dp needs a noise multiplier z > 0 (dp-noise-multiplier)")
+        self.defense, self.dp_z, self.dp_delta = defense, dp_noise_multiplier, dp_delta
+        self.defense_bound = defense_bound if defense_bound > 0 else config.clip_bound  # in update units (C)
+        self.dp_history: list[float] = []  # effective noise multiplier per completed round
+        self._round_extra: dict = {}
 
     # -- Flower Strategy interface --------------------------------------------------------------
     def configure_train(
@@ -144,6 +176,7 @@ class HEAdamStrategy(Strategy):
         if resume:
             self.state = load_checkpoint(self.out_dir, self.backend, self.scenario_name, self.num_params)
             truncate_metrics(self.out_dir, max((h.round for h in self.state.history), default=0))
+            self.dp_history = [r["dp_z"] for r in read_metrics(self.out_dir) if r.get("dp_z")]
             log.info("resumed from round %d", self.state.round)
         result = Result()
         for server_round in range(self.state.round + 1, num_rounds + 1):
@@ -165,8 +198,9 @@ class HEAdamStrategy(Strategy):
         outgoing, masks = self._train_messages(server_round, nodes, refresher)
         outcome = RoundOutcome(server_round, False, 0)
         outcome.bytes_down = sum(messages.payload_bytes(m.content) for m in outgoing)
-        updates, stats = StreamingSum(self.backend), StreamingSum(self.backend)
+        updates, stats = StreamingSum(self.backend, keep=self.defense in ROBUST_DEFENSES), StreamingSum(self.backend)
         refreshed: tuple[EncryptedVector, dict] | None = None
+        self._round_extra = {}
         for reply in self._stream(grid, outgoing):
             outcome.bytes_up += messages.payload_bytes(reply.content) if not reply.has_error() else 0
             if self._add_update(server_round, reply, updates, stats, outcome.failed) and reply.metadata.src_node_id == refresher:
@@ -183,8 +217,18 @@ class HEAdamStrategy(Strategy):
                 return self._finish(outcome, t0, completed=False)
         theta, state = refreshed
         t_he = time.perf_counter()
-        step = he_adam_step(self.backend, HEAdamState(theta, **state, step=server_round - 1), updates.total, self.config, self.poly)
+        aggregate = updates.total
+        if updates.kept is not None:
+            aggregate = self._robust_aggregate(grid, server_round, nodes, refresher, updates.kept, outcome)
+            if aggregate is None:
+                log.warning("round %d: no key holder answered the norm query; state unchanged", server_round)
+                return self._finish(outcome, t0, completed=False)
+        step = he_adam_step(self.backend, HEAdamState(theta, **state, step=server_round - 1), aggregate, self.config, self.poly)
         outcome.he_ms = (time.perf_counter() - t_he) * 1e3
+        if self.dp_z > 0:
+            z_eff = effective_noise_multiplier(self.dp_z, updates.count, len(nodes))
+            self.dp_history.append(z_eff)
+            self._round_extra.update(dp_z=round(z_eff, 6), dp_epsilon=round(rdp_epsilon(self.dp_history, self.dp_delta), 4))
         self.state.optimizer = step.state
         self.state.pending_stats = stats.total
         return self._finish(outcome, t0, completed=True)
@@ -197,9 +241,52 @@ class HEAdamStrategy(Strategy):
             self.state.pending_round = {
                 "round": outcome.round, "wall_s": round(outcome.wall_s, 3), "bytes_up": outcome.bytes_up,
                 "bytes_down": outcome.bytes_down, "he_ms": round(outcome.he_ms, 1), "participants": outcome.answered,
+                **self._round_extra,
             }
         save_checkpoint(self.out_dir, self.backend, self.scenario_name, self.config.to_json(), self.state)
         return outcome
+
+    # -- robust aggregation -----------------------------------------------------------------------
+    def _robust_aggregate(
+        self, grid: Grid, server_round: int, nodes: list[int], refresher: int, kept: list[EncryptedVector], outcome: RoundOutcome
+    ) -> EncryptedVector | None:
+        """Masked-norm exchange with one key holder, then sum_i f_i Enc(u_i) (coordinator/robust.py)."""
+        masked, masks = masked_squared_norms(self.backend, kept, self.rng)
+        query = wire_pb2.NormQuery(protocol_version=PROTOCOL_VERSION, round=server_round)
+        for vec in masked:
+            query.masked.append(to_proto(self.backend, vec))
+        packed = messages.pack(query)
+        for node in [refresher] + [n for n in nodes if n != refresher]:
+            content = RecordDict({messages.CONFIG: self._base_config(server_round, 0.0), messages.NORM_QUERY: packed})
+            msg = Message(content, dst_node_id=node, message_type=messages.NORMS, group_id=str(server_round))
+            outcome.bytes_down += messages.payload_bytes(content)
+            for reply in self._stream(grid, [msg]):
+                if reply.has_error():
+                    self._fail(outcome.failed, node, f"norm query error: {reply.error.reason}")
+                    continue
+                try:
+                    answer = messages.unpack(reply.content, messages.NORM_REPLY, wire_pb2.NormReply)
+                    if answer.round != server_round:
+                        raise WireError(f"norm reply is for round {answer.round}")
+                    norms = np.sqrt(unmask_squared_norms(list(answer.masked_sums), masks))
+                except (WireError, ValueError) as exc:
+                    self._fail(outcome.failed, node, f"rejected norm reply: {exc}")
+                    continue
+                bound = self.defense_bound * self.config.update_scale / len(nodes)  # C in pre-weighted, pre-scaled units
+                factors = clip_factors(norms, self.defense, bound)
+                self._round_extra.update(defense=self.defense, clipped=int(np.sum(factors < 1.0)))
+                return weighted_sum(self.backend, kept, factors)
+        return None
+
+    def summary_fields(self) -> dict:
+        """Defense and privacy fields for summary.json."""
+        out: dict = {"defense": self.defense}
+        if self.dp_z > 0:
+            out.update(dp_noise_multiplier=self.dp_z, dp_delta=self.dp_delta, dp_rounds=len(self.dp_history),
+                       dp_epsilon=round(rdp_epsilon(self.dp_history, self.dp_delta), 4))
+        else:
+            out.update(dp_epsilon=None)
+        return out
 
     # -- messages ---------------------------------------------------------------------------------
     def _sample(self, node_ids: list[int]) -> list[int]:

@@ -225,6 +225,66 @@ def simulate(
 
 
 @app.command()
+def robustness(
+    scenario: str = typer.Argument("cartpole", help="Built-in name, installed entry point, or path/to/file.py defining SCENARIO."),
+    participants: int = typer.Option(10, "--participants", "-n", help="Simulated organizations."),
+    malicious: int = typer.Option(3, "--malicious", "-m", help="How many of them misbehave (indices 0..m-1)."),
+    attack: list[str] = typer.Option(["sign-flip"], "--attack", help="Repeatable. sign-flip, scale, noise, zero, reward-flip, reward-shuffle, random-action, alie, ipm (see participant/attacks.py)."),
+    defense: list[str] = typer.Option(["none", "median-norm"], "--defense", help="Repeatable. none, norm-bound, median-norm (encrypted masked norms), dp (distributed Gaussian noise)."),
+    seeds: int = typer.Option(1, "--seeds", help="Seeds per cell (0..K-1)."),
+    rounds: int = typer.Option(150, "--rounds", "-r", help="Round cap per run (runs stop once solved)."),
+    out: Path = typer.Option(Path("fedhe-robustness"), "--out", help="Directory: robustness.json, robustness.md, robustness.png, cells/ (reused when re-run)."),
+    dp_noise: float = typer.Option(1.0, "--dp-noise", help="Noise multiplier z for --defense dp."),
+    dp_delta: float = typer.Option(1e-5, "--dp-delta", help="delta for the reported epsilon."),
+    bound: float = typer.Option(0.0, "--bound", help="norm-bound's L2 bound per update (0: the scenario's clip bound C)."),
+    profile: str = typer.Option("n16k-d7", "--profile", help="HE profile for every cell (robust defenses need one spare level). " + PROFILE_HELP),
+    plaintext: bool = typer.Option(False, "--plaintext", help="Same protocol without encryption (debugging only)."),
+    no_clean: bool = typer.Option(False, "--no-clean", help="Skip the clean (attack none) baselines."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+) -> None:
+    """Run every attack x defense combination as an encrypted federation and tabulate the damage.
+
+    Writes OUT/robustness.json (one row per attack, defense, seed), OUT/robustness.md (a table:
+    return, % of the clean baseline, slowdown) and OUT/robustness.png. Clean baselines (attack
+    none) run for every defense unless --no-clean.
+    """
+    from participant.robustness import GridSpec, run_grid
+
+    spec = GridSpec(
+        scenario=scenario, out=out, participants=participants, malicious=malicious, attacks=list(attack),
+        defenses=list(defense), seeds=seeds, rounds=rounds, dp_noise_multiplier=dp_noise, dp_delta=dp_delta,
+        defense_bound=bound, he_profile=profile, plaintext=plaintext, clean=not no_clean,
+    )
+    try:
+        spec.validate()
+        load_scenario_or_fail(scenario)
+        with progress_bar() as bar:
+            task = bar.add_task("federations", total=None)
+
+            def on_row(row: dict, done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total,
+                           description=f"{row['attack']}/{row['defense']} seed {row['seed']}: return {row['final_return']}")
+
+            rows = run_grid(spec, on_row=on_row)
+    except (WireError, ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    console.print((out / "robustness.md").read_text())
+    console.print(f"rows: {out / 'robustness.json'}   plot: {out / 'robustness.png'}")
+
+
+def load_scenario_or_fail(ref: str):
+    from scenarios import load_scenario
+
+    try:
+        return load_scenario(ref)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+
+
+@app.command()
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A directory written by `fedhe simulate --out` (or the coordinator's out-dir)."),
     key_dir: Optional[Path] = typer.Option(None, "--key-dir", help="Directory with participant.ctx (default: RUN_DIR/keys)."),

@@ -30,6 +30,10 @@ def identity_from(context: Context, settings: RunSettings) -> NodeIdentity:
         scenario_ref=settings.scenario,
         plaintext=settings.plaintext,
         seed=seed,
+        party_mix=settings.party_mix,
+        collusion_dir=settings.collusion_dir,
+        dp_noise_multiplier=settings.dp_noise_multiplier,
+        he_profile=settings.he_profile,
     )
 
 
@@ -48,6 +52,10 @@ def build_client_app(settings: RunSettings | None = None, mods: list[Mod] | None
 
     @app.query("refresh")
     def refresh(msg: Message, context: Context) -> Message:
+        return respond(msg, context, training=False)
+
+    @app.query("norms")
+    def norms(msg: Message, context: Context) -> Message:
         return respond(msg, context, training=False)
 
     return app

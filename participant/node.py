@@ -15,12 +15,22 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
+from participant.attacks import (
+    COLLUDING,
+    DATA_ATTACKS,
+    attacked_scenario,
+    behaviour_for,
+    clip_to,
+    colluders_honest_updates,
+    craft_update,
+)
 from participant.keyholder import KeyHolder, PlainKeyHolder, decrypt_vector, load_keyholder, reencrypt
 from participant.ppo import ParticipantTrainer
 from protos import messages
 from protos.codec import PROTOCOL_VERSION, encrypt_vector, from_proto, to_proto
 from protos.errors import ChunkLayoutError, WireError
 from protos.fedhe.v1 import wire_pb2
+from protos.dp import dp_clip_bound
 from protos.optimizer import HEAdamConfig
 from protos.profiles import get_profile
 from scenarios import Scenario, load_scenario
@@ -40,6 +50,11 @@ class NodeIdentity:
     scenario_ref: str
     plaintext: bool
     seed: int
+    # Threat lab (issue 4): from the run settings.
+    party_mix: str = ""  # JSON override of the scenario's party mix
+    collusion_dir: str = ""
+    dp_noise_multiplier: float = 0.0
+    he_profile: str = ""  # "": the scenario's
 
 
 @lru_cache(maxsize=4)
@@ -110,7 +125,7 @@ def handle(content: RecordDict, identity: NodeIdentity, run_id: int, training: b
     """Process one coordinator message and build the reply content."""
     scenario = cached_scenario(identity.scenario_ref)
     config = messages.config_of(content)
-    holder = cached_keyholder(identity.key_dir, identity.plaintext, scenario.he_profile)
+    holder = cached_keyholder(identity.key_dir, identity.plaintext, identity.he_profile or scenario.he_profile)
     if config.get("key-fingerprint") != holder.fingerprint:
         raise WireError(
             f"coordinator uses key {str(config.get('key-fingerprint'))[:12]}…, this participant "
@@ -131,6 +146,9 @@ def handle(content: RecordDict, identity: NodeIdentity, run_id: int, training: b
     if messages.REFRESH_REQUEST in content.array_records:
         request = messages.unpack(content, messages.REFRESH_REQUEST, wire_pb2.RefreshRequest)
         reply[messages.REFRESH_REPLY] = messages.pack(refresh(holder, request, theta, num_params))
+    if messages.NORM_QUERY in content.array_records:
+        query = messages.unpack(content, messages.NORM_QUERY, wire_pb2.NormQuery)
+        reply[messages.NORM_REPLY] = messages.pack(answer_norm_query(holder, query))
     if training:
         if theta is None:
             raise ChunkLayoutError("train message without theta after round 1")
@@ -141,13 +159,66 @@ def handle(content: RecordDict, identity: NodeIdentity, run_id: int, training: b
 def train(
     holder: KeyHolder, scenario: Scenario, identity: NodeIdentity, run_id: int, theta: np.ndarray, round_: int, weight: float
 ) -> wire_pb2.ParticipantUpdate:
-    result = trainer_for(identity, scenario, run_id, round_).train(theta, round_)
     adam = HEAdamConfig.for_scenario(scenario)
-    update = clip_and_scale(result.update, adam.clip_bound, weight, adam.update_scale)
+    behaviour = behaviour_for(scenario, identity.party_mix, identity.participant_index)
+    n = max(1, int(round(1.0 / weight))) if weight > 0 else 1
+    if behaviour is not None and behaviour.attack in COLLUDING:
+        honest = colluders_honest_updates(behaviour, attacked_scenario(scenario, behaviour), theta, round_, identity.seed,
+                                          identity.variant, adam.clip_bound, identity.collusion_dir)
+        update = craft_update(behaviour, honest[0], n=n, attacker_seed=identity.seed, colluder_updates=honest)
+        return _encrypted_update(holder, round_, update * (weight * adam.update_scale), np.zeros(STATS_LENGTH))
+    result = trainer_for(identity, attacked_scenario(scenario, behaviour), run_id, round_).train(theta, round_)
     stats = np.array([float(np.sum(result.episode_returns)), float(result.episodes), float(result.steps)])
+    if behaviour is not None:  # malicious: never clips what it sends; reports no rollout stats
+        clipped = clip_to(result.update, adam.clip_bound)
+        seed = identity.seed * 1009 + identity.participant_index
+        update = clipped if behaviour.attack in DATA_ATTACKS else craft_update(behaviour, clipped, n=n, attacker_seed=seed)
+        if behaviour.attack in DATA_ATTACKS:  # data poisoners follow the protocol (clip, DP noise)
+            return _encrypted_update(holder, round_, honest_update(update, adam, identity, weight, n), np.zeros(STATS_LENGTH))
+        return _encrypted_update(holder, round_, update * (weight * adam.update_scale), np.zeros(STATS_LENGTH))
+    return _encrypted_update(holder, round_, honest_update(result.update, adam, identity, weight, n), stats)
+
+
+def honest_update(update: np.ndarray, adam: HEAdamConfig, identity: NodeIdentity, weight: float, n: int) -> np.ndarray:
+    """Clip to C (to C_dp under DP, plus this participant's share of the noise), weight, pre-scale."""
+    z = identity.dp_noise_multiplier
+    if z <= 0:
+        return clip_and_scale(update, adam.clip_bound, weight, adam.update_scale)
+    return dp_clip_and_noise(update, adam.clip_bound, z, n) * (weight * adam.update_scale)
+
+
+def dp_clip_and_noise(update: np.ndarray, clip: float, z: float, n: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Distributed Gaussian noise: std z*C_dp/sqrt(n) here, so the federation's sum has std z*C_dp.
+
+    The noise comes from OS entropy: nobody, this participant included, knows the total noise.
+    """
+    bound = dp_clip_bound(clip, z, n)
+    rng = rng or np.random.default_rng()
+    return clip_to(update, bound) + rng.normal(0.0, z * bound / np.sqrt(n), update.size)
+
+
+def _encrypted_update(holder: KeyHolder, round_: int, update: np.ndarray, stats: np.ndarray) -> wire_pb2.ParticipantUpdate:
     return wire_pb2.ParticipantUpdate(
         protocol_version=PROTOCOL_VERSION,
         round=round_,
         update=to_proto(holder, encrypt_vector(holder, update)),
         rollout_stats=to_proto(holder, encrypt_vector(holder, stats)),
     )
+
+
+def answer_norm_query(holder: KeyHolder, query: wire_pb2.NormQuery) -> wire_pb2.NormReply:
+    """Key holder side of the masked-norm exchange (coordinator/robust.py).
+
+    Each ciphertext holds ``r_i * u_i^2 + m_i`` slot-wise: a secret factor and a zero-sum mask
+    the coordinator chose. Only the slot sum ``r_i |u_i|^2`` is meaningful; it is released
+    rounded to 4 significant digits (exact CKKS decryptions can leak the key).
+    """
+    reply = wire_pb2.NormReply(protocol_version=PROTOCOL_VERSION, round=query.round)
+    for masked in query.masked:
+        values = decrypt_vector(holder, from_proto(holder, masked))
+        reply.masked_sums.append(round_significant(float(np.sum(values)), 4))
+    return reply
+
+
+def round_significant(x: float, digits: int) -> float:
+    return float(f"{x:.{digits}g}")

@@ -24,10 +24,13 @@ UPDATE = "fedhe.update"  # participant -> coordinator: ParticipantUpdate
 REFRESH_REQUEST = "fedhe.refresh-request"  # coordinator -> refresher: RefreshRequest
 REFRESH_REPLY = "fedhe.refresh-reply"  # refresher -> coordinator: RefreshReply
 CONFIG = "fedhe.config"  # plaintext protocol metadata, both directions
+NORM_QUERY = "fedhe.norm-query"  # coordinator -> key holder: NormQuery (masked squared norms)
+NORM_REPLY = "fedhe.norm-reply"  # key holder -> coordinator: NormReply (rounded masked sums)
 
 # Message types.
 TRAIN = "train"
 REFRESH = "query.refresh"  # refresh/release only, no training (fallback refresher, last round)
+NORMS = "query.norms"  # robust aggregation: a key holder sums masked squared norms
 
 # Metadata a participant may send in the clear (threat-model.md, "What may leave a participant").
 PERMITTED_CONFIG_KEYS = frozenset({"round", "key-fingerprint", "protocol-version"})

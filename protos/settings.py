@@ -27,6 +27,16 @@ class RunSettings:
     seed: int = -1  # -1: the scenario's seed
     stop_on_solve: bool = False  # end early once the released mean return reaches the threshold
     release_metrics: bool = True  # a participant decrypts and releases rounded federation stats
+    he_profile: str = ""  # "": the scenario's HE profile (robust defenses need one spare level: n16k-d7)
+    # Threat lab (issue 4). party-mix: JSON list replacing the scenario's party_mix, e.g.
+    # '[{"attack": "sign-flip", "participants": [0, 1, 2]}]'. A lab facility: in a real
+    # deployment nobody would take misbehaviour orders from the run config.
+    party_mix: str = ""
+    collusion_dir: str = ""  # simulation: where colluding attackers (alie, ipm) cache honest updates
+    defense: str = "none"  # none | norm-bound | median-norm (encrypted, masked norms) | dp
+    defense_bound: float = 0.0  # norm-bound's L2 bound on an update, in update units (0: the scenario's C)
+    dp_noise_multiplier: float = 0.0  # z > 0: participants add distributed Gaussian noise (client-level DP)
+    dp_delta: float = 1e-5
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> "RunSettings":

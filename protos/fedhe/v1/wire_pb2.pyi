@@ -90,6 +90,26 @@ class RefreshReply(_message.Message):
     released: ReleasedMetrics
     def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., state: _Optional[_Mapping[str, EncryptedVector]] = ..., released: _Optional[_Union[ReleasedMetrics, _Mapping]] = ...) -> None: ...
 
+class NormQuery(_message.Message):
+    __slots__ = ("protocol_version", "round", "masked")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MASKED_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    round: int
+    masked: _containers.RepeatedCompositeFieldContainer[EncryptedVector]
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., masked: _Optional[_Iterable[_Union[EncryptedVector, _Mapping]]] = ...) -> None: ...
+
+class NormReply(_message.Message):
+    __slots__ = ("protocol_version", "round", "masked_sums")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MASKED_SUMS_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    round: int
+    masked_sums: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., masked_sums: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class ReleasedMetrics(_message.Message):
     __slots__ = ("round", "mean_return", "episodes", "steps", "valid")
     ROUND_FIELD_NUMBER: _ClassVar[int]
