@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -101,6 +102,17 @@ def write_run_info(out_dir: Path, settings: RunSettings, scenario_name: str, num
     (out_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
+def _log_to_stdout() -> None:
+    """Flower forwards the ServerApp's stdout to `flwr run --stream`/`flwr log`."""
+    logger = logging.getLogger("fedhe")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
 def build_server_app(
     settings: RunSettings | None = None,
     on_round: Callable[[RoundOutcome, dict | None], None] | None = None,
@@ -111,6 +123,7 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        _log_to_stdout()
         summary = run_federation(grid, settings or RunSettings.from_run_config(context.run_config), on_round)
         log.info("summary: %s", summary)
         if on_summary:

@@ -83,6 +83,7 @@ def quiet_simulation_engine(verbose: bool) -> None:
         logger.addFilter(_DropRunSimulationDeprecation())
     if not verbose:
         logger.setLevel(logging.WARNING)
+        logging.getLogger("fedhe").setLevel(logging.WARNING)  # the progress bar tells the story
 
 
 def _with_keys(settings: RunSettings, keys: Path) -> RunSettings:
