@@ -6,10 +6,18 @@ else (environments, RNG state, episodes in progress) stays local across rounds.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from participant.robust_training import (
+    PerturbedRewardCorrection,
+    RunningStd,
+    batch_obs_std,
+    kl_regularizer_and_grad,
+    pgd_max_kl,
+)
 from participant.rollout import Rollout, RolloutCollector, compute_gae
 from scenarios.policy import Policy, PPOBatch, PPOLossInfo
 from scenarios.scenario import Scenario
@@ -55,27 +63,94 @@ class ParticipantTrainer:
         self.rng = np.random.default_rng(int(rng_seed))
         self.env = scenario.build_vector_env(participant_index, int(env_seed), variant)
         self.collector = RolloutCollector(self.env, int(env_seed))
+        robust = scenario.ppo.robust
+        # Participant-local robust-training state (never sent): its own RNG so that robust modes
+        # do not shift the vanilla RNG stream, the running state scale, the reward statistics.
+        self.robust_rng = np.random.default_rng([int(rng_seed), 5])
+        self.obs_std = RunningStd(self.spec.obs_dim)
+        self.reward_correction = PerturbedRewardCorrection() if robust.mode == "reward-defense" else None
+        self._round = 0
 
     def train(self, theta: np.ndarray, round: int) -> LocalResult:
         """Run one local round starting from the shared ``theta`` (not modified)."""
-        del round  # rounds are stateless locally; kept in the signature for schedules and logging
+        self._round = int(round)  # only the SA-PPO kappa schedule uses it
         cfg = self.scenario.ppo
         theta_in = np.array(theta, dtype=np.float64)
         if theta_in.shape != (self.spec.num_params,):
             raise ValueError(f"theta has shape {theta_in.shape}, scenario needs ({self.spec.num_params},)")
         rollout = self.collector.collect(Policy(self.spec, theta_in), cfg.steps_per_env, self.rng,
-                                         cfg.gamma, cfg.reward_scale)
+                                         cfg.gamma, cfg.reward_scale, obs_fn=self._obs_fn(), reward_fn=self._reward_fn())
+        rollout = self._correct_rewards(rollout)
         batch = _flatten(rollout, cfg.gamma, cfg.gae_lambda)
+        self._radius = cfg.robust.epsilon * batch_obs_std(batch.obs) if cfg.robust.mode == "sa-ppo" else None
+        self._sa_kl: list[float] = []
         if self.scenario.update == "gradient":
-            info, update = Policy(self.spec, theta_in).ppo_loss_and_grad(
+            policy = Policy(self.spec, theta_in)
+            info, update = policy.ppo_loss_and_grad(
                 _normalized(batch, cfg.normalize_advantages), cfg.clip_coef, cfg.ent_coef, cfg.vf_coef)
+            update += self._sa_ppo_grad(policy, batch.obs)
             infos = [info]
         else:
             theta_out, infos = self._optimise(theta_in.copy(), batch)
             update = theta_in - theta_out
         returns = rollout.episode_returns
+        stats = _mean_stats(infos)
+        if self._sa_kl:
+            stats["sa_kl"] = float(np.mean(self._sa_kl))
         return LocalResult(update=update, episode_returns=returns, steps=cfg.batch_size, episodes=len(returns),
-                           stats=_mean_stats(infos))
+                           stats=stats)
+
+    # ----- robust training (participant-local) ------------------------------
+    def _obs_fn(self):
+        robust = self.scenario.ppo.robust
+        if robust.mode != "noise-injection" or robust.epsilon <= 0:
+            return None
+
+        def noisy(obs: np.ndarray) -> np.ndarray:
+            self.obs_std.update(obs)  # the clean observation's scale, learned locally
+            return obs + robust.epsilon * self.obs_std.std * self.robust_rng.standard_normal(obs.shape)
+
+        return noisy
+
+    def _reward_fn(self):
+        robust = self.scenario.ppo.robust
+        if robust.reward_flip_rate <= 0 and robust.reward_noise_std <= 0:
+            return None
+
+        def tamper(rewards: np.ndarray) -> np.ndarray:
+            flip = self.robust_rng.random(rewards.shape) < robust.reward_flip_rate
+            out = np.where(flip, -rewards, rewards)
+            if robust.reward_noise_std > 0:
+                out = out + robust.reward_noise_std * self.robust_rng.standard_normal(rewards.shape)
+            return out
+
+        return tamper
+
+    def _correct_rewards(self, rollout: Rollout) -> Rollout:
+        if self.reward_correction is None or rollout.raw_rewards is None:
+            return rollout
+        self.reward_correction.update(rollout.raw_rewards, rollout.obs, rollout.actions)
+        surrogate = self.reward_correction.surrogate(rollout.raw_rewards)
+        rewards = self.scenario.ppo.reward_scale * surrogate + rollout.bootstrap
+        return dataclasses.replace(rollout, rewards=rewards)
+
+    def kappa(self) -> float:
+        robust = self.scenario.ppo.robust
+        if robust.mode != "sa-ppo":
+            return 0.0
+        if robust.kappa_ramp_rounds <= 0:
+            return robust.kappa
+        return robust.kappa * min(1.0, max(self._round, 1) / robust.kappa_ramp_rounds)
+
+    def _sa_ppo_grad(self, policy: Policy, obs: np.ndarray) -> np.ndarray:
+        kappa = self.kappa()
+        if kappa <= 0 or self._radius is None:
+            return np.zeros_like(policy.theta)
+        robust = self.scenario.ppo.robust
+        obs_hat = pgd_max_kl(policy, obs, self._radius, robust.attack_steps, self.robust_rng)
+        kl, grad = kl_regularizer_and_grad(policy, obs, obs_hat)
+        self._sa_kl.append(kl)
+        return kappa * grad
 
     def _optimise(self, theta: np.ndarray, batch: PPOBatch) -> tuple[np.ndarray, list[PPOLossInfo]]:
         cfg = self.scenario.ppo
@@ -87,6 +162,7 @@ class ParticipantTrainer:
             for idx in np.array_split(self.rng.permutation(n), cfg.minibatches):
                 mb = _normalized(_take(batch, idx), cfg.normalize_advantages)
                 info, grad = policy.ppo_loss_and_grad(mb, cfg.clip_coef, cfg.ent_coef, cfg.vf_coef)
+                grad += self._sa_ppo_grad(policy, mb.obs)
                 norm = float(np.linalg.norm(grad))
                 if norm > cfg.max_grad_norm:
                     grad *= cfg.max_grad_norm / norm

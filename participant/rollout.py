@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -22,6 +23,8 @@ class Rollout:
     values: np.ndarray
     last_value: np.ndarray
     episode_returns: list[float]
+    raw_rewards: np.ndarray | None = None  # unscaled rewards as the learner saw them (after ``reward_fn``)
+    bootstrap: np.ndarray | None = None  # the scaled truncation bootstrap added into ``rewards``
 
 
 class RolloutCollector:
@@ -35,7 +38,18 @@ class RolloutCollector:
         space = env.single_action_space
         self._bounds = (space.low, space.high) if isinstance(space, gym.spaces.Box) else None
 
-    def collect(self, policy: Policy, steps: int, rng: np.random.Generator, gamma: float, reward_scale: float) -> Rollout:
+    def collect(
+        self,
+        policy: Policy,
+        steps: int,
+        rng: np.random.Generator,
+        gamma: float,
+        reward_scale: float,
+        obs_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+        reward_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> Rollout:
+        """``obs_fn`` maps what the policy sees and learns from (noise injection); ``reward_fn``
+        maps the raw rewards it learns from (simulated tampering). Reported returns stay raw."""
         n = self.env.num_envs
         obs_buf = np.zeros((steps, n, self.obs.shape[1]))
         act_buf: list[np.ndarray] = []
@@ -43,22 +57,31 @@ class RolloutCollector:
         rew_buf = np.zeros((steps, n))
         done_buf = np.zeros((steps, n), dtype=bool)
         val_buf = np.zeros((steps, n))
+        raw_buf = np.zeros((steps, n))
+        boot_buf = np.zeros((steps, n))
         episode_returns: list[float] = []
         for t in range(steps):
             obs = np.asarray(self.obs, dtype=np.float64)
+            if obs_fn is not None:
+                obs = obs_fn(obs)
             obs_buf[t] = obs
             val_buf[t] = policy.value(obs)
             actions, logp_buf[t] = policy.act(obs, rng)
             act_buf.append(actions)
             env_actions = actions if self._bounds is None else np.clip(actions, *self._bounds)
             self.obs, rewards, terminated, truncated, info = self.env.step(env_actions)
-            rew_buf[t] = reward_scale * np.asarray(rewards, dtype=np.float64)
+            raw = np.asarray(rewards, dtype=np.float64)
+            if reward_fn is not None:
+                raw = reward_fn(raw)
+            raw_buf[t] = raw
+            rew_buf[t] = reward_scale * raw
             done_buf[t] = terminated | truncated
             cut = truncated & ~terminated
             if cut.any():
                 # A time-limit cut is not a real end: bootstrap with V(final observation).
                 final = np.stack([info["final_obs"][i] for i in np.flatnonzero(cut)]).astype(np.float64)
-                rew_buf[t, cut] += gamma * policy.value(final)
+                boot_buf[t, cut] = gamma * policy.value(final)
+                rew_buf[t, cut] += boot_buf[t, cut]
             if "_episode" in info:
                 episode_returns.extend(float(r) for r in info["episode"]["r"][info["_episode"]])
         return Rollout(
@@ -70,6 +93,8 @@ class RolloutCollector:
             values=val_buf,
             last_value=policy.value(np.asarray(self.obs, dtype=np.float64)),
             episode_returns=episode_returns,
+            raw_rewards=raw_buf,
+            bootstrap=boot_buf,
         )
 
 
