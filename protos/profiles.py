@@ -78,7 +78,8 @@ PROFILES: dict[str, HEProfile] = {
             scale_bits=40,
             description=(
                 "N=16384, 7 levels (400 of 438 bits, 128-bit secure), 8192 slots. Room for a "
-                "degree-15 polynomial (wide interval, B up to 8, error ~5e-6). "
+                "degree-15 polynomial (wide interval, B up to 8, error ~5e-6), or the degree-7 "
+                "step plus the robust defenses' plaintext clip factors (norm-bound, median-norm). "
                 "~201 bytes per parameter."
             ),
         ),
