@@ -241,13 +241,28 @@ def robustness(
     plaintext: bool = typer.Option(False, "--plaintext", help="Same protocol without encryption (debugging only)."),
     no_clean: bool = typer.Option(False, "--no-clean", help="Skip the clean (attack none) baselines."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+    train: list[str] = typer.Option([], "--train", help="Repeatable. Policy robustness mode (issue 5): vanilla, sa-ppo, noise-injection, reward-defense; trains one encrypted federation per mode and seed and attacks the decrypted policy. Uses the scenario's participants and rounds unless -n/-r are given."),
+    eval_attack: list[str] = typer.Option([], "--eval-attack", help="Repeatable. Evaluation-time attack on the trained policy: fgsm, pgd, mad, gaussian, action (see participant/eval_attacks.py)."),
+    epsilon: float = typer.Option(0.5, "--epsilon", help="Eval-attack budget: l-inf radius in per-dimension state stds (action: probability alpha)."),
+    episodes: int = typer.Option(20, "--episodes", help="Greedy evaluation episodes per policy (policy robustness mode)."),
+    std_source: str = typer.Option("clean", "--std-source", help="State std for epsilon: clean (the policy's clean greedy rollouts) or random (a uniform random policy's states)."),
 ) -> None:
     """Run every attack x defense combination as an encrypted federation and tabulate the damage.
+
+    With --train/--eval-attack: policy robustness instead (issue 5). Rows in OUT/robustness.json
+    gain train, eval_attack, epsilon, clean_return, attacked_return, crr, pd_tv, pd_kl, pd_flip, asr;
+    OUT/robustness.md has the baseline / under attack / % drop / policy deviation tables and the
+    defenses' % of baseline restored (definitions: docs/threat-lab.md).
 
     Writes OUT/robustness.json (one row per attack, defense, seed), OUT/robustness.md (a table:
     return, % of the clean baseline, slowdown) and OUT/robustness.png. Clean baselines (attack
     none) run for every defense unless --no-clean.
     """
+    if train or eval_attack:
+        policy_robustness(scenario, train or ["vanilla"], eval_attack or ["fgsm", "gaussian"], epsilon, seeds, out,
+                          episodes, participants_given(participants), rounds_given(rounds), plaintext, std_source,
+                          as_json)
+        return
     from participant.robustness import GridSpec, run_grid
 
     spec = GridSpec(
@@ -273,6 +288,49 @@ def robustness(
         return
     console.print((out / "robustness.md").read_text())
     console.print(f"rows: {out / 'robustness.json'}   plot: {out / 'robustness.png'}")
+
+
+def participants_given(value: int) -> Optional[int]:
+    """The Byzantine grid's -n default (10) means "the scenario's" in policy robustness mode."""
+    return None if value == 10 else value
+
+
+def rounds_given(value: int) -> Optional[int]:
+    return None if value == 150 else value
+
+
+def policy_robustness(scenario: str, trains: list[str], attacks: list[str], epsilon: float, seeds: int, out: Path,
+                      episodes: int, participants: Optional[int], rounds: Optional[int], plaintext: bool,
+                      std_source: str, as_json: bool) -> None:
+    from participant.eval_attacks import ATTACKS
+    from participant.policy_robustness import TRAIN_MODES, run_policy_robustness
+
+    for name in trains:
+        if name not in TRAIN_MODES:
+            fail(f"unknown --train {name!r}; known: {', '.join(TRAIN_MODES)}")
+    for name in attacks:
+        if name not in ATTACKS:
+            fail(f"unknown --eval-attack {name!r}; known: {', '.join(ATTACKS)}")
+    if std_source not in ("clean", "random"):
+        fail("--std-source must be clean or random")
+    load_scenario_or_fail(scenario)
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task("federations", total=None)
+
+            def on_run(train: str, seed: int, run: dict) -> None:
+                bar.update(task, advance=1, description=f"{train} seed {seed}: clean return {run['clean_return']:.1f}")
+
+            report = run_policy_robustness(scenario, trains, attacks, epsilon, seeds, out, episodes=episodes,
+                                           rounds=rounds, plaintext=plaintext, std_source=std_source,
+                                           participants=participants, on_run=on_run, stem="robustness")
+    except (WireError, ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({"rows": report["rows"], "summary": report["summary"]}))
+        return
+    console.print((out / "robustness.md").read_text())
+    console.print(f"rows: {out / 'robustness.json'}")
 
 
 def load_scenario_or_fail(ref: str):

@@ -47,7 +47,7 @@ ATTACKS = (*OBS_ATTACKS, "action")
 STATE_STD: dict[str, tuple[float, ...]] = {}
 
 
-class ObservationAttack(gym.Wrapper):
+class ObservationAttack(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Perturb the observations the agent sees (``fgsm``, ``pgd``, ``mad``, ``gaussian``)."""
 
     def __init__(
@@ -61,7 +61,9 @@ class ObservationAttack(gym.Wrapper):
         timing_threshold: float | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(self, policy=policy, kind=kind, epsilon=epsilon, obs_std=obs_std,
+                                                 steps=steps, timing_threshold=timing_threshold, seed=seed)
+        gym.Wrapper.__init__(self, env)
         if kind not in OBS_ATTACKS:
             raise ValueError(f"unknown observation attack {kind!r}; known: {', '.join(OBS_ATTACKS)}")
         if epsilon < 0 or steps < 1:
@@ -142,7 +144,7 @@ def _fgsm_gaussian(policy: Policy, s, r, rng, low, high) -> np.ndarray:
     return project(s + r * np.sign(g), s, r, low, high)
 
 
-class ActionAttack(gym.Wrapper):
+class ActionAttack(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """PR-MDP action attack: with probability ``alpha`` the adversarial action is executed instead.
 
     The wrapper needs the observation the agent acted on; it remembers the last one it returned.
@@ -150,7 +152,9 @@ class ActionAttack(gym.Wrapper):
 
     def __init__(self, env: gym.Env, policy: Policy, alpha: float, seed: int = 0,
                  timing_threshold: float | None = None) -> None:
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(self, policy=policy, alpha=alpha, seed=seed,
+                                                 timing_threshold=timing_threshold)
+        gym.Wrapper.__init__(self, env)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if timing_threshold is not None and not policy.discrete:
