@@ -217,3 +217,28 @@ def test_robust_config_validation():
         RobustConfig(reward_flip_rate=0.6)
     with pytest.raises(ValueError):
         RobustConfig(kappa=-1.0)
+
+
+@pytest.mark.parametrize("which", ["cart", "pend"])
+def test_integrated_gradients_completeness(which, cart, pend):
+    from participant.explain import decision_value_and_grad, integrated_gradients
+
+    sc, pol = cart if which == "cart" else pend
+    obs = np.random.default_rng(1).standard_normal((5, pol.spec.obs_dim)) * 0.5
+    action = pol.action_probs(obs).argmax(axis=1) if pol.discrete else None
+    ig = integrated_gradients(pol, obs, action, steps=200)
+    f_s = decision_value_and_grad(pol, obs, action)[0]
+    f_b = decision_value_and_grad(pol, np.zeros_like(obs), action)[0]
+    np.testing.assert_allclose(ig.sum(axis=1), f_s - f_b, atol=1e-3)
+
+
+def test_explain_attack_and_plot(cart, tmp_path):
+    from participant.explain import OBS_NAMES, explain_attack, plot_attributions
+
+    sc, pol = cart
+    env = make_attack(sc.build_env(0, 0), pol, "fgsm", 0.5, obs_std=CARTPOLE_STD)
+    summary = explain_attack(env, pol, 1, 0, CARTPOLE_STD)
+    assert summary["steps"] > 0 and len(summary["mean_abs_ig_clean"]) == 4
+    assert max(summary["mean_perturbation_std"]) == pytest.approx(0.5, abs=1e-3)
+    png = plot_attributions(summary, tmp_path / "ig.png", OBS_NAMES["cartpole"], "test")
+    assert png.stat().st_size > 1000
