@@ -177,7 +177,7 @@ def run_policy_robustness(
     modes = list(dict.fromkeys(trains))
     if "reward-defense" in modes and REWARD_ATTACK not in modes:
         modes.insert(modes.index("reward-defense"), REWARD_ATTACK)
-    rows, runs = [], []
+    rows, runs, explanations = [], [], []
     for train in modes:
         robust = robust_config(base.name, train)
         RobustConfig(**robust)  # validate early
@@ -196,15 +196,39 @@ def run_policy_robustness(
             runs.append(run)
             for row in result["rows"]:
                 rows.append({"scenario": base.name, "train": train, "seed": seed, **row})
+            if seed == 0:
+                explanations.extend(explain_policy(scenario, theta, attacks, epsilon, np.asarray(result["obs_std"]),
+                                                   out_dir, train))
             if on_run is not None:
                 on_run(train, seed, run)
     report = {"scenario": base.name, "epsilon": epsilon, "std_source": std_source, "episodes": episodes,
               "seeds": seeds, "encrypted": not plaintext, "runs": runs, "rows": rows,
-              "summary": summarize(rows)}
+              "summary": summarize(rows), "explanations": explanations}
     report["files"] = {"json": str(out_dir / f"{stem}.json"), "md": str(out_dir / f"{stem}.md")}
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (out_dir / f"{stem}.md").write_text(render_markdown(report))
     return report
+
+
+def explain_policy(scenario: Scenario, theta: np.ndarray, attacks: list[str], epsilon: float, obs_std: np.ndarray,
+                   out_dir: Path, train: str, episodes: int = 2, max_steps: int = 300) -> list[dict]:
+    """Integrated-gradient attributions (seed 0) under each observation attack, plotted to PNG."""
+    from participant.eval_attacks import OBS_ATTACKS
+    from participant.explain import OBS_NAMES, explain_attack, plot_attributions
+
+    policy = Policy(scenario.policy_spec(), theta)
+    out = []
+    for name in attacks:
+        if name not in OBS_ATTACKS:
+            continue
+        env = make_attack(scenario.build_env(0, 0), policy, name, epsilon, obs_std=obs_std, seed=0)
+        summary = explain_attack(env, policy, episodes, 30_000, obs_std, max_steps=max_steps)
+        env.close()
+        png = plot_attributions(summary, out_dir / "attributions" / f"{train}-{name}.png",
+                                OBS_NAMES.get(scenario.name), f"{scenario.name}: {train} policy, {name} eps={epsilon:g}")
+        out.append({"train": train, "eval_attack": name, "epsilon": epsilon, "png": str(png),
+                    "names": OBS_NAMES.get(scenario.name), **summary})
+    return out
 
 
 def _mean(values) -> float | None:
@@ -278,6 +302,21 @@ def render_markdown(report: dict) -> str:
             d = reward["reward-defense"]
             lines.append(f"| reward-defense, tampered rewards | {_f(d['clean_return'])} | "
                          f"{_f(_pct(retention(d['clean_return'], v['clean_return'], v['random_return'])))} |")
+    if report.get("explanations"):
+        lines += ["", "## Explanations: integrated gradients per observation dimension (seed 0)", "",
+                  "Mean |IG| of the decision (log pi(a*|s), a* greedy on the clean state; Gaussian: mu_0) on the "
+                  "clean state / on the attacked input, and the mean perturbation |s_hat - s| / std the attack "
+                  "put on each dimension.", "",
+                  "| Train | Attack | Dimension | clean |IG| | attacked |IG| | |IG shift| | perturbation (std) |",
+                  "|---|---|---|---|---|---|---|"]
+        for ex in report["explanations"]:
+            names = ex.get("names") or [f"obs[{d}]" for d in range(len(ex["mean_abs_ig_clean"]))]
+            for d, name in enumerate(names):
+                lines.append(f"| {ex['train']} | {ex['eval_attack']} | {name} | {ex['mean_abs_ig_clean'][d]:.3f} | "
+                             f"{ex['mean_abs_ig_attacked'][d]:.3f} | {ex['mean_abs_ig_shift'][d]:.3f} | "
+                             f"{ex['mean_perturbation_std'][d]:.2f} |")
+        lines += [""] + [f"![{ex['train']} {ex['eval_attack']}](attributions/{Path(ex['png']).name})"
+                         for ex in report["explanations"]]
     lines += ["", "Per-seed rows: the JSON file next to this one (`rows`)."]
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,53 @@
+"""Policy robustness runner (issue 5): report rendering (fast) and one encrypted run end to end (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from participant.policy_robustness import (
+    REWARD_ATTACK,
+    evaluate_policy_robustness,
+    render_markdown,
+    robust_config,
+    run_policy_robustness,
+    summarize,
+    write_mode_scenario,
+)
+from scenarios import load_scenario
+
+
+def test_mode_scenario_file_round_trips(tmp_path):
+    path = write_mode_scenario("cartpole", "sa-ppo", robust_config("cartpole", "sa-ppo"), tmp_path)
+    sc = load_scenario(str(path))
+    assert sc.name == "cartpole" and sc.ppo.robust.mode == "sa-ppo" and sc.ppo.robust.kappa > 0
+    with pytest.raises(ValueError):
+        robust_config("cartpole", "bogus")
+
+
+def test_evaluate_and_render(tmp_path):
+    sc = load_scenario("cartpole")
+    theta = sc.policy_spec().init(0)
+    res = evaluate_policy_robustness(sc, theta, ["fgsm", "gaussian", "action"], 0.5, 2, 0)
+    rows = [{"scenario": "cartpole", "train": t, "seed": 0, **r} for t in ("vanilla", "sa-ppo", REWARD_ATTACK,
+                                                                         "reward-defense") for r in res["rows"]]
+    for key in ("train", "eval_attack", "epsilon", "clean_return", "attacked_return", "crr", "pd_tv", "pd_kl",
+                "pd_flip", "asr"):
+        assert key in rows[0]
+    report = {"scenario": "cartpole", "epsilon": 0.5, "std_source": "clean", "episodes": 2, "seeds": 1,
+              "encrypted": True, "runs": [], "rows": rows, "summary": summarize(rows)}
+    md = render_markdown(report)
+    assert "% drop" in md and "Restored (%)" in md and "Reward channel" in md
+    json.dumps(report)
+
+
+@pytest.mark.slow
+def test_encrypted_policy_robustness_end_to_end(tmp_path):
+    report = run_policy_robustness("cartpole", ["vanilla", "sa-ppo"], ["fgsm", "gaussian"], 0.5, 1, tmp_path,
+                                   episodes=2, rounds=2)
+    assert report["encrypted"] and len(report["rows"]) == 4
+    assert (tmp_path / "policy_robustness.md").exists()
+    assert all(np.isfinite(r["attacked_return"]) for r in report["rows"])
+    assert report["explanations"] and (tmp_path / "attributions" / "vanilla-fgsm.png").exists()
