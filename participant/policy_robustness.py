@@ -185,8 +185,14 @@ def run_policy_robustness(
         scenario = load_scenario(str(scenario_file))
         for seed in range(seeds):
             run_dir = out_dir / "runs" / f"{train}-seed{seed}"
-            theta, summary = train_federation(scenario_file, run_dir, seed, key_dir, rounds, plaintext, participants)
-            np.save(run_dir / "theta.npy", theta)  # decrypted policy, for explanations; stays with the key holder
+            if (run_dir / "theta.npy").is_file() and (run_dir / "summary.json").is_file():
+                # Re-run on the same DIR: reuse the trained policy, only re-evaluate (e.g. another epsilon).
+                theta = np.load(run_dir / "theta.npy")
+                summary = json.loads((run_dir / "summary.json").read_text())
+            else:
+                theta, summary = train_federation(scenario_file, run_dir, seed, key_dir, rounds, plaintext,
+                                                  participants)
+                np.save(run_dir / "theta.npy", theta)  # the decrypted policy stays with the key holder
             result = evaluate_policy_robustness(scenario, theta, attacks, epsilon, episodes, seed, std_source,
                                                 alpha=alpha)
             run = {"train": train, "seed": seed, "robust": robust, "rounds": summary.get("rounds_run",
