@@ -34,6 +34,7 @@ def identity_from(context: Context, settings: RunSettings) -> NodeIdentity:
         collusion_dir=settings.collusion_dir,
         dp_noise_multiplier=settings.dp_noise_multiplier,
         he_profile=settings.he_profile,
+        total_rounds=settings.num_server_rounds,
     )
 
 

@@ -55,6 +55,7 @@ class NodeIdentity:
     collusion_dir: str = ""
     dp_noise_multiplier: float = 0.0
     he_profile: str = ""  # "": the scenario's
+    total_rounds: int = 0  # the run's rounds (0: the scenario's), for the local lr schedule
 
 
 @lru_cache(maxsize=4)
@@ -167,7 +168,7 @@ def train(
                                           identity.variant, adam.clip_bound, identity.collusion_dir)
         update = craft_update(behaviour, honest[0], n=n, attacker_seed=identity.seed, colluder_updates=honest)
         return _encrypted_update(holder, round_, update * (weight * adam.update_scale), np.zeros(STATS_LENGTH))
-    result = trainer_for(identity, attacked_scenario(scenario, behaviour), run_id, round_).train(theta, round_)
+    result = trainer_for(identity, attacked_scenario(scenario, behaviour), run_id, round_).train(theta, round_, identity.total_rounds or None)
     stats = np.array([float(np.sum(result.episode_returns)), float(result.episodes), float(result.steps)])
     if behaviour is not None:  # malicious: never clips what it sends; reports no rollout stats
         clipped = clip_to(result.update, adam.clip_bound)

@@ -53,6 +53,11 @@ class Adam:
         theta -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
 
 
+def annealed(round: int, total_rounds: int, floor: float = 0.1) -> float:
+    """Linear learning-rate decay over the run; the floor keeps late joiners learning."""
+    return min(1.0, max(floor, 1.0 - (round - 1) / max(total_rounds, 1)))
+
+
 class ParticipantTrainer:
     """Holds a participant's vector envs and RNG so episodes continue across rounds."""
 
@@ -71,10 +76,11 @@ class ParticipantTrainer:
         self.reward_correction = PerturbedRewardCorrection() if robust.mode == "reward-defense" else None
         self._round = 0
 
-    def train(self, theta: np.ndarray, round: int) -> LocalResult:
+    def train(self, theta: np.ndarray, round: int, total_rounds: int | None = None) -> LocalResult:
         """Run one local round starting from the shared ``theta`` (not modified)."""
-        self._round = int(round)  # only the SA-PPO kappa schedule uses it
+        self._round = int(round)  # the lr and SA-PPO kappa schedules use it
         cfg = self.scenario.ppo
+        self._lr = cfg.lr * (annealed(round, total_rounds or self.scenario.rounds) if cfg.anneal_lr else 1.0)
         theta_in = np.array(theta, dtype=np.float64)
         if theta_in.shape != (self.spec.num_params,):
             raise ValueError(f"theta has shape {theta_in.shape}, scenario needs ({self.spec.num_params},)")
@@ -154,7 +160,7 @@ class ParticipantTrainer:
 
     def _optimise(self, theta: np.ndarray, batch: PPOBatch) -> tuple[np.ndarray, list[PPOLossInfo]]:
         cfg = self.scenario.ppo
-        adam = Adam(theta.size, cfg.lr)
+        adam = Adam(theta.size, self._lr)
         policy = Policy(self.spec, theta)  # views into theta: Adam's in-place steps are seen by the policy
         n = batch.obs.shape[0]
         infos = []

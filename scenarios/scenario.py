@@ -83,6 +83,7 @@ class PPOConfig:
     max_grad_norm: float = 0.5
     normalize_advantages: bool = True
     reward_scale: float = 1.0  # multiplies rewards for learning only; reported returns stay raw
+    anneal_lr: bool = True  # linear decay of lr over the run's rounds (CleanRL's default), floor 10%
     robust: RobustConfig = RobustConfig()  # robust local training (participant-side only)
 
     def __post_init__(self) -> None:
