@@ -24,7 +24,7 @@ def fedhe(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedPro
 
 def test_help_teaches_the_commands():
     out = fedhe("--help").stdout
-    for command in ("simulate", "evaluate", "keygen", "keys", "bench", "scenarios"):
+    for command in ("simulate", "evaluate", "keygen", "keys", "bench", "scenarios", "robustness"):
         assert command in out
     assert "--plaintext" in fedhe("simulate", "--help").stdout
 
@@ -110,3 +110,10 @@ def test_killed_run_resumes_from_its_last_round(tmp_path):
     rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == list(range(1, killed_at + 3))
     assert json.loads((out / "summary.json").read_text())["rounds"] == killed_at + 2
+
+
+def test_robustness_rejects_unknown_attack_and_defense(tmp_path):
+    run = fedhe("robustness", "cartpole", "--attack", "bogus", "--out", str(tmp_path / "r"))
+    assert run.returncode == 2 and "unknown attack 'bogus'" in run.stderr
+    run = fedhe("robustness", "cartpole", "--defense", "krum", "--out", str(tmp_path / "r"))
+    assert run.returncode == 2 and "unknown defense 'krum'" in run.stderr
