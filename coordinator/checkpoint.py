@@ -8,7 +8,6 @@ wrong key or scenario fails with a clear message instead of training garbage.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from coordinator.he_adam import STATE_NAMES, HEAdamState
 from protos.backend import HEBackend
 from protos.codec import PROTOCOL_VERSION, EncryptedVector, from_proto, parse_message, to_proto
 from protos.errors import CheckpointError, WireError
+from protos.files import write_atomic
 from protos.fedhe.v1 import wire_pb2
 
 CHECKPOINT_FILE = "checkpoint.pb"
@@ -52,12 +52,7 @@ def save_checkpoint(
     if state.pending_stats is not None:
         msg.pending_stats.CopyFrom(to_proto(backend, state.pending_stats))
     path = Path(directory) / CHECKPOINT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(msg.SerializeToString())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, msg.SerializeToString())
     return path
 
 

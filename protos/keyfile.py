@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 
 from protos.backend import TensealBackend, public_fingerprint
 from protos.errors import KeyFileError
+from protos.files import write_atomic
 from protos.fedhe.v1 import wire_pb2
 from protos.profiles import HEProfile, UnknownProfileError, get_profile
 
@@ -122,10 +123,4 @@ def write_key_file(
         has_secret_key=secret,
         tenseal_context=context_bytes,
     )
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(msg.SerializeToString())
-    os.chmod(tmp, 0o600 if secret else 0o644)
-    os.replace(tmp, path)
+    write_atomic(Path(path), msg.SerializeToString(), 0o600 if secret else 0o644)
