@@ -245,7 +245,7 @@ def robustness(
     eval_attack: list[str] = typer.Option([], "--eval-attack", help="Repeatable. Evaluation-time attack on the trained policy: fgsm, pgd, mad, gaussian, action (see participant/eval_attacks.py)."),
     epsilon: float = typer.Option(0.5, "--epsilon", help="Eval-attack budget: l-inf radius in per-dimension state stds (action: probability alpha)."),
     episodes: int = typer.Option(20, "--episodes", help="Greedy evaluation episodes per policy (policy robustness mode)."),
-    std_source: str = typer.Option("clean", "--std-source", help="State std for epsilon: clean (the policy's clean greedy rollouts) or random (a uniform random policy's states)."),
+    std_source: str = typer.Option("random", "--std-source", help="State std (sigma) for epsilon: random (default; the scenario's fixed sigma from a uniform random policy's states, same for every policy; SA-PPO/noise training use it too) or clean (the evaluated policy's own clean greedy states)."),
 ) -> None:
     """Run every attack x defense combination as an encrypted federation and tabulate the damage.
 
@@ -311,8 +311,8 @@ def policy_robustness(scenario: str, trains: list[str], attacks: list[str], epsi
     for name in attacks:
         if name not in ATTACKS:
             fail(f"unknown --eval-attack {name!r}; known: {', '.join(ATTACKS)}")
-    if std_source not in ("clean", "random"):
-        fail("--std-source must be clean or random")
+    if std_source not in ("random", "clean"):
+        fail("--std-source must be random or clean")
     load_scenario_or_fail(scenario)
     try:
         with progress_bar() as bar:

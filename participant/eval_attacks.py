@@ -7,7 +7,8 @@ whether this step was attacked, the intended and executed action).
 
 Budgets:
 * observation attacks: l-inf radius ``epsilon`` in units of each observation dimension's standard
-  deviation ``obs_std`` (per-dimension; see ``STATE_STD`` and ``estimate_obs_std``), so the ball is
+  deviation ``obs_std`` (per-dimension; default ``STATE_STD``/``reference_std``: the states of a uniform
+  random policy, fixed per scenario; alternative ``estimate_obs_std``: the policy's own clean states), so the ball is
   |s_hat_d - s_d| <= epsilon * obs_std_d; perturbed observations are clipped to the observation space.
 * ``action``: probability ``alpha`` per step of taking the adversarial action.
 * ``timing_threshold``: strategically timed variant (Lin et al. 2017): attack only steps where the
@@ -41,10 +42,20 @@ from scenarios.policy import Policy
 OBS_ATTACKS = ("fgsm", "pgd", "mad", "gaussian")
 ATTACKS = (*OBS_ATTACKS, "action")
 
-# Per-dimension state std, measured on clean greedy rollouts of policies trained by `fedhe simulate`
-# (CartPole: 20 episodes each of 3 seeds' encrypted-federation policies; see docs/threat-lab.md).
-# None means: estimate from the evaluated policy's own clean rollouts (``estimate_obs_std``).
-STATE_STD: dict[str, tuple[float, ...]] = {}
+# The default sigma of the budget: a fixed, policy-independent per-dimension state std per scenario,
+# estimated once from the states a uniform random policy visits (``random_policy_std`` with its
+# defaults: participant 0's environment, reset seeds 0, 1, 2, ... and action-space seed 0, episodes
+# until >= 20,000 states), rounded to 3 decimals. Every train mode faces the same absolute ball, and
+# SA-PPO / noise-injection training measure their epsilon in the same units (``RobustConfig.obs_std``).
+# tests/test_threat_lab_policy.py re-estimates the CartPole row. Scenarios not listed are estimated
+# on first use (same procedure) and cached per process.
+STATE_STD: dict[str, tuple[float, ...]] = {
+    "cartpole": (0.081, 0.511, 0.092, 0.768),
+    "acrobot": (0.199, 0.456, 0.459, 0.616, 1.302, 2.144),
+    "pendulum": (0.65, 0.685, 3.622),
+    "lunarlander": (0.319, 0.461, 0.649, 0.488, 0.497, 0.399, 0.108, 0.124),
+}
+_STD_CACHE: dict[str, np.ndarray] = {}
 
 
 class ObservationAttack(gym.Wrapper, gym.utils.RecordConstructorArgs):
@@ -233,3 +244,32 @@ def estimate_obs_std(env: gym.Env, policy: Policy, episodes: int = 10, seed: int
             obs, _, terminated, truncated, _ = env.step(a)
             done = terminated or truncated
     return np.maximum(np.std(np.stack(seen), axis=0), floor)
+
+
+def random_policy_std(env: gym.Env, min_states: int = 20_000, seed: int = 0, floor: float = 1e-3) -> np.ndarray:
+    """Per-dimension std of the states a uniform random policy visits (reset seeds seed, seed+1, ...)."""
+    env.action_space.seed(seed)
+    seen: list[np.ndarray] = []
+    k = 0
+    while len(seen) < min_states:
+        obs, _ = env.reset(seed=seed + k)
+        k += 1
+        done = False
+        while not done:
+            seen.append(np.asarray(obs, dtype=np.float64))
+            obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
+            done = terminated or truncated
+    return np.maximum(np.std(np.stack(seen), axis=0), floor)
+
+
+def reference_std(scenario) -> np.ndarray:
+    """The scenario's fixed sigma: ``STATE_STD`` if listed, else ``random_policy_std`` (cached)."""
+    if scenario.name in STATE_STD:
+        return np.asarray(STATE_STD[scenario.name], dtype=np.float64)
+    if scenario.name not in _STD_CACHE:
+        env = scenario.build_env(0, 0)
+        try:
+            _STD_CACHE[scenario.name] = np.maximum(np.round(random_policy_std(env), 3), 1e-3)
+        finally:
+            env.close()
+    return _STD_CACHE[scenario.name].copy()

@@ -88,7 +88,7 @@ class ParticipantTrainer:
                                          cfg.gamma, cfg.reward_scale, obs_fn=self._obs_fn(), reward_fn=self._reward_fn())
         rollout = self._correct_rewards(rollout)
         batch = _flatten(rollout, cfg.gamma, cfg.gae_lambda)
-        self._radius = cfg.robust.epsilon * batch_obs_std(batch.obs) if cfg.robust.mode == "sa-ppo" else None
+        self._radius = cfg.robust.epsilon * self._sigma(batch.obs) if cfg.robust.mode == "sa-ppo" else None
         self._sa_kl: list[float] = []
         if self.scenario.update == "gradient":
             policy = Policy(self.spec, theta_in)
@@ -107,14 +107,27 @@ class ParticipantTrainer:
                            stats=stats)
 
     # ----- robust training (participant-local) ------------------------------
+    def _sigma(self, obs: np.ndarray) -> np.ndarray:
+        """Per-dimension scale of epsilon: the configured fixed sigma, else the local batch's std."""
+        fixed = self.scenario.ppo.robust.obs_std
+        if fixed:
+            if len(fixed) != self.spec.obs_dim:
+                raise ValueError(f"ppo.robust.obs_std has {len(fixed)} entries, observations have {self.spec.obs_dim}")
+            return np.asarray(fixed, dtype=np.float64)
+        return batch_obs_std(obs)
+
     def _obs_fn(self):
         robust = self.scenario.ppo.robust
         if robust.mode != "noise-injection" or robust.epsilon <= 0:
             return None
 
         def noisy(obs: np.ndarray) -> np.ndarray:
-            self.obs_std.update(obs)  # the clean observation's scale, learned locally
-            return obs + robust.epsilon * self.obs_std.std * self.robust_rng.standard_normal(obs.shape)
+            if robust.obs_std:
+                sigma = np.asarray(robust.obs_std, dtype=np.float64)
+            else:
+                self.obs_std.update(obs)  # the clean observation's scale, learned locally
+                sigma = self.obs_std.std
+            return obs + robust.epsilon * sigma * self.robust_rng.standard_normal(obs.shape)
 
         return noisy
 

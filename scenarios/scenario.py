@@ -38,9 +38,12 @@ class RobustConfig:
     """Robust local training (issue 5). Everything here runs inside the participant.
 
     ``sa-ppo``: PPO loss + ``kappa`` * mean KL(pi(.|s) || pi(.|s_hat)), s_hat from ``attack_steps``
-    PGD steps inside the l-inf ball of radius ``epsilon`` per-dimension batch state stds
+    PGD steps inside the l-inf ball of radius ``epsilon`` * sigma per dimension
     (``kappa`` ramps up linearly over ``kappa_ramp_rounds``).
-    ``noise-injection``: the policy acts on and learns from s + N(0, (epsilon * std)^2).
+    ``noise-injection``: the policy acts on and learns from s + N(0, (epsilon * sigma)^2).
+    sigma is ``obs_std`` when given (a fixed per-dimension scale, e.g. the evaluation's
+    ``participant.eval_attacks.STATE_STD`` row, so training and evaluation budgets share units);
+    empty: the local batch's own state std (sa-ppo) / a running std of local observations (noise).
     ``reward-defense``: rewards pass through a perturbed-reward correction (Wang, Liu & Li 2020)
     before learning. ``reward_flip_rate`` > 0 simulates tampered rewards at the participant
     (r -> -r with that probability) in any mode; it is an attack knob, not a defense.
@@ -53,8 +56,12 @@ class RobustConfig:
     kappa_ramp_rounds: int = 0
     reward_flip_rate: float = 0.0
     reward_noise_std: float = 0.0
+    obs_std: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "obs_std", tuple(float(x) for x in self.obs_std))
+        _require(all(math.isfinite(x) and x > 0 for x in self.obs_std),
+                 f"ppo.robust.obs_std must be finite and > 0, got {self.obs_std}")
         _require(self.mode in ("none", "sa-ppo", "noise-injection", "reward-defense"),
                  f"ppo.robust.mode must be none, sa-ppo, noise-injection or reward-defense, got {self.mode!r}")
         for name in ("kappa", "epsilon", "reward_noise_std"):

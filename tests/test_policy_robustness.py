@@ -27,6 +27,26 @@ def test_mode_scenario_file_round_trips(tmp_path):
         robust_config("cartpole", "bogus")
 
 
+def test_training_and_evaluation_share_sigma(tmp_path):
+    """sa-ppo / noise-injection train in the same sigma units the evaluation's default budget uses."""
+    from participant.eval_attacks import reference_std
+    from participant.policy_robustness import state_std
+    from scenarios import Policy
+
+    sc = load_scenario("cartpole")
+    sigma = reference_std(sc)
+    for train in ("sa-ppo", "noise-injection"):
+        robust = robust_config("cartpole", train, sigma)
+        path = write_mode_scenario("cartpole", train, robust, tmp_path)
+        np.testing.assert_allclose(load_scenario(str(path)).ppo.robust.obs_std, sigma)
+    assert "obs_std" not in robust_config("cartpole", "vanilla", sigma)
+    pol = Policy(sc.policy_spec(), sc.policy_spec().init(0))
+    np.testing.assert_array_equal(state_std(sc, pol, "random", 0), state_std(sc, pol, "random", 2))  # fixed
+    assert state_std(sc, pol, "clean", 0).shape == (4,)
+    with pytest.raises(ValueError):
+        state_std(sc, pol, "bogus", 0)
+
+
 def test_evaluate_and_render(tmp_path):
     sc = load_scenario("cartpole")
     theta = sc.policy_spec().init(0)
@@ -36,7 +56,7 @@ def test_evaluate_and_render(tmp_path):
     for key in ("train", "eval_attack", "epsilon", "clean_return", "attacked_return", "crr", "pd_tv", "pd_kl",
                 "pd_flip", "asr"):
         assert key in rows[0]
-    report = {"scenario": "cartpole", "epsilon": 0.5, "std_source": "clean", "episodes": 2, "seeds": 1,
+    report = {"scenario": "cartpole", "epsilon": 0.5, "std_source": "random", "episodes": 2, "seeds": 1,
               "encrypted": True, "runs": [], "rows": rows, "summary": summarize(rows)}
     md = render_markdown(report)
     assert "% drop" in md and "Restored (%)" in md and "Reward channel" in md

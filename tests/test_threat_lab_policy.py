@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from participant.eval_attacks import ATTACKS, estimate_obs_std, make_attack
+from participant.eval_attacks import ATTACKS, STATE_STD, estimate_obs_std, make_attack, random_policy_std, reference_std
 from participant.ppo import ParticipantTrainer
 from participant.robust_metrics import categorical_deviation, gaussian_deviation, retention, run_episodes
 from participant.robust_training import (
@@ -208,6 +208,44 @@ def test_estimate_obs_std(cart):
     sc, pol = cart
     std = estimate_obs_std(sc.build_env(0, 0), pol, episodes=2)
     assert std.shape == (4,) and np.all(std > 0)
+
+
+def test_state_std_table_is_the_random_policy_estimate():
+    """The fixed sigma (default budget unit) is reproducible from the environment alone."""
+    sc = load_scenario("cartpole")
+    env = sc.build_env(0, 123)
+    est = random_policy_std(env)
+    env.close()
+    np.testing.assert_allclose(est, STATE_STD["cartpole"], atol=6e-4)
+    np.testing.assert_array_equal(reference_std(sc), STATE_STD["cartpole"])
+    for name in ("acrobot", "pendulum"):
+        spec = load_scenario(name).policy_spec()
+        assert len(STATE_STD[name]) == spec.obs_dim and min(STATE_STD[name]) > 0
+
+
+def test_reference_std_is_estimated_for_unlisted_scenarios():
+    sc = load_scenario("cartpole").with_overrides(name="cartpole-unlisted")
+    std = reference_std(sc)
+    np.testing.assert_allclose(std, STATE_STD["cartpole"], atol=1e-3)  # same env, same procedure
+    std[0] = 99.0
+    assert reference_std(sc)[0] != 99.0  # cached copy is not aliased
+
+
+def test_sa_ppo_ball_uses_fixed_sigma_when_given():
+    sc = load_scenario("cartpole")
+    sigma = STATE_STD["cartpole"]
+    robust = RobustConfig(mode="sa-ppo", kappa=0.5, epsilon=0.5, attack_steps=2, obs_std=sigma)
+    sc = sc.with_overrides(ppo=dataclasses.replace(sc.ppo, num_envs=2, steps_per_env=64, epochs=1, robust=robust))
+    trainer = ParticipantTrainer(sc, 0, 0)
+    trainer.train(sc.policy_spec().init(0), 1)
+    np.testing.assert_allclose(trainer._radius, 0.5 * np.asarray(sigma))
+    batch = RobustConfig(mode="sa-ppo", kappa=0.5, epsilon=0.5, attack_steps=2)
+    sc2 = sc.with_overrides(ppo=dataclasses.replace(sc.ppo, robust=batch))
+    trainer2 = ParticipantTrainer(sc2, 0, 0)
+    trainer2.train(sc2.policy_spec().init(0), 1)
+    assert not np.allclose(trainer2._radius, 0.5 * np.asarray(sigma))  # legacy: the batch's own std
+    with pytest.raises(ValueError):
+        RobustConfig(obs_std=(0.1, 0.0))
 
 
 def test_robust_config_validation():
