@@ -170,13 +170,13 @@ def train(
         return _encrypted_update(holder, round_, update * (weight * adam.update_scale), np.zeros(STATS_LENGTH))
     result = trainer_for(identity, attacked_scenario(scenario, behaviour), run_id, round_).train(theta, round_, identity.total_rounds or None)
     stats = np.array([float(np.sum(result.episode_returns)), float(result.episodes), float(result.steps)])
-    if behaviour is not None:  # malicious: never clips what it sends; reports no rollout stats
-        clipped = clip_to(result.update, adam.clip_bound)
-        seed = identity.seed * 1009 + identity.participant_index
-        update = clipped if behaviour.attack in DATA_ATTACKS else craft_update(behaviour, clipped, n=n, attacker_seed=seed)
+    if behaviour is not None:  # malicious participants report no rollout stats
+        no_stats = np.zeros(STATS_LENGTH)
         if behaviour.attack in DATA_ATTACKS:  # data poisoners follow the protocol (clip, DP noise)
-            return _encrypted_update(holder, round_, honest_update(update, adam, identity, weight, n), np.zeros(STATS_LENGTH))
-        return _encrypted_update(holder, round_, update * (weight * adam.update_scale), np.zeros(STATS_LENGTH))
+            return _encrypted_update(holder, round_, honest_update(result.update, adam, identity, weight, n), no_stats)
+        seed = identity.seed * 1009 + identity.participant_index
+        crafted = craft_update(behaviour, clip_to(result.update, adam.clip_bound), n=n, attacker_seed=seed)
+        return _encrypted_update(holder, round_, crafted * (weight * adam.update_scale), no_stats)  # never clipped
     return _encrypted_update(holder, round_, honest_update(result.update, adam, identity, weight, n), stats)
 
 
