@@ -186,8 +186,9 @@ def simulate(
 ) -> None:
     """Train one policy with a simulated federation on this machine (Flower simulation engine).
 
-    With no arguments: encrypted CartPole with 3 participants. Only CKKS ciphertexts leave
-    the simulated participants; the coordinator never holds a secret key.
+    With no arguments: encrypted CartPole with 3 participants. Only CKKS ciphertexts leave the simulated participants; the coordinator never holds a secret key.
+
+    Examples: `fedhe simulate --out runs/c1`, `fedhe simulate acrobot -n 5 -r 80 --out runs/a1`, `fedhe simulate my_scenario.py --plaintext --out runs/p1`, `fedhe simulate --resume --out runs/c1`. Afterwards: `fedhe evaluate runs/c1`.
     """
     from participant.simulate import simulate as run
     from protos.settings import RunSettings
