@@ -31,11 +31,12 @@ encrypted values, which CKKS cannot do without deep sign approximations; they ar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
 
 import numpy as np
 
 from protos.backend import HEBackend
-from protos.codec import EncryptedVector
+from protos.codec import EncryptedVector, map_chunks
 from protos.optimizer import MASK_BOUND
 
 ROBUST_DEFENSES = ("norm-bound", "median-norm")
@@ -98,13 +99,11 @@ def clip_factors(norms: np.ndarray, defense: str, bound: float) -> np.ndarray:
 
 def weighted_sum(backend: HEBackend, updates: list[EncryptedVector], factors: np.ndarray) -> EncryptedVector:
     """sum_i f_i Enc(u_i); a factor < 1 costs one level of that update, f_i = 1 none."""
-    total = None
-    for vec, f in zip(updates, factors):
-        scaled = vec if f >= 1.0 else EncryptedVector([backend.mul_scalar(c, float(f)) for c in vec.chunks], vec.length)
-        total = scaled if total is None else EncryptedVector(
-            [backend.add(a, b) for a, b in zip(total.chunks, scaled.chunks)], vec.length)
-    assert total is not None
-    return total
+    scaled = [
+        vec if f >= 1.0 else map_chunks(lambda c, f=float(f): backend.mul_scalar(c, f), vec)
+        for vec, f in zip(updates, factors)
+    ]
+    return reduce(lambda a, b: map_chunks(backend.add, a, b), scaled)
 
 
 def check_profile_supports(defense: str, levels: int, adam_depth: int, profile_name: str) -> None:
