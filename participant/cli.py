@@ -27,7 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-keys_app = typer.Typer(help="Inspect federation key files.", no_args_is_help=True)
+keys_app = typer.Typer(help="Inspect federation key files and seal them for organizations.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print one JSON object.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(bench_app, name="bench")
@@ -105,6 +105,57 @@ def keys_inspect(
     for key, value in data.items():
         table.add_row(key, str(value))
     Console().print(table)
+
+
+@keys_app.command("recipient")
+def keys_recipient(
+    out: Path = typer.Option(..., "--out", help="Path prefix: writes PREFIX.x25519 (private, 0600) and PREFIX.x25519.pub."),
+) -> None:
+    """Create this organization's X25519 key pair for receiving sealed key files.
+
+    Send PREFIX.x25519.pub to whoever runs the key ceremony; keep PREFIX.x25519 private.
+    """
+    from participant.sealing import create_recipient
+
+    try:
+        private, public = create_recipient(out)
+    except WireError as exc:
+        fail(str(exc))
+    console.print(f"private: {private}\npublic (share this): {public}")
+
+
+@keys_app.command("seal")
+def keys_seal(
+    file: Path = typer.Argument(..., help="File to seal, typically participant.ctx."),
+    to: Path = typer.Option(..., "--to", help="The recipient organization's PREFIX.x25519.pub."),
+    out: Path = typer.Option(..., "--out", help="Where to write the sealed file."),
+) -> None:
+    """Seal a key file for one organization (X25519 + AES-256-GCM); it can then travel over any channel."""
+    from participant.sealing import seal_file
+
+    if not file.is_file():
+        fail(f"{file} not found")
+    try:
+        fingerprint = seal_file(file, to, out)
+    except WireError as exc:
+        fail(str(exc))
+    console.print(f"sealed {file} for recipient {fingerprint} -> {out}")
+
+
+@keys_app.command("unseal")
+def keys_unseal(
+    sealed: Path = typer.Argument(..., help="A file written by `fedhe keys seal`."),
+    key: Path = typer.Option(..., "--key", help="This organization's PREFIX.x25519 private key."),
+    out: Path = typer.Option(..., "--out", help="Output file or directory (the file gets mode 0600)."),
+) -> None:
+    """Recover a sealed key file with this organization's private key (tampering is detected)."""
+    from participant.sealing import unseal_file
+
+    try:
+        target = unseal_file(sealed, key, out)
+    except WireError as exc:
+        fail(str(exc))
+    console.print(f"unsealed -> {target}")
 
 
 @bench_app.command("he-adam")

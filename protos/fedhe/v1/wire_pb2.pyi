@@ -170,3 +170,19 @@ class KeyFile(_message.Message):
     has_secret_key: bool
     tenseal_context: bytes
     def __init__(self, protocol_version: _Optional[int] = ..., he_profile: _Optional[str] = ..., key_fingerprint: _Optional[str] = ..., has_secret_key: _Optional[bool] = ..., tenseal_context: _Optional[bytes] = ...) -> None: ...
+
+class SealedFile(_message.Message):
+    __slots__ = ("protocol_version", "recipient_fingerprint", "ephemeral_public_key", "nonce", "ciphertext", "original_name")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    EPHEMERAL_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_NAME_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    recipient_fingerprint: str
+    ephemeral_public_key: bytes
+    nonce: bytes
+    ciphertext: bytes
+    original_name: str
+    def __init__(self, protocol_version: _Optional[int] = ..., recipient_fingerprint: _Optional[str] = ..., ephemeral_public_key: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ..., original_name: _Optional[str] = ...) -> None: ...
