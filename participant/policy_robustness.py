@@ -39,11 +39,12 @@ ROBUST_DEFAULTS: dict[str, dict] = {
     REWARD_ATTACK: {"reward_flip_rate": REWARD_FLIP_RATE},
 }
 # Scenario name -> mode -> settings (tuned values). CartPole sa-ppo: the training ball equals the
-# evaluation ball (eps 0.5 in the fixed sigma units), kappa 0.5 (plaintext sweep, 5 seeds, in
-# docs/threat-lab.md: kappa 0.1-2 and eps 0.5-0.6 all gave similar FGSM retention; 0.5 kept the
-# clean return and the best Gaussian retention).
+# evaluation ball (eps 0.5 in the fixed sigma units) and kappa is small: plaintext sweep, see
+# docs/threat-lab.md. kappa >= 0.05 keeps the discrete policy too flat (training never reaches
+# the 475 threshold in 60 rounds) and the greedy policy lets the cart drift out under FGSM
+# (crr ~0.24); kappa 0.02 solves like vanilla and keeps crr 0.85 (5 seeds) vs vanilla 0.54.
 ROBUST_OVERRIDES: dict[str, dict[str, dict]] = {
-    "cartpole": {"sa-ppo": {"mode": "sa-ppo", "kappa": 0.5, "epsilon": 0.5, "attack_steps": 3}},
+    "cartpole": {"sa-ppo": {"mode": "sa-ppo", "kappa": 0.02, "epsilon": 0.5, "attack_steps": 3}},
 }
 
 
