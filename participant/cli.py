@@ -7,6 +7,7 @@ It lives on the participant side because most of its commands need the federatio
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -228,7 +229,7 @@ def simulate(
     participants: Optional[int] = typer.Option(None, "--participants", "-n", help="Simulated organizations (default: the scenario's)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Federated rounds (default: the scenario's)."),
     seed: Optional[int] = typer.Option(None, help="Seed for policy init and environments (default: the scenario's)."),
-    out: Path = typer.Option(Path("fedhe-run"), "--out", help="Output directory: checkpoint, metrics.jsonl, summary.json, learning_curve.png, keys/."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory: checkpoint, metrics.jsonl, summary.json, learning_curve.png, keys/ (default: runs/SCENARIO-TIMESTAMP)."),
     plaintext: bool = typer.Option(False, "--plaintext", help="Same protocol with encryption replaced by identity (baseline for overhead ratios)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
     key_dir: Optional[Path] = typer.Option(None, "--key-dir", help="Existing federation keys (default: create DIR/keys)."),
@@ -249,6 +250,10 @@ def simulate(
         spec = load_scenario(scenario)
     except (ValueError, OSError) as exc:
         fail(str(exc))
+    if out is None:
+        if resume:
+            fail("--resume needs the run directory: --out DIR")
+        out = Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if resume and not (out / "checkpoint.pb").exists():
         fail(f"--resume: no checkpoint in {out}; run without --resume first")
     if not resume and (out / "checkpoint.pb").exists():
