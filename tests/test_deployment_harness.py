@@ -6,7 +6,6 @@ Starts a real SuperLink and 3 SuperNodes on loopback (no Ray, no network).
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
