@@ -47,12 +47,17 @@ def recent_mean_return(rows: list[dict[str, Any]], episodes: int = 100) -> float
     return total / count if count else None
 
 
+def is_solved(rows: list[dict[str, Any]], threshold: float | None, episodes: int = 100) -> bool:
+    """At least ``episodes`` episodes released and their recent mean reaches the threshold."""
+    if threshold is None or sum(r.get("episodes") or 0 for r in rows) < episodes:
+        return False
+    value = recent_mean_return(rows, episodes)
+    return value is not None and value >= threshold
+
+
 def rounds_to_solve(rows: list[dict[str, Any]], threshold: float | None) -> int | None:
-    if threshold is None:
-        return None
     for i, row in enumerate(rows):
-        value = recent_mean_return(rows[: i + 1])
-        if value is not None and value >= threshold and sum(r.get("episodes") or 0 for r in rows[: i + 1]) >= 100:
+        if is_solved(rows[: i + 1], threshold):
             return row["round"]
     return None
 

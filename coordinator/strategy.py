@@ -31,7 +31,7 @@ from coordinator.he_adam import (
     unmask_state,
 )
 from coordinator.privacy import effective_noise_multiplier, rdp_epsilon
-from coordinator.report import append_metrics, read_metrics, recent_mean_return, truncate_metrics
+from coordinator.report import append_metrics, is_solved, read_metrics, truncate_metrics
 from coordinator.robust import (
     DEFENSES,
     ROBUST_DEFENSES,
@@ -49,7 +49,6 @@ from protos.errors import WireError
 from protos.fedhe.v1 import wire_pb2
 
 log = logging.getLogger("fedhe.coordinator")
-STATS_LENGTH = 3
 POLL_SECONDS = 0.05
 
 
@@ -181,10 +180,10 @@ class HEAdamStrategy(Strategy):
         result = Result()
         for server_round in range(self.state.round + 1, num_rounds + 1):
             outcome = self.run_round(grid, server_round)
-            released = self._last_released_row()
+            rows = read_metrics(self.out_dir)
             if self.on_round:
-                self.on_round(outcome, released)
-            if self.stop_on_solve and self._solved():
+                self.on_round(outcome, rows[-1] if rows else None)
+            if self.stop_on_solve and is_solved(rows, self.threshold):
                 log.info("solved at round %d: stopping", server_round)
                 break
         self._final_release(grid)
@@ -318,10 +317,15 @@ class HEAdamStrategy(Strategy):
             masked, masks = mask_state(self.backend, self.state.optimizer.named(), self.rng)
             for name, vec in masked.items():
                 request.masked_state[name].CopyFrom(to_proto(self.backend, vec))
-        if self.release and self.state.pending_stats is not None:
+        if self.release:
+            self._attach_stats(request)
+        return request, masks
+
+    def _attach_stats(self, request: wire_pb2.RefreshRequest) -> None:
+        """Ask the key holder to release the last completed round's summed rollout stats."""
+        if self.state.pending_stats is not None:
             request.stats_to_release.CopyFrom(to_proto(self.backend, self.state.pending_stats))
             request.stats_round = self.state.pending_round.get("round", 0)
-        return request, masks
 
     def _theta_record(self) -> ArrayRecord | None:
         if self.state.optimizer is None:
@@ -366,7 +370,7 @@ class HEAdamStrategy(Strategy):
             if update.protocol_version != PROTOCOL_VERSION or update.round != server_round:
                 raise WireError(f"update is for round {update.round}, this is round {server_round}")
             vec = from_proto(self.backend, update.update, expected_length=self.num_params, require_full_depth=True)
-            st = from_proto(self.backend, update.rollout_stats, expected_length=STATS_LENGTH)
+            st = from_proto(self.backend, update.rollout_stats, expected_length=messages.STATS_LENGTH)
         except WireError as exc:
             self._fail(failed, node, f"rejected update: {exc}")
             return False
@@ -417,8 +421,7 @@ class HEAdamStrategy(Strategy):
             return
         nodes = self._sample(list(grid.get_node_ids()))
         request = wire_pb2.RefreshRequest(protocol_version=PROTOCOL_VERSION, round=self.state.round + 1)
-        request.stats_to_release.CopyFrom(to_proto(self.backend, self.state.pending_stats))
-        request.stats_round = self.state.pending_round.get("round", 0)
+        self._attach_stats(request)
         for node in nodes:
             content = RecordDict({messages.CONFIG: self._base_config(self.state.round + 1, 0.0),
                                   messages.REFRESH_REQUEST: messages.pack(request)})
@@ -445,17 +448,6 @@ class HEAdamStrategy(Strategy):
         append_metrics(self.out_dir, row)
         self.state.history.append(released)
         self.state.pending_round = {}
-
-    def _last_released_row(self) -> dict | None:
-        rows = read_metrics(self.out_dir)
-        return rows[-1] if rows else None
-
-    def _solved(self) -> bool:
-        if self.threshold is None:
-            return False
-        rows = read_metrics(self.out_dir)
-        value = recent_mean_return(rows)
-        return value is not None and value >= self.threshold and sum(r.get("episodes") or 0 for r in rows) >= 100
 
     @staticmethod
     def _fail(failed: list[str] | None, node: int, reason: str) -> None:

@@ -37,7 +37,6 @@ from scenarios import Scenario, load_scenario
 
 log = logging.getLogger(__name__)
 
-STATS_LENGTH = 3  # [sum of episode returns, episodes, env steps]
 
 
 @dataclass(frozen=True)
@@ -100,7 +99,7 @@ def clip_and_scale(update: np.ndarray, clip: float, weight: float, scale: float)
 
 def released_metrics(holder: KeyHolder, stats: wire_pb2.EncryptedVector, round_: int) -> wire_pb2.ReleasedMetrics:
     """Decrypt the federation's summed rollout stats and release them rounded (Li-Micciancio)."""
-    values = decrypt_vector(holder, from_proto(holder, stats, expected_length=STATS_LENGTH))
+    values = decrypt_vector(holder, from_proto(holder, stats, expected_length=messages.STATS_LENGTH))
     total, episodes, steps = values
     episodes_i, steps_i = int(round(episodes)), int(round(steps))
     mean = round(total / episodes_i, 2) if episodes_i > 0 else 0.0
@@ -167,11 +166,11 @@ def train(
         honest = colluders_honest_updates(behaviour, attacked_scenario(scenario, behaviour), theta, round_, identity.seed,
                                           identity.variant, adam.clip_bound, identity.collusion_dir)
         update = craft_update(behaviour, honest[0], n=n, attacker_seed=identity.seed, colluder_updates=honest)
-        return _encrypted_update(holder, round_, update * (weight * adam.update_scale), np.zeros(STATS_LENGTH))
+        return _encrypted_update(holder, round_, update * (weight * adam.update_scale), np.zeros(messages.STATS_LENGTH))
     result = trainer_for(identity, attacked_scenario(scenario, behaviour), run_id, round_).train(theta, round_, identity.total_rounds or None)
     stats = np.array([float(np.sum(result.episode_returns)), float(result.episodes), float(result.steps)])
     if behaviour is not None:  # malicious participants report no rollout stats
-        no_stats = np.zeros(STATS_LENGTH)
+        no_stats = np.zeros(messages.STATS_LENGTH)
         if behaviour.attack in DATA_ATTACKS:  # data poisoners follow the protocol (clip, DP noise)
             return _encrypted_update(holder, round_, honest_update(result.update, adam, identity, weight, n), no_stats)
         seed = identity.seed * 1009 + identity.participant_index

@@ -32,6 +32,9 @@ TRAIN = "train"
 REFRESH = "query.refresh"  # refresh/release only, no training (fallback refresher, last round)
 NORMS = "query.norms"  # robust aggregation: a key holder sums masked squared norms
 
+# Encrypted rollout statistics: [sum of episode returns, episodes, env steps].
+STATS_LENGTH = 3
+
 # Metadata a participant may send in the clear (threat-model.md, "What may leave a participant").
 PERMITTED_CONFIG_KEYS = frozenset({"round", "key-fingerprint", "protocol-version"})
 
