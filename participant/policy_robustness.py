@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from participant.eval_attacks import ATTACKS, estimate_obs_std, make_attack, reference_std
+from participant.eval_attacks import ATTACKS, estimate_obs_std, make_attack, random_std, reference_std
 from participant.robust_metrics import pct_drop, retention, run_episodes
 from scenarios import Policy, Scenario, load_scenario
 from scenarios.scenario import RobustConfig
@@ -28,9 +28,9 @@ TRAIN_MODES = ("vanilla", "sa-ppo", "noise-injection", "reward-defense")
 REWARD_ATTACK = "reward-attack"
 REWARD_FLIP_RATE = 0.2
 
-# Per-mode robust settings. epsilon is in units of the scenario's fixed sigma (``reference_std``:
-# a uniform random policy's state std, the same sigma the evaluation uses by default); the runner
-# puts that sigma into ``RobustConfig.obs_std`` for sa-ppo and noise-injection.
+# Per-mode robust settings. epsilon is in units of the scenario's fixed sigma (``reference_std``, the
+# evaluation's default unit); the runner puts that sigma into ``RobustConfig.obs_std`` for sa-ppo
+# and noise-injection, and each scenario trains on the ball it is evaluated on (docs/threat-lab.md).
 ROBUST_DEFAULTS: dict[str, dict] = {
     "vanilla": {},
     "sa-ppo": {"mode": "sa-ppo", "kappa": 0.1, "epsilon": 0.3, "attack_steps": 3},
@@ -38,17 +38,21 @@ ROBUST_DEFAULTS: dict[str, dict] = {
     "reward-defense": {"mode": "reward-defense", "reward_flip_rate": REWARD_FLIP_RATE},
     REWARD_ATTACK: {"reward_flip_rate": REWARD_FLIP_RATE},
 }
-# Scenario name -> mode -> settings (tuned values). CartPole sa-ppo: the training ball equals the
-# evaluation ball (eps 0.5 in the fixed sigma units) and kappa is small: plaintext sweep, see
-# docs/threat-lab.md. kappa >= 0.05 keeps the discrete policy too flat (training never reaches
-# the 475 threshold in 60 rounds) and the greedy policy lets the cart drift out under FGSM
-# (crr ~0.24); kappa 0.02 solves like vanilla and keeps crr 0.85 (5 seeds) vs vanilla 0.54.
+# Scenario name -> mode -> settings (plaintext sweeps, docs/threat-lab.md). CartPole: kappa 0.02
+# at the evaluation ball eps 0.5; kappa >= 0.05 keeps the discrete policy flat and FGSM then
+# drives the cart out. Acrobot breaks under FGSM between eps 0.1 and 0.15 (SA-DQN sigma), so
+# it trains on eps 0.1. Pendulum (random-policy sigma, theta-dot 3.6 rad/s) on eps 0.2.
 ROBUST_OVERRIDES: dict[str, dict[str, dict]] = {
     "cartpole": {"sa-ppo": {"mode": "sa-ppo", "kappa": 0.02, "epsilon": 0.5, "attack_steps": 3}},
+    "acrobot": {"sa-ppo": {"mode": "sa-ppo", "kappa": 0.3, "epsilon": 0.1, "attack_steps": 3},
+                "noise-injection": {"mode": "noise-injection", "epsilon": 0.1}},
+    "pendulum": {"sa-ppo": {"mode": "sa-ppo", "kappa": 0.02, "epsilon": 0.2, "attack_steps": 3},
+                 "noise-injection": {"mode": "noise-injection", "epsilon": 0.2}},
 }
 
 
 SIGMA_MODES = ("sa-ppo", "noise-injection")
+STD_SOURCES = ("reference", "random", "clean")
 
 
 def robust_config(scenario_name: str, train: str, sigma=None) -> dict:
@@ -57,7 +61,7 @@ def robust_config(scenario_name: str, train: str, sigma=None) -> dict:
         raise ValueError(f"unknown train mode {train!r}; known: {', '.join(TRAIN_MODES)}")
     robust = dict(ROBUST_OVERRIDES.get(scenario_name, {}).get(train, ROBUST_DEFAULTS[train]))
     if sigma is not None and robust.get("mode") in SIGMA_MODES:
-        robust.setdefault("obs_std", tuple(round(float(x), 6) for x in sigma))
+        robust.setdefault("obs_std", tuple(float(x) for x in sigma))
     return robust
 
 
@@ -91,7 +95,8 @@ def load_trained_theta(run_dir: Path, scenario: Scenario, key_dir: Path | None, 
 
 
 def train_federation(scenario_file: Path, run_dir: Path, seed: int, key_dir: Path | None, rounds: int | None,
-                     plaintext: bool, participants: int | None = None) -> tuple[np.ndarray, dict]:
+                     plaintext: bool, participants: int | None = None,
+                     stop_on_solve: bool = False) -> tuple[np.ndarray, dict]:
     from participant.simulate import prepare_keys, simulate
     from protos.settings import RunSettings
 
@@ -99,30 +104,32 @@ def train_federation(scenario_file: Path, run_dir: Path, seed: int, key_dir: Pat
     n = participants or scenario.num_participants
     keys = prepare_keys(run_dir.parent, key_dir, scenario, plaintext)
     settings = RunSettings(scenario=str(scenario_file), num_server_rounds=rounds or scenario.rounds,
-                           plaintext=plaintext, out_dir=str(run_dir), seed=seed, stop_on_solve=True,
+                           plaintext=plaintext, out_dir=str(run_dir), seed=seed, stop_on_solve=stop_on_solve,
                            min_participants=max(1, n - 1))
     summary = simulate(scenario, settings, n, keys)
     return load_trained_theta(run_dir, scenario, keys, plaintext), summary
 
 
 def state_std(scenario: Scenario, policy: Policy, source: str, seed: int) -> np.ndarray:
-    """Sigma of the budget. ``random`` (default): the scenario's fixed sigma (``reference_std``: a uniform
-    random policy's states, independent of the policy and the seed); ``clean``: std of the evaluated
-    policy's own clean greedy states (reset seeds 20000+seed+k)."""
-    if source == "random":
+    """Sigma of the budget. ``reference`` (default): the scenario's fixed sigma (``reference_std``,
+    independent of the policy and the seed); ``random``: a uniform random policy's state std;
+    ``clean``: std of the evaluated policy's own clean greedy states (reset seeds 20000+seed+k)."""
+    if source == "reference":
         return reference_std(scenario)
+    if source == "random":
+        return random_std(scenario)
     if source == "clean":
         env = scenario.build_env(0, seed)
         try:
             return estimate_obs_std(env, policy, episodes=10, seed=20_000 + seed)
         finally:
             env.close()
-    raise ValueError(f"unknown std source {source!r} (random or clean)")
+    raise ValueError(f"unknown std source {source!r}; known: {', '.join(STD_SOURCES)}")
 
 
 def evaluate_policy_robustness(
     scenario: Scenario, theta: np.ndarray, attacks: list[str], epsilon: float, episodes: int, seed: int,
-    std_source: str = "random", obs_std: np.ndarray | None = None, alpha: float | None = None,
+    std_source: str = "reference", obs_std: np.ndarray | None = None, alpha: float | None = None,
 ) -> dict:
     """Clean, random-policy and attacked returns plus deviation metrics for one policy."""
     policy = Policy(scenario.policy_spec(), theta)
@@ -171,13 +178,19 @@ def run_policy_robustness(
     rounds: int | None = None,
     plaintext: bool = False,
     key_dir: Path | None = None,
-    std_source: str = "random",
+    std_source: str = "reference",
     alpha: float | None = None,
     participants: int | None = None,
     on_run: Callable[[str, int, dict], None] | None = None,
     stem: str = "policy_robustness",
+    stop_on_solve: bool = False,
 ) -> dict:
-    """Train every (train mode, seed) federation, attack each policy; writes DIR/{stem}.json and .md."""
+    """Train every (train mode, seed) federation, attack each policy; writes DIR/{stem}.json and .md.
+
+    Every federation trains the scenario's full round budget by default: robustness is compared at
+    equal training, and a policy stopped the round it first crosses the threshold is caught mid-way
+    (CartPole: vanilla FGSM retention 0.54 when stopped on solve, 0.09 after 60 rounds; SA-PPO's
+    regulariser has had half the rounds to act). ``stop_on_solve`` restores the early stop."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = load_scenario(scenario_ref)
@@ -198,7 +211,7 @@ def run_policy_robustness(
                 summary = json.loads((run_dir / "summary.json").read_text())
             else:
                 theta, summary = train_federation(scenario_file, run_dir, seed, key_dir, rounds, plaintext,
-                                                  participants)
+                                                  participants, stop_on_solve)
                 np.save(run_dir / "theta.npy", theta)  # the decrypted policy stays with the key holder
             result = evaluate_policy_robustness(scenario, theta, attacks, epsilon, episodes, seed, std_source,
                                                 alpha=alpha)
@@ -215,7 +228,7 @@ def run_policy_robustness(
             if on_run is not None:
                 on_run(train, seed, run)
     report = {"scenario": base.name, "epsilon": epsilon, "std_source": std_source, "episodes": episodes,
-              "seeds": seeds, "encrypted": not plaintext, "runs": runs, "rows": rows,
+              "seeds": seeds, "stop_on_solve": stop_on_solve, "encrypted": not plaintext, "runs": runs, "rows": rows,
               "summary": summarize(rows), "explanations": explanations}
     report["files"] = {"json": str(out_dir / f"{stem}.json"), "md": str(out_dir / f"{stem}.md")}
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
@@ -274,7 +287,8 @@ def render_markdown(report: dict) -> str:
     """Tables in the source document's shape: baseline, under attack, % drop, policy deviation; restored."""
     summ = report["summary"]
     lines = [f"# Policy robustness: {report['scenario']}", "",
-             f"Encrypted federations: {report['encrypted']}; seeds: {report['seeds']}; greedy evaluation, "
+             f"Encrypted federations: {report['encrypted']}; seeds: {report['seeds']}; training: "
+             f"{'stopped once solved' if report.get('stop_on_solve') else 'the full round budget'}; greedy evaluation, "
              f"{report['episodes']} episodes per policy; epsilon = {report['epsilon']} (observation attacks: "
              f"l-inf radius in per-dimension state std, std source `{report['std_source']}`; action attack: "
              "alpha). Definitions: docs/threat-lab.md.", "",

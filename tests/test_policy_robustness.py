@@ -41,7 +41,8 @@ def test_training_and_evaluation_share_sigma(tmp_path):
         np.testing.assert_allclose(load_scenario(str(path)).ppo.robust.obs_std, sigma)
     assert "obs_std" not in robust_config("cartpole", "vanilla", sigma)
     pol = Policy(sc.policy_spec(), sc.policy_spec().init(0))
-    np.testing.assert_array_equal(state_std(sc, pol, "random", 0), state_std(sc, pol, "random", 2))  # fixed
+    np.testing.assert_array_equal(state_std(sc, pol, "reference", 0), state_std(sc, pol, "reference", 2))  # fixed
+    np.testing.assert_array_equal(state_std(sc, pol, "reference", 0), sigma)
     assert state_std(sc, pol, "clean", 0).shape == (4,)
     with pytest.raises(ValueError):
         state_std(sc, pol, "bogus", 0)
@@ -56,7 +57,7 @@ def test_evaluate_and_render(tmp_path):
     for key in ("train", "eval_attack", "epsilon", "clean_return", "attacked_return", "crr", "pd_tv", "pd_kl",
                 "pd_flip", "asr"):
         assert key in rows[0]
-    report = {"scenario": "cartpole", "epsilon": 0.5, "std_source": "random", "episodes": 2, "seeds": 1,
+    report = {"scenario": "cartpole", "epsilon": 0.5, "std_source": "reference", "episodes": 2, "seeds": 1,
               "encrypted": True, "runs": [], "rows": rows, "summary": summarize(rows)}
     md = render_markdown(report)
     assert "% drop" in md and "Restored (%)" in md and "Reward channel" in md

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from participant.eval_attacks import ATTACKS, STATE_STD, estimate_obs_std, make_attack, random_policy_std, reference_std
+from participant.eval_attacks import (ATTACKS, PUBLISHED_STD, RANDOM_POLICY_STD, STATE_STD, estimate_obs_std, make_attack,
+                                      random_policy_std, random_std, reference_std)
 from participant.ppo import ParticipantTrainer
 from participant.robust_metrics import categorical_deviation, gaussian_deviation, retention, run_episodes
 from participant.robust_training import (
@@ -209,15 +210,20 @@ def test_estimate_obs_std(cart):
     assert std.shape == (4,) and np.all(std > 0)
 
 
-def test_state_std_table_is_the_random_policy_estimate():
-    """The fixed sigma (default budget unit) is reproducible from the environment alone."""
+def test_random_policy_std_table_is_reproducible_from_the_environment():
     sc = load_scenario("cartpole")
     env = sc.build_env(0, 123)
     est = random_policy_std(env)
     env.close()
-    np.testing.assert_allclose(est, STATE_STD["cartpole"], atol=6e-4)
-    np.testing.assert_array_equal(reference_std(sc), STATE_STD["cartpole"])
-    for name in ("acrobot", "pendulum"):
+    np.testing.assert_allclose(est, RANDOM_POLICY_STD["cartpole"], atol=6e-4)
+    np.testing.assert_array_equal(random_std(sc), RANDOM_POLICY_STD["cartpole"])
+
+
+def test_reference_std_prefers_the_published_table():
+    """Default budget unit: SA-DQN's published stds where they exist, the random-policy estimate elsewhere."""
+    np.testing.assert_array_equal(reference_std(load_scenario("cartpole")), PUBLISHED_STD["cartpole"])
+    np.testing.assert_array_equal(reference_std(load_scenario("pendulum")), RANDOM_POLICY_STD["pendulum"])
+    for name in ("cartpole", "acrobot", "pendulum", "lunarlander"):
         spec = load_scenario(name).policy_spec()
         assert len(STATE_STD[name]) == spec.obs_dim and min(STATE_STD[name]) > 0
 
@@ -225,7 +231,7 @@ def test_state_std_table_is_the_random_policy_estimate():
 def test_reference_std_is_estimated_for_unlisted_scenarios():
     sc = load_scenario("cartpole").with_overrides(name="cartpole-unlisted")
     std = reference_std(sc)
-    np.testing.assert_allclose(std, STATE_STD["cartpole"], atol=1e-3)  # same env, same procedure
+    np.testing.assert_allclose(std, RANDOM_POLICY_STD["cartpole"], atol=1e-3)  # same env, same procedure
     std[0] = 99.0
     assert reference_std(sc)[0] != 99.0  # cached copy is not aliased
 
