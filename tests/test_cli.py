@@ -117,3 +117,13 @@ def test_robustness_rejects_unknown_attack_and_defense(tmp_path):
     assert run.returncode == 2 and "unknown attack 'bogus'" in run.stderr
     run = fedhe("robustness", "cartpole", "--defense", "krum", "--out", str(tmp_path / "r"))
     assert run.returncode == 2 and "unknown defense 'krum'" in run.stderr
+
+
+def test_policy_robustness_rejects_unknown_train_attack_and_sigma(tmp_path):
+    out = str(tmp_path / "r")
+    run = fedhe("robustness", "cartpole", "--train", "bogus", "--out", out)
+    assert run.returncode == 2 and "unknown --train 'bogus'" in run.stderr
+    run = fedhe("robustness", "cartpole", "--train", "vanilla", "--eval-attack", "bogus", "--out", out)
+    assert run.returncode == 2 and "unknown --eval-attack 'bogus'" in run.stderr
+    run = fedhe("robustness", "cartpole", "--train", "vanilla", "--std-source", "bogus", "--out", out)
+    assert run.returncode == 2 and "reference, random, clean" in run.stderr
