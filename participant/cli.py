@@ -301,6 +301,7 @@ def robustness(
     train: list[str] = typer.Option([], "--train", help="Repeatable. Policy robustness mode (issue 5): vanilla, sa-ppo, noise-injection, reward-defense; trains one encrypted federation per mode and seed and attacks the decrypted policy. Uses the scenario's participants and rounds unless -n/-r are given."),
     eval_attack: list[str] = typer.Option([], "--eval-attack", help="Repeatable. Evaluation-time attack on the trained policy: fgsm, pgd, mad, gaussian, action (see participant/eval_attacks.py)."),
     epsilon: float = typer.Option(0.5, "--epsilon", help="Eval-attack budget: l-inf radius in per-dimension state stds (action: probability alpha)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Policy robustness mode: probability of the adversarial action for --eval-attack action (default: --epsilon, clipped to [0, 1])."),
     episodes: int = typer.Option(20, "--episodes", help="Greedy evaluation episodes per policy (policy robustness mode)."),
     stop_on_solve: bool = typer.Option(False, "--stop-on-solve", help="Policy robustness mode: stop each federation once solved (default: every federation trains the scenario's full round budget, so train modes are compared at equal training)."),
     std_source: str = typer.Option("reference", "--std-source", help="State std (sigma) for epsilon: reference (default; the scenario's fixed sigma, same for every policy: SA-DQN's published stds for cartpole/acrobot, else a uniform random policy's states; SA-PPO/noise training use it too), random (a uniform random policy's states) or clean (the evaluated policy's own clean greedy states)."),
@@ -319,7 +320,7 @@ def robustness(
     if train or eval_attack:
         policy_robustness(scenario, train or ["vanilla"], eval_attack or ["fgsm", "gaussian"], epsilon, seeds, out,
                           episodes, participants_given(participants), rounds_given(rounds), plaintext, std_source,
-                          stop_on_solve, as_json)
+                          stop_on_solve, alpha, as_json)
         return
     from participant.robustness import GridSpec, run_grid
 
@@ -359,7 +360,7 @@ def rounds_given(value: int) -> Optional[int]:
 
 def policy_robustness(scenario: str, trains: list[str], attacks: list[str], epsilon: float, seeds: int, out: Path,
                       episodes: int, participants: Optional[int], rounds: Optional[int], plaintext: bool,
-                      std_source: str, stop_on_solve: bool, as_json: bool) -> None:
+                      std_source: str, stop_on_solve: bool, alpha: Optional[float], as_json: bool) -> None:
     from participant.eval_attacks import ATTACKS
     from participant.policy_robustness import STD_SOURCES, TRAIN_MODES, run_policy_robustness
 
@@ -371,6 +372,8 @@ def policy_robustness(scenario: str, trains: list[str], attacks: list[str], epsi
             fail(f"unknown --eval-attack {name!r}; known: {', '.join(ATTACKS)}")
     if std_source not in STD_SOURCES:
         fail(f"--std-source must be one of {', '.join(STD_SOURCES)}")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        fail(f"--alpha is a probability: it must be in [0, 1], got {alpha}")
     load_scenario_or_fail(scenario)
     try:
         with progress_bar() as bar:
@@ -382,7 +385,7 @@ def policy_robustness(scenario: str, trains: list[str], attacks: list[str], epsi
             report = run_policy_robustness(scenario, trains, attacks, epsilon, seeds, out, episodes=episodes,
                                            rounds=rounds, plaintext=plaintext, std_source=std_source,
                                            participants=participants, on_run=on_run, stem="robustness",
-                                           stop_on_solve=stop_on_solve)
+                                           stop_on_solve=stop_on_solve, alpha=alpha)
     except (WireError, ValueError, RuntimeError) as exc:
         fail(str(exc))
     if as_json:

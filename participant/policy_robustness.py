@@ -216,7 +216,8 @@ def run_policy_robustness(
             result = evaluate_policy_robustness(scenario, theta, attacks, epsilon, episodes, seed, std_source,
                                                 alpha=alpha)
             run = {"train": train, "seed": seed, "robust": robust, "rounds": summary.get("rounds_run",
-                   summary.get("rounds")), "solved": summary.get("solved"), "encrypted": not plaintext,
+                   summary.get("rounds")), "solved": summary.get("solved"),
+                   "rounds_to_solve": summary.get("rounds_to_solve"), "encrypted": not plaintext,
                    "clean_return": result["clean_return"], "random_return": result["random_return"],
                    "obs_std": result["obs_std"], "run_dir": str(run_dir)}
             runs.append(run)
@@ -319,16 +320,20 @@ def render_markdown(report: dict) -> str:
                          f"{_f(clean_ratio, '{:.2f}')} |")
     reward = {e["train"]: e for e in summ if e["train"] in ("vanilla", REWARD_ATTACK, "reward-defense")}
     if REWARD_ATTACK in reward and "vanilla" in reward:
-        v, a = reward["vanilla"], reward[REWARD_ATTACK]
+        v = reward["vanilla"]
         lines += ["", f"## Reward channel (training-time tampering: r -> -r with probability {REWARD_FLIP_RATE})", "",
-                  "| Policy | Clean return | % of baseline |", "|---|---|---|",
-                  f"| vanilla, clean rewards (baseline) | {_f(v['clean_return'])} | 100.0 |",
-                  f"| vanilla, tampered rewards | {_f(a['clean_return'])} | "
-                  f"{_f(_pct(retention(a['clean_return'], v['clean_return'], v['random_return'])))} |"]
-        if "reward-defense" in reward:
-            d = reward["reward-defense"]
-            lines.append(f"| reward-defense, tampered rewards | {_f(d['clean_return'])} | "
-                         f"{_f(_pct(retention(d['clean_return'], v['clean_return'], v['random_return'])))} |")
+                  "Clean greedy return of the trained policy, and how fast training crossed the scenario's "
+                  "threshold (the cost tampering can show even when the final policy recovers).", "",
+                  "| Policy | Clean return | % of baseline | solved | rounds to solve (mean) |", "|---|---|---|---|---|"]
+        for train, label in (("vanilla", "vanilla, clean rewards (baseline)"), (REWARD_ATTACK, "vanilla, tampered rewards"),
+                             ("reward-defense", "reward-defense, tampered rewards")):
+            if train not in reward:
+                continue
+            runs = [r for r in report.get("runs", []) if r["train"] == train]
+            solved = [r["rounds_to_solve"] for r in runs if r.get("rounds_to_solve")]
+            pct = _pct(retention(reward[train]["clean_return"], v["clean_return"], v["random_return"]))
+            lines.append(f"| {label} | {_f(reward[train]['clean_return'])} | {_f(pct)} | {len(solved)}/{len(runs)} | "
+                         f"{_f(_mean(solved))} |")
     if report.get("explanations"):
         lines += ["", "## Explanations: integrated gradients per observation dimension (seed 0)", "",
                   "Mean |IG| of the decision (log pi(a*|s), a* greedy on the clean state; Gaussian: mu_0) on the "

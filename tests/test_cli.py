@@ -127,3 +127,5 @@ def test_policy_robustness_rejects_unknown_train_attack_and_sigma(tmp_path):
     assert run.returncode == 2 and "unknown --eval-attack 'bogus'" in run.stderr
     run = fedhe("robustness", "cartpole", "--train", "vanilla", "--std-source", "bogus", "--out", out)
     assert run.returncode == 2 and "reference, random, clean" in run.stderr
+    run = fedhe("robustness", "cartpole", "--eval-attack", "action", "--alpha", "1.5", "--out", out)
+    assert run.returncode == 2 and "--alpha is a probability" in run.stderr
