@@ -228,7 +228,7 @@ def run_policy_robustness(
                                                    out_dir, train))
             if on_run is not None:
                 on_run(train, seed, run)
-    report = {"scenario": base.name, "epsilon": epsilon, "std_source": std_source, "episodes": episodes,
+    report = {"scenario": base.name, "reward_threshold": base.reward_threshold, "epsilon": epsilon, "std_source": std_source, "episodes": episodes,
               "seeds": seeds, "stop_on_solve": stop_on_solve, "encrypted": not plaintext, "runs": runs, "rows": rows,
               "summary": summarize(rows), "explanations": explanations}
     report["files"] = {"json": str(out_dir / f"{stem}.json"), "md": str(out_dir / f"{stem}.md")}
@@ -332,7 +332,8 @@ def render_markdown(report: dict) -> str:
             runs = [r for r in report.get("runs", []) if r["train"] == train]
             solved = [r["rounds_to_solve"] for r in runs if r.get("rounds_to_solve")]
             pct = _pct(retention(reward[train]["clean_return"], v["clean_return"], v["random_return"]))
-            lines.append(f"| {label} | {_f(reward[train]['clean_return'])} | {_f(pct)} | {len(solved)}/{len(runs)} | "
+            solved_cell = f"{len(solved)}/{len(runs)}" if report.get("reward_threshold") is not None else "no threshold"
+            lines.append(f"| {label} | {_f(reward[train]['clean_return'])} | {_f(pct)} | {solved_cell} | "
                          f"{_f(_mean(solved))} |")
     if report.get("explanations"):
         lines += ["", "## Explanations: integrated gradients per observation dimension (seed 0)", "",
