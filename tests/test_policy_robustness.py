@@ -57,10 +57,13 @@ def test_evaluate_and_render(tmp_path):
     for key in ("train", "eval_attack", "epsilon", "clean_return", "attacked_return", "crr", "pd_tv", "pd_kl",
                 "pd_flip", "asr"):
         assert key in rows[0]
-    report = {"scenario": "cartpole", "epsilon": 0.5, "std_source": "reference", "episodes": 2, "seeds": 1,
-              "encrypted": True, "runs": [], "rows": rows, "summary": summarize(rows)}
+    runs = [{"train": "vanilla", "rounds_to_solve": 20}, {"train": REWARD_ATTACK, "rounds_to_solve": None}]
+    report = {"scenario": "cartpole", "reward_threshold": 475.0, "epsilon": 0.5, "std_source": "reference",
+              "episodes": 2, "seeds": 1, "encrypted": True, "runs": runs, "rows": rows, "summary": summarize(rows)}
     md = render_markdown(report)
     assert "% drop" in md and "Restored (%)" in md and "Reward channel" in md
+    assert "| 1/1 | 20.0 |" in md and "| 0/1 | n/a |" in md  # solved runs and mean rounds to solve
+    assert "no threshold" in render_markdown({**report, "reward_threshold": None})
     json.dumps(report)
 
 
