@@ -298,24 +298,31 @@ def robustness(
     plaintext: bool = typer.Option(False, "--plaintext", help="Same protocol without encryption (debugging only)."),
     no_clean: bool = typer.Option(False, "--no-clean", help="Skip the clean (attack none) baselines."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
-    train: list[str] = typer.Option([], "--train", help="Repeatable. Policy robustness mode (issue 5): vanilla, sa-ppo, noise-injection, reward-defense; trains one encrypted federation per mode and seed and attacks the decrypted policy. Uses the scenario's participants and rounds unless -n/-r are given."),
+    train: list[str] = typer.Option([], "--train", help="Repeatable. Policy robustness mode: vanilla, sa-ppo, noise-injection, reward-defense; trains one encrypted federation per mode and seed and attacks the decrypted policy. Uses the scenario's participants and rounds unless -n/-r are given."),
     eval_attack: list[str] = typer.Option([], "--eval-attack", help="Repeatable. Evaluation-time attack on the trained policy: fgsm, pgd, mad, gaussian, action (see participant/eval_attacks.py)."),
-    epsilon: float = typer.Option(0.5, "--epsilon", help="Eval-attack budget: l-inf radius in per-dimension state stds (action: probability alpha)."),
+    epsilon: float = typer.Option(0.5, "--epsilon", help="Eval-attack budget: l-inf radius in per-dimension state stds (see --std-source); also the action attack's alpha unless --alpha is given."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Policy robustness mode: probability of the adversarial action for --eval-attack action (default: --epsilon, clipped to [0, 1])."),
     episodes: int = typer.Option(20, "--episodes", help="Greedy evaluation episodes per policy (policy robustness mode)."),
     stop_on_solve: bool = typer.Option(False, "--stop-on-solve", help="Policy robustness mode: stop each federation once solved (default: every federation trains the scenario's full round budget, so train modes are compared at equal training)."),
     std_source: str = typer.Option("reference", "--std-source", help="State std (sigma) for epsilon: reference (default; the scenario's fixed sigma, same for every policy: SA-DQN's published stds for cartpole/acrobot, else a uniform random policy's states; SA-PPO/noise training use it too), random (a uniform random policy's states) or clean (the evaluated policy's own clean greedy states)."),
 ) -> None:
-    """Run every attack x defense combination as an encrypted federation and tabulate the damage.
+    """Measure robustness with encrypted federations: Byzantine participants, or attacks on trained policies.
 
-    With --train/--eval-attack: policy robustness instead (issue 5). Rows in OUT/robustness.json
-    gain train, eval_attack, epsilon, clean_return, attacked_return, crr, pd_tv, pd_kl, pd_flip, asr;
-    OUT/robustness.md has the baseline / under attack / % drop / policy deviation tables and the
-    defenses' % of baseline restored (definitions: docs/threat-lab.md).
+    \b
+    Malicious participants x robust aggregation (default mode):
+      fedhe robustness cartpole -n 10 -m 3 --attack sign-flip --defense none --defense median-norm
+    writes OUT/robustness.json (one row per attack, defense, seed), OUT/robustness.md (return,
+    % of the clean baseline, slowdown) and OUT/robustness.png; clean baselines (attack none) run
+    for every defense unless --no-clean.
 
-    Writes OUT/robustness.json (one row per attack, defense, seed), OUT/robustness.md (a table:
-    return, % of the clean baseline, slowdown) and OUT/robustness.png. Clean baselines (attack
-    none) run for every defense unless --no-clean.
+    \b
+    Attacks on trained policies (any --train or --eval-attack):
+      fedhe robustness cartpole --train vanilla --train sa-ppo --eval-attack fgsm --eval-attack gaussian --epsilon 0.5 --seeds 3
+    trains one encrypted federation per train mode and seed, attacks the decrypted policy and writes
+    rows with train, eval_attack, epsilon, clean_return, attacked_return, crr, pd_tv, pd_kl, pd_flip,
+    asr to OUT/robustness.json, the source document's tables (baseline / under attack / % drop /
+    policy deviation; % of baseline restored) to OUT/robustness.md and attribution plots to
+    OUT/attributions/. Definitions and measured tables: docs/threat-lab.md.
     """
     if train or eval_attack:
         policy_robustness(scenario, train or ["vanilla"], eval_attack or ["fgsm", "gaussian"], epsilon, seeds, out,
