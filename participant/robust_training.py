@@ -110,16 +110,15 @@ class RunningStd:
         self.m2 = np.zeros(dim)
 
     def update(self, batch: np.ndarray) -> None:
-        batch = np.atleast_2d(np.asarray(batch, dtype=np.float64))
-        for x in (batch,):
-            k = x.shape[0]
-            mean_b = x.mean(axis=0)
-            m2_b = ((x - mean_b) ** 2).sum(axis=0)
-            delta = mean_b - self.mean
-            tot = self.n + k
-            self.mean = self.mean + delta * k / tot
-            self.m2 = self.m2 + m2_b + delta * delta * self.n * k / tot
-            self.n = tot
+        x = np.atleast_2d(np.asarray(batch, dtype=np.float64))
+        k = x.shape[0]
+        mean_b = x.mean(axis=0)
+        m2_b = ((x - mean_b) ** 2).sum(axis=0)
+        delta = mean_b - self.mean
+        tot = self.n + k
+        self.mean = self.mean + delta * k / tot
+        self.m2 = self.m2 + m2_b + delta * delta * self.n * k / tot
+        self.n = tot
 
     @property
     def std(self) -> np.ndarray:

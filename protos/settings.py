@@ -50,9 +50,6 @@ class RunSettings:
             values[name] = kind(value) if kind is not bool else _as_bool(key, value)
         return cls(**values)
 
-    def to_run_config(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
-
 
 def _as_bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
