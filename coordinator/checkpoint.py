@@ -57,8 +57,13 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    directory: Path, backend: HEBackend, scenario: str, num_params: int
+    directory: Path, backend: HEBackend, scenario: str, num_params: int, config_json: str | None = None
 ) -> CoordinatorState:
+    """Validate everything before trusting it: key, scenario, every vector.
+
+    ``config_json``: the optimizer configuration a resume will train with; it must match the
+    checkpoint's (None when only reading the policy).
+    """
     path = Path(directory) / CHECKPOINT_FILE
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; start without --resume")
@@ -75,6 +80,8 @@ def load_checkpoint(
         )
     if msg.scenario != scenario:
         raise CheckpointError(f"checkpoint {path} is for scenario {msg.scenario!r}, not {scenario!r}")
+    if config_json is not None:
+        check_same_optimizer(path, msg.optimizer_config_json, config_json)
     state = CoordinatorState(round=msg.round, history=list(msg.history))
     try:
         if msg.HasField("theta"):
@@ -92,3 +99,19 @@ def load_checkpoint(
     except (WireError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is unusable: {exc}") from None
     return state
+
+
+def check_same_optimizer(path: Path, saved_json: str, current_json: str) -> None:
+    """A resume must not silently change HE-Adam's hyperparameters (C, lr, betas, B, ...)."""
+    try:
+        saved = json.loads(saved_json or "{}")
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint {path} has an unreadable optimizer configuration") from None
+    current = json.loads(current_json)
+    differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if differing:
+        changes = ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
+        raise CheckpointError(
+            f"checkpoint {path} was trained with another optimizer configuration ({changes}); "
+            "resume with the original settings or start a new run in another --out directory"
+        )

@@ -7,7 +7,7 @@ Plain Adam (no bias correction), per coordinate, on the aggregate G with |G| <= 
 
 Instead of a deep polynomial for (v+tau)^(-1/2), keep w ~ (v+tau)^(-1/2) and update it
 multiplicatively, ``w_t = w_{t-1} * P(x_t)`` with ``x_t = (v_t+tau) w_{t-1}^2`` and P ~ x^(-1/2)
-on a narrow interval (design/he-adam.md). All state is kept normalized so values stay O(1) and
+on a narrow interval (docs/he-adam.md). All state is kept normalized so values stay O(1) and
 no scalar multiply is wasted:
 
 * participants send ``u = s * G`` with ``s = sqrt((1-b2)/tau)`` (folded into their pre-weighting),
@@ -19,7 +19,7 @@ The bound: |G| <= C gives ``b2 < x_t <= 1 + (1-b2) C^2 / tau``; with the default
 ``tau = (1-b2) C^2 / (B-1)`` x never leaves [b2, B], for every coordinate and round, with no
 comparison on ciphertexts. The step uses ``3 + log2(degree+1)`` levels (6 for degree 7):
 u^2, w~^2 -> x -> P(x) (depth 3) -> w~ P and (K m~ w~) P. The state comes back low-level and
-is refreshed by a key holder (``mask_state``/``unmask_state``, threat-model.md step 5).
+is refreshed by a key holder (``mask_state``/``unmask_state``, docs/threat-model.md, step 4).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from coordinator.secret_random import secret_uniform
 from protos.backend import Chunk, HEBackend
 from protos.codec import EncryptedVector, encrypt_vector, pad_to_chunks
-from protos.optimizer import MASK_BOUND, HEAdamConfig, HEAdamConfigError, InverseSqrtPolynomial
+from protos.optimizer import MASK_BOUND, STATE_NAMES, HEAdamConfig, HEAdamConfigError, InverseSqrtPolynomial
 
-STATE_NAMES = ("m", "v", "w")
 
 
 def evaluate_polynomial(backend: HEBackend, s: Chunk, coeffs: tuple[float, ...]) -> Chunk:
@@ -127,12 +127,12 @@ class Masks:
 
 
 def mask_state(
-    backend: HEBackend, state: dict[str, EncryptedVector], rng: np.random.Generator
+    backend: HEBackend, state: dict[str, EncryptedVector]
 ) -> tuple[dict[str, EncryptedVector], Masks]:
-    """Add fresh uniform masks so the refresher sees only masked values."""
+    """Add fresh secret uniform masks (OS entropy) so the refresher sees only masked values."""
     masked, masks = {}, Masks()
     for name, vec in state.items():
-        mask = rng.uniform(-MASK_BOUND, MASK_BOUND, size=vec.length)
+        mask = secret_uniform(-MASK_BOUND, MASK_BOUND, vec.length)
         masks.values[name] = mask
         masked[name] = _add_plain(backend, vec, mask)
     return masked, masks

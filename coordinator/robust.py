@@ -35,6 +35,7 @@ from functools import reduce
 
 import numpy as np
 
+from coordinator.secret_random import secret_permutation, secret_uniform
 from protos.backend import HEBackend
 from protos.codec import EncryptedVector, map_chunks
 from protos.optimizer import MASK_BOUND
@@ -57,11 +58,14 @@ class NormMasks:
 
 
 def masked_squared_norms(
-    backend: HEBackend, updates: list[EncryptedVector], rng: np.random.Generator
+    backend: HEBackend, updates: list[EncryptedVector]
 ) -> tuple[list[EncryptedVector], NormMasks]:
-    """Per update one ciphertext whose slots sum to r_i |u_i|^2 (and say nothing else)."""
-    factors = 2.0 ** rng.uniform(*FACTOR_LOG2_RANGE, size=len(updates))
-    order = rng.permutation(len(updates))
+    """Per update one ciphertext whose slots sum to r_i |u_i|^2 (and say nothing else).
+
+    Factors, order and masks are secret draws from OS entropy (``coordinator.secret_random``).
+    """
+    factors = 2.0 ** secret_uniform(*FACTOR_LOG2_RANGE, len(updates))
+    order = secret_permutation(len(updates))
     out = []
     for i in order:
         vec = updates[i]
@@ -70,7 +74,7 @@ def masked_squared_norms(
         for sq in squares[1:]:
             total = backend.add(total, sq)
         total = backend.mul_scalar(total, float(factors[i]))
-        mask = rng.uniform(-MASK_BOUND, MASK_BOUND, size=backend.slots)
+        mask = secret_uniform(-MASK_BOUND, MASK_BOUND, backend.slots)
         mask -= mask.mean()
         out.append(EncryptedVector([backend.add_plain(total, mask)], backend.slots))
     return out, NormMasks(factors, order)

@@ -19,7 +19,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.report import write_summary
-from coordinator.strategy import HEAdamStrategy, RoundOutcome
+from coordinator.rounds import HEAdamCoordinator, RoundOutcome
 from protos.backend import HEBackend, PlainBackend
 from protos.keyfile import load_evaluation_backend
 from protos.optimizer import HEAdamConfig
@@ -61,7 +61,7 @@ def run_federation(
     num_params = scenario.policy_spec().num_params
     rounds = settings.num_server_rounds or scenario.rounds
     write_run_info(Path(settings.out_dir), settings, scenario.name, num_params)
-    strategy = HEAdamStrategy(
+    coordinator = HEAdamCoordinator(
         backend,
         HEAdamConfig.for_scenario(scenario),
         scenario.name,
@@ -74,13 +74,12 @@ def run_federation(
         reward_threshold=scenario.reward_threshold,
         stop_on_solve=settings.stop_on_solve,
         on_round=on_round,
-        seed=max(settings.seed, 0),
         defense=settings.defense,
         defense_bound=settings.defense_bound,
         dp_noise_multiplier=settings.dp_noise_multiplier,
         dp_delta=settings.dp_delta,
     )
-    strategy.start(grid, num_rounds=rounds, resume=settings.resume)
+    coordinator.run(grid, num_rounds=rounds, resume=settings.resume)
     participants = settings.participants or len(list(grid.get_node_ids()))
     return write_summary(
         Path(settings.out_dir),
@@ -90,7 +89,7 @@ def run_federation(
         threshold=scenario.reward_threshold,
         num_params=num_params,
         wall_s=time.perf_counter() - t0,
-        extra=strategy.summary_fields(),
+        extra=coordinator.summary_fields(),
     )
 
 

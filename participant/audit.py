@@ -1,7 +1,10 @@
-"""An egress audit: record every payload that leaves this participant, byte for byte.
+"""The egress audit: record every reply that leaves this participant and check it against an allowlist.
 
-Organizations can enable it to show their security team exactly what crosses the boundary;
-the privacy test uses it to prove that only ciphertexts and permitted metadata leave.
+Organizations can enable the recording mod to show their security team exactly what crosses the
+boundary; ``audit_reply`` then checks each recorded reply field by field. Every field must be
+either a valid ciphertext under the federation key (fresh: full depth, the profile's scale) or
+named metadata with its allowed values. Anything else (an unknown field, a new schema field no
+one declared here, a plaintext metric, an unrounded release) is a violation.
 """
 
 from __future__ import annotations
@@ -10,9 +13,21 @@ import json
 import os
 import uuid
 from pathlib import Path
+from typing import Any, Callable
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from google.protobuf.message import Message as ProtoMessage
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from protos import messages
+from protos.backend import HEBackend
+from protos.codec import PROTOCOL_VERSION, from_proto
+from protos.errors import WireError
+from protos.fedhe.v1 import wire_pb2
+from protos.optimizer import STATE_NAMES
+
+MANIFEST = "manifest.json"
 
 
 def egress_audit_mod(directory: str | os.PathLike) -> Mod:
@@ -23,9 +38,11 @@ def egress_audit_mod(directory: str | os.PathLike) -> Mod:
         reply = call_next(msg, context)
         folder = Path(root) / f"{context.node_id}-{uuid.uuid4().hex[:12]}"
         folder.mkdir(parents=True, exist_ok=True)
-        content = reply.content if not reply.has_error() else None
-        manifest = {"node_id": context.node_id, "message_type": msg.metadata.message_type, "error": reply.has_error()}
-        if content is not None:
+        config = msg.content.config_records.get(messages.CONFIG, {})
+        manifest: dict[str, Any] = {"node_id": context.node_id, "message_type": msg.metadata.message_type,
+                                    "request_round": config.get("round"), "error": reply.has_error()}
+        if not reply.has_error():
+            content = reply.content
             manifest["config_records"] = {name: dict(rec) for name, rec in content.config_records.items()}
             manifest["metric_records"] = {name: dict(rec) for name, rec in content.metric_records.items()}
             manifest["array_records"] = {}
@@ -35,7 +52,151 @@ def egress_audit_mod(directory: str | os.PathLike) -> Mod:
                     file = f"{name}.{key}.bin"
                     (folder / file).write_bytes(array.data)
                     manifest["array_records"][name][key] = {"stype": array.stype, "dtype": array.dtype, "file": file}
-        (folder / "manifest.json").write_text(json.dumps(manifest, default=str))
+        (folder / MANIFEST).write_text(json.dumps(manifest, default=str))
         return reply
 
     return mod
+
+
+# -- the allowlist -----------------------------------------------------------------------------------
+# Per protobuf field: "vector" (a fresh ciphertext under the federation key), "vector-map" (map of
+# state name -> such a ciphertext) or a check of the plaintext value, given the request's round.
+Check = Callable[[Any, int], bool]
+
+
+def _rounded(value: float, digits: int) -> bool:
+    return value == round(value, digits)
+
+
+def _significant(value: float, digits: int) -> bool:
+    return value == float(f"{value:.{digits}g}")
+
+
+ALLOWED_FIELDS: dict[str, dict[str, str | Check]] = {
+    "fedhe.v1.ParticipantUpdate": {
+        "protocol_version": lambda v, r: v == PROTOCOL_VERSION,
+        "round": lambda v, r: v == r,
+        "update": "vector",
+        "rollout_stats": "vector",
+    },
+    "fedhe.v1.RefreshReply": {
+        "protocol_version": lambda v, r: v == PROTOCOL_VERSION,
+        "round": lambda v, r: v == r,
+        "theta": "vector",
+        "state": "vector-map",
+        "released": "message",
+    },
+    "fedhe.v1.ReleasedMetrics": {
+        "round": lambda v, r: 1 <= v < r,
+        "mean_return": lambda v, r: _rounded(v, 2),
+        "episodes": lambda v, r: True,  # a federation-wide integer count
+        "steps": lambda v, r: True,
+        "valid": lambda v, r: True,
+    },
+    "fedhe.v1.NormReply": {
+        "protocol_version": lambda v, r: v == PROTOCOL_VERSION,
+        "round": lambda v, r: v == r,
+        "masked_sums": lambda v, r: all(_significant(x, 4) for x in v),
+    },
+}
+# The protobuf each record of a reply may hold.
+ALLOWED_RECORDS: dict[str, type[ProtoMessage]] = {
+    messages.UPDATE: wire_pb2.ParticipantUpdate,
+    messages.REFRESH_REPLY: wire_pb2.RefreshReply,
+    messages.NORM_REPLY: wire_pb2.NormReply,
+}
+CONFIG_VALUES: dict[str, Check] = {
+    "round": lambda v, r: v == r,
+    "protocol-version": lambda v, r: v == PROTOCOL_VERSION,
+    "key-fingerprint": lambda v, r: True,  # compared with the federation's below
+}
+
+
+def audit_reply(content: RecordDict, request_round: int, backend: HEBackend) -> list[str]:
+    """Every violation of the allowlist in one reply (empty: the reply may leave)."""
+    problems: list[str] = []
+    if content.metric_records:
+        problems.append(f"plaintext metric records {sorted(content.metric_records)}")
+    if set(content.config_records) != {messages.CONFIG}:
+        problems.append(f"config records {sorted(content.config_records)}, allowed only {messages.CONFIG}")
+    for key, value in content.config_records.get(messages.CONFIG, {}).items():
+        check = CONFIG_VALUES.get(key)
+        if check is None:
+            problems.append(f"config key {key!r} is not permitted metadata")
+        elif not check(value, request_round):
+            problems.append(f"config {key}={value!r} is not an allowed value")
+    if content.config_records.get(messages.CONFIG, {}).get("key-fingerprint") != backend.fingerprint:
+        problems.append("config key-fingerprint is not the federation's")
+    for name, record in content.array_records.items():
+        cls = ALLOWED_RECORDS.get(name)
+        if cls is None:
+            problems.append(f"array record {name!r} is not part of the protocol")
+            continue
+        arrays = list(record.items())
+        if len(arrays) != 1 or arrays[0][0] != cls.DESCRIPTOR.full_name or arrays[0][1].stype != cls.DESCRIPTOR.full_name:
+            problems.append(f"record {name!r} must hold exactly one {cls.DESCRIPTOR.full_name}")
+            continue
+        try:
+            proto = cls.FromString(arrays[0][1].data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a violation
+            problems.append(f"record {name!r} does not parse: {exc}")
+            continue
+        problems += [f"{name}: {p}" for p in audit_proto(proto, request_round, backend)]
+    return problems
+
+
+def audit_proto(proto: ProtoMessage, request_round: int, backend: HEBackend) -> list[str]:
+    """Walk every set field of a reply protobuf against ``ALLOWED_FIELDS``."""
+    name = proto.DESCRIPTOR.full_name
+    problems = [f"{name} carries {len(UnknownFieldSet(proto))} unknown field(s)"] if len(UnknownFieldSet(proto)) else []
+    allowed = ALLOWED_FIELDS.get(name, {})
+    for field, value in proto.ListFields():
+        rule = allowed.get(field.name)
+        where = f"{name}.{field.name}"
+        if rule is None:
+            problems.append(f"{where} is not in the egress allowlist")
+        elif rule == "vector":
+            problems += _audit_vector(where, value, backend)
+        elif rule == "vector-map":
+            if not set(value) <= set(STATE_NAMES):
+                problems.append(f"{where} has keys {sorted(value)}, allowed {list(STATE_NAMES)}")
+            for key, vec in value.items():
+                problems += _audit_vector(f"{where}[{key}]", vec, backend)
+        elif rule == "message":
+            problems += audit_proto(value, request_round, backend)
+        elif not rule(value, request_round):
+            problems.append(f"{where}={value!r} is not an allowed value")
+    return problems
+
+
+def _audit_vector(where: str, vec: wire_pb2.EncryptedVector, backend: HEBackend) -> list[str]:
+    if len(UnknownFieldSet(vec)):
+        return [f"{where} carries unknown fields"]
+    try:
+        from_proto(backend, vec, fresh=True)
+    except WireError as exc:
+        return [f"{where} is not a fresh ciphertext under the federation key: {exc}"]
+    return []
+
+
+def audit_recorded(directory: str | os.PathLike, backend: HEBackend) -> tuple[int, list[str]]:
+    """Check every reply ``egress_audit_mod`` recorded: (replies seen, violations)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+    problems: list[str] = []
+    manifests = sorted(Path(directory).glob(f"*/{MANIFEST}"))
+    for path in manifests:
+        manifest = json.loads(path.read_text())
+        if manifest["error"]:
+            continue  # an error reply carries only Flower's error record
+        content = RecordDict()
+        for name, values in manifest["config_records"].items():
+            content[name] = ConfigRecord(values)
+        for name, values in manifest["metric_records"].items():
+            content[name] = MetricRecord(values)
+        for name, arrays in manifest["array_records"].items():
+            data = {key: (path.parent / a["file"]).read_bytes() for key, a in arrays.items()}
+            content[name] = ArrayRecord({key: Array(dtype=a["dtype"], shape=(len(data[key]),), stype=a["stype"],
+                                                    data=data[key]) for key, a in arrays.items()})
+        problems += [f"{path.parent.name}: {p}" for p in audit_reply(content, int(manifest["request_round"]), backend)]
+    return len(manifests), problems

@@ -85,7 +85,7 @@ def run_he_adam_bench(
         x = decrypt_vector(holder, send(coordinator, holder, result.x))
         x_min, x_max = min(x_min, float(x.min())), max(x_max, float(x.max()))
         t0 = time.perf_counter()
-        masked, masks = mask_state(coordinator, result.state.named(), rng)
+        masked, masks = mask_state(coordinator, result.state.named())
         fresh = {
             name: send(holder, coordinator, reencrypt(holder, send(coordinator, holder, vec)))
             for name, vec in masked.items()

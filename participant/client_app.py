@@ -12,6 +12,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from participant.answer_rules import AnswerLedger
 from participant.node import NodeIdentity, cached_scenario, handle
 from protos.settings import RunSettings
 
@@ -44,7 +45,7 @@ def build_client_app(settings: RunSettings | None = None, mods: list[Mod] | None
 
     def respond(msg: Message, context: Context, training: bool) -> Message:
         run = settings or RunSettings.from_run_config(context.run_config)
-        content = handle(msg.content, identity_from(context, run), context.run_id, training)
+        content = handle(msg.content, identity_from(context, run), context.run_id, training, AnswerLedger.of(context))
         return Message(content, reply_to=msg)
 
     @app.train()

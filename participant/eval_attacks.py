@@ -46,7 +46,7 @@ ATTACKS = (*OBS_ATTACKS, "action")
 # std per scenario, so every train mode and seed faces the same absolute ball, and SA-PPO /
 # noise-injection training measure their epsilon in the same units (``RobustConfig.obs_std``).
 # CartPole and Acrobot: the stds SA-DQN publishes for exactly this purpose (Zhang et al. 2020,
-# huanzhang12/SA_DQN attacks.py: CARTPOLE_STD, ACROBOT_STD; anchors section 1.3).
+# huanzhang12/SA_DQN attacks.py: CARTPOLE_STD, ACROBOT_STD).
 PUBLISHED_STD: dict[str, tuple[float, ...]] = {
     "cartpole": (0.7322321, 1.0629482, 0.12236707, 0.43851405),
     "acrobot": (0.36641926, 0.65119815, 0.6835106, 0.67652863, 2.0165246, 3.0202584),

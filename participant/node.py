@@ -1,7 +1,7 @@
 """One participant's work per message: decrypt theta, refresh if asked, train, encrypt the update.
 
 Everything that leaves this module is a protobuf of ciphertexts plus the plaintext metadata in
-``protos.messages.PERMITTED_CONFIG_KEYS``. Observations, actions, rewards, returns and the
+the egress allowlist (``participant.audit``). Observations, actions, rewards, returns and the
 update itself stay here; only rounded federation-level aggregates are ever released.
 """
 
@@ -24,14 +24,15 @@ from participant.attacks import (
     colluders_honest_updates,
     craft_update,
 )
+from participant.answer_rules import AnswerLedger, check_norm_query, check_refresh_request, require_masked
 from participant.keyholder import KeyHolder, PlainKeyHolder, decrypt_vector, load_keyholder, reencrypt
 from participant.ppo import ParticipantTrainer
 from protos import messages
-from protos.codec import PROTOCOL_VERSION, encrypt_vector, from_proto, to_proto
+from protos.codec import PROTOCOL_VERSION, check_version, encrypt_vector, from_proto, max_bytes_for, to_proto
 from protos.errors import ChunkLayoutError, WireError
 from protos.fedhe.v1 import wire_pb2
 from protos.dp import dp_clip_bound
-from protos.optimizer import HEAdamConfig
+from protos.optimizer import STATE_NAMES, HEAdamConfig
 from protos.profiles import get_profile
 from scenarios import Scenario, load_scenario
 
@@ -49,7 +50,7 @@ class NodeIdentity:
     scenario_ref: str
     plaintext: bool
     seed: int
-    # Threat lab (issue 4): from the run settings.
+    # Threat lab: from the run settings.
     party_mix: str = ""  # JSON override of the scenario's party mix
     collusion_dir: str = ""
     dp_noise_multiplier: float = 0.0
@@ -121,8 +122,12 @@ def refresh(holder: KeyHolder, request: wire_pb2.RefreshRequest, theta: np.ndarr
     return reply
 
 
-def handle(content: RecordDict, identity: NodeIdentity, run_id: int, training: bool) -> RecordDict:
-    """Process one coordinator message and build the reply content."""
+def handle(content: RecordDict, identity: NodeIdentity, run_id: int, training: bool, ledger: AnswerLedger) -> RecordDict:
+    """Process one coordinator message and build the reply content.
+
+    Requests are checked against the round's protocol before anything is decrypted
+    (``participant.answer_rules``); every envelope is size-checked before parsing.
+    """
     scenario = cached_scenario(identity.scenario_ref)
     config = messages.config_of(content)
     holder = cached_keyholder(identity.key_dir, identity.plaintext, identity.he_profile or scenario.he_profile)
@@ -131,37 +136,43 @@ def handle(content: RecordDict, identity: NodeIdentity, run_id: int, training: b
             f"coordinator uses key {str(config.get('key-fingerprint'))[:12]}…, this participant "
             f"has {holder.fingerprint[:12]}…: the two were given different key sets"
         )
-    round_ = int(config["round"])
+    check_version(int(config.get("protocol-version", 0)), "coordinator message")
+    round_, participants = int(config["round"]), max(1, int(config["participants"]))
     num_params = scenario.policy_spec().num_params
 
     theta = None
     if messages.THETA in content.array_records:
-        msg = messages.unpack(content, messages.THETA, wire_pb2.EncryptedVector)
+        msg = messages.unpack(content, messages.THETA, wire_pb2.EncryptedVector, max_bytes=max_bytes_for(holder, num_params))
         theta = decrypt_vector(holder, from_proto(holder, msg, expected_length=num_params))
-    elif round_ == 1 or bool(config.get("init", False)):
+    elif bool(config.get("init", False)):
         theta = scenario.policy_spec().init(identity.seed)
     reply = RecordDict(
         {messages.CONFIG: ConfigRecord({"round": round_, "key-fingerprint": holder.fingerprint, "protocol-version": PROTOCOL_VERSION})}
     )
     if messages.REFRESH_REQUEST in content.array_records:
-        request = messages.unpack(content, messages.REFRESH_REQUEST, wire_pb2.RefreshRequest)
+        limit = max_bytes_for(holder, num_params, len(STATE_NAMES)) + max_bytes_for(holder, messages.STATS_LENGTH)
+        request = messages.unpack(content, messages.REFRESH_REQUEST, wire_pb2.RefreshRequest, max_bytes=limit)
+        check_refresh_request(request, round_, ledger)
         reply[messages.REFRESH_REPLY] = messages.pack(refresh(holder, request, theta, num_params))
     if messages.NORM_QUERY in content.array_records:
-        query = messages.unpack(content, messages.NORM_QUERY, wire_pb2.NormQuery)
+        limit = max_bytes_for(holder, holder.slots, participants)
+        query = messages.unpack(content, messages.NORM_QUERY, wire_pb2.NormQuery, max_bytes=limit)
+        check_norm_query(query, round_, participants, ledger)
         reply[messages.NORM_REPLY] = messages.pack(answer_norm_query(holder, query))
     if training:
         if theta is None:
-            raise ChunkLayoutError("train message without theta after round 1")
-        reply[messages.UPDATE] = messages.pack(train(holder, scenario, identity, run_id, theta, round_, float(config["weight"])))
+            raise ChunkLayoutError(f"round-{round_} train message carries no theta and no init flag")
+        reply[messages.UPDATE] = messages.pack(train(holder, scenario, identity, run_id, theta, round_, participants))
     return reply
 
 
 def train(
-    holder: KeyHolder, scenario: Scenario, identity: NodeIdentity, run_id: int, theta: np.ndarray, round_: int, weight: float
+    holder: KeyHolder, scenario: Scenario, identity: NodeIdentity, run_id: int, theta: np.ndarray, round_: int, n: int
 ) -> wire_pb2.ParticipantUpdate:
+    """Train locally; the update is weighted 1/n for the n participants of the round."""
     adam = HEAdamConfig.for_scenario(scenario)
     behaviour = behaviour_for(scenario, identity.party_mix, identity.participant_index)
-    n = max(1, int(round(1.0 / weight))) if weight > 0 else 1
+    weight = 1.0 / n
     if behaviour is not None and behaviour.attack in COLLUDING:
         honest = colluders_honest_updates(behaviour, attacked_scenario(scenario, behaviour), theta, round_, identity.seed,
                                           identity.variant, adam.clip_bound, identity.collusion_dir)
@@ -215,7 +226,8 @@ def answer_norm_query(holder: KeyHolder, query: wire_pb2.NormQuery) -> wire_pb2.
     """
     reply = wire_pb2.NormReply(protocol_version=PROTOCOL_VERSION, round=query.round)
     for masked in query.masked:
-        values = decrypt_vector(holder, from_proto(holder, masked))
+        values = decrypt_vector(holder, from_proto(holder, masked, expected_length=holder.slots))
+        require_masked(values)
         reply.masked_sums.append(round_significant(float(np.sum(values)), 4))
     return reply
 

@@ -1,4 +1,4 @@
-"""Sealing key files for one recipient organization (threat-model.md, "Key ceremony").
+"""Sealing key files for one recipient organization (docs/threat-model.md, "Key ceremony").
 
 Each organization creates an X25519 key pair and publishes the public half. The key-ceremony
 holder seals ``participant.ctx`` for each organization: an ephemeral X25519 key agreement,

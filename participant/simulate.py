@@ -15,7 +15,7 @@ from typing import Callable
 from flwr.clientapp.typing import Mod
 
 from coordinator.server_app import build_server_app
-from coordinator.strategy import RoundOutcome
+from coordinator.rounds import RoundOutcome
 from participant.client_app import build_client_app
 from participant.keyholder import generate_keys
 from protos.keyfile import COORDINATOR_KEY, PARTICIPANT_KEY

@@ -46,8 +46,12 @@ class HEBackend(ABC):
     def serialize(self, chunk: Chunk) -> bytes: ...
 
     @abstractmethod
-    def deserialize(self, data: bytes, length: int, *, require_full_depth: bool = False) -> Chunk:
-        """Parse and validate one chunk holding ``length`` values; raise a WireError if invalid."""
+    def deserialize(self, data: bytes, length: int, *, fresh: bool = False) -> Chunk:
+        """Parse and validate one chunk holding ``length`` values; raise a WireError if invalid.
+
+        ``fresh``: the chunk must be a fresh encryption, at full depth and exactly the profile's
+        scale (what participants send); anything else could not be added to other fresh chunks.
+        """
 
     @abstractmethod
     def add(self, a: Chunk, b: Chunk) -> Chunk: ...
@@ -96,9 +100,7 @@ class TensealBackend(HEBackend):
     def serialize(self, chunk: ts.CKKSVector) -> bytes:
         return chunk.serialize()
 
-    def deserialize(
-        self, data: bytes, length: int, *, require_full_depth: bool = False
-    ) -> ts.CKKSVector:
+    def deserialize(self, data: bytes, length: int, *, fresh: bool = False) -> ts.CKKSVector:
         try:
             vec = ts.ckks_vector_from(self.context, data)
             size = vec.size()
@@ -116,10 +118,15 @@ class TensealBackend(HEBackend):
         full = self.profile.levels + 1
         if not 1 <= primes <= full:
             raise InvalidCiphertextError(f"ciphertext has {primes} primes, profile allows 1..{full}")
-        if require_full_depth and primes != full:
+        if fresh and primes != full:
             raise InvalidCiphertextError(
                 f"ciphertext is at level {primes - 1} of {self.profile.levels}; updates must be "
                 "freshly encrypted at full depth"
+            )
+        if fresh and scale != 2.0**self.profile.scale_bits:
+            raise InvalidCiphertextError(
+                f"ciphertext scale {scale:.6g} is not the profile's 2^{self.profile.scale_bits}; "
+                "updates must be freshly encrypted with the federation's context"
             )
         if not 0.5 < scale / 2.0**self.profile.scale_bits < 2.0:
             raise InvalidCiphertextError(f"ciphertext scale 2^{np.log2(scale):.1f} is off-profile")
@@ -162,9 +169,7 @@ class PlainBackend(HEBackend):
     def serialize(self, chunk: np.ndarray) -> bytes:
         return np.ascontiguousarray(chunk, dtype="<f8").tobytes()
 
-    def deserialize(
-        self, data: bytes, length: int, *, require_full_depth: bool = False
-    ) -> np.ndarray:
+    def deserialize(self, data: bytes, length: int, *, fresh: bool = False) -> np.ndarray:
         if len(data) != 8 * length:
             raise ChunkLayoutError(f"plain chunk has {len(data)} bytes, expected {8 * length}")
         return np.frombuffer(data, dtype="<f8").astype(np.float64)

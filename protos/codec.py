@@ -108,7 +108,7 @@ def from_proto(
     msg: wire_pb2.EncryptedVector,
     *,
     expected_length: int | None = None,
-    require_full_depth: bool = False,
+    fresh: bool = False,
 ) -> EncryptedVector:
     """Validate the header and layout, then every chunk."""
     check_version(msg.protocol_version, "encrypted vector")
@@ -140,19 +140,23 @@ def from_proto(
             f"{len(msg.chunks)} chunks cannot hold {msg.length} values "
             f"({expected_chunks} expected)"
         )
-    chunks = [
-        backend.deserialize(data, backend.slots, require_full_depth=require_full_depth)
-        for data in msg.chunks
-    ]
+    limit = chunk_byte_limit(backend)
+    if any(len(data) > limit for data in msg.chunks):
+        raise PayloadTooLargeError(f"a chunk exceeds the {limit} bytes a ciphertext of this profile can take")
+    chunks = [backend.deserialize(data, backend.slots, fresh=fresh) for data in msg.chunks]
     return EncryptedVector(chunks, int(msg.length))
+
+
+def chunk_byte_limit(backend: HEBackend) -> int:
+    """The most bytes one serialized chunk of this profile can take (plain chunks included)."""
+    return max(backend.profile.max_chunk_bytes(), 8 * backend.slots + 1024)
 
 
 def max_bytes_for(backend: HEBackend, length: int | None, vectors: int = 1) -> int:
     """A tight size limit when the layout is known, else a global cap."""
     if length is None:
         return DEFAULT_MAX_BYTES
-    per_chunk = max(backend.profile.max_chunk_bytes(), 8 * backend.slots + 1024)
-    return vectors * (chunk_count(length, backend.slots) * per_chunk + 4096)
+    return vectors * (chunk_count(length, backend.slots) * chunk_byte_limit(backend) + 4096)
 
 
 def parse_message(cls: type[M], data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> M:
@@ -183,10 +187,10 @@ def decode_vector(
     *,
     expected_length: int | None = None,
     max_bytes: int | None = None,
-    require_full_depth: bool = False,
+    fresh: bool = False,
 ) -> EncryptedVector:
     limit = max_bytes if max_bytes is not None else max_bytes_for(backend, expected_length)
     msg = parse_message(wire_pb2.EncryptedVector, data, max_bytes=limit)
     return from_proto(
-        backend, msg, expected_length=expected_length, require_full_depth=require_full_depth
+        backend, msg, expected_length=expected_length, fresh=fresh
     )

@@ -50,3 +50,7 @@ class KeyFileError(WireError):
 
 class CheckpointError(WireError):
     """A checkpoint is missing, corrupt, or belongs to another federation."""
+
+
+class RequestRefusedError(WireError):
+    """A key holder refuses a request that does not match the round's protocol."""

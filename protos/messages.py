@@ -2,8 +2,8 @@
 
 Each protobuf travels as one Flower ``Array`` of raw bytes (Flower chunks large arrays for
 transport), in an ``ArrayRecord`` under a fixed record name. The only other content is one
-``ConfigRecord`` of plaintext protocol metadata; ``PERMITTED_CONFIG_KEYS`` lists what a
-participant may put there, and the privacy test checks every outgoing message against it.
+``ConfigRecord`` of plaintext protocol metadata; ``participant.audit`` lists what a participant
+may put there (and every field's allowed values), and the privacy tests check every reply against it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TypeVar
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from google.protobuf.message import Message as ProtoMessage
 
-from protos.codec import DEFAULT_MAX_BYTES, parse_message
+from protos.codec import parse_message
 from protos.errors import MalformedMessageError
 
 P = TypeVar("P", bound=ProtoMessage)
@@ -35,9 +35,6 @@ NORMS = "query.norms"  # robust aggregation: a key holder sums masked squared no
 # Encrypted rollout statistics: [sum of episode returns, episodes, env steps].
 STATS_LENGTH = 3
 
-# Metadata a participant may send in the clear (threat-model.md, "What may leave a participant").
-PERMITTED_CONFIG_KEYS = frozenset({"round", "key-fingerprint", "protocol-version"})
-
 
 def pack(proto: ProtoMessage) -> ArrayRecord:
     data = proto.SerializeToString()
@@ -45,10 +42,11 @@ def pack(proto: ProtoMessage) -> ArrayRecord:
     return ArrayRecord({name: Array(dtype="bytes", shape=(len(data),), stype=name, data=data)})
 
 
-def unpack(
-    content: RecordDict, record: str, cls: type[P], *, max_bytes: int = DEFAULT_MAX_BYTES
-) -> P:
-    """The protobuf stored under ``record``, parsed with a size limit (WireError if bad)."""
+def unpack(content: RecordDict, record: str, cls: type[P], *, max_bytes: int) -> P:
+    """The protobuf stored under ``record``, refused before parsing if it exceeds ``max_bytes``.
+
+    Every caller states the limit its layout allows (``protos.codec.max_bytes_for``).
+    """
     if record not in content.array_records:
         raise MalformedMessageError(f"message has no {record!r} record")
     arrays = content.array_records[record]

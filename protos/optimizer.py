@@ -18,6 +18,8 @@ from protos.profiles import HEProfile
 # Additive refresh masks are uniform in [-MASK_BOUND, MASK_BOUND]: large against the state
 # (|m~| <= sqrt(B-1), w~ <= 1) yet far below the 2^19 headroom of a fully consumed ciphertext.
 MASK_BOUND = 2.0**15
+# The encrypted optimizer state next to theta: m~, z (stored as "v") and w~ (docs/he-adam.md).
+STATE_NAMES = ("m", "v", "w")
 
 
 class HEAdamConfigError(ValueError):

@@ -28,7 +28,7 @@ class RunSettings:
     stop_on_solve: bool = False  # end early once the released mean return reaches the threshold
     release_metrics: bool = True  # a participant decrypts and releases rounded federation stats
     he_profile: str = ""  # "": the scenario's HE profile (robust defenses need one spare level: n16k-d7)
-    # Threat lab (issue 4). party-mix: JSON list replacing the scenario's party_mix, e.g.
+    # Threat lab. party-mix: JSON list replacing the scenario's party_mix, e.g.
     # '[{"attack": "sign-flip", "participants": [0, 1, 2]}]'. A lab facility: in a real
     # deployment nobody would take misbehaviour orders from the run config.
     party_mix: str = ""

@@ -35,7 +35,7 @@ RobustMode = Literal["none", "sa-ppo", "noise-injection", "reward-defense"]
 
 @dataclass(frozen=True)
 class RobustConfig:
-    """Robust local training (issue 5). Everything here runs inside the participant.
+    """Robust local training (docs/threat-lab.md). Everything here runs inside the participant.
 
     ``sa-ppo``: PPO loss + ``kappa`` * mean KL(pi(.|s) || pi(.|s_hat)), s_hat from ``attack_steps``
     PGD steps inside the l-inf ball of radius ``epsilon`` * sigma per dimension

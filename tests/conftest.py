@@ -47,3 +47,13 @@ def small_coordinator(small_keys: KeySet) -> TensealBackend:
 def other_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second, unrelated federation key (same profile as small_keys)."""
     return generate_keys(tmp_path_factory.mktemp("other-keys"), "n8k-d2").directory
+
+
+@pytest.fixture()
+def server_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps new messages with the running task's run id; unit tests run outside a task."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

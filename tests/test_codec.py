@@ -117,7 +117,7 @@ def test_full_depth_is_enforced_for_updates(holder, coordinator_backend):
     data = encode_vector(coordinator_backend, low)
     decode_vector(holder, data)  # fine as a reply
     with pytest.raises(InvalidCiphertextError, match="full depth"):
-        decode_vector(holder, data, require_full_depth=True)
+        decode_vector(holder, data, fresh=True)
 
 
 def test_plaintext_baseline_uses_the_same_layout():

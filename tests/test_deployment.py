@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover
 from coordinator.checkpoint import CHECKPOINT_FILE
 from coordinator.report import CURVE_FILE, METRICS_FILE, SUMMARY_FILE
 from participant.keyholder import generate_keys
+from participant.sealing import create_recipient, seal_file
 from protos.codec import parse_message
 from protos.fedhe.v1 import wire_pb2
 from protos.keyfile import COORDINATOR_KEY, PARTICIPANT_KEY, inspect_key_file
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.deployment
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_NODES = 3
 ROUNDS = 2
-KEY_SUFFIXES = (".ctx", ".pem", ".key")
+KEY_SUFFIXES = (".ctx", ".pem", ".key", ".x25519", ".x25519.pub", ".sealed")
 FAB_MAX_BYTES = 10 * 1024 * 1024  # Flower's FAB limit
 # Node 2 also exercises the optional `env-variant` node config (a built-in CartPole variant).
 ENV_VARIANTS = {2: "short-pole"}
@@ -73,7 +74,7 @@ def app_dir_for(tmp_path: Path) -> Path:
 
 
 def key_files_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in KEY_SUFFIXES)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(KEY_SUFFIXES))
 
 
 @pytest.fixture
@@ -200,11 +201,13 @@ def test_fab_from_repo_has_no_key_files_even_with_keys_in_app_dir(tmp_path, giti
     key_dirs = [app / "keys", app / "participant" / "org-keys", app / "runs" / "quickstart" / "keys"]
     for d in key_dirs:
         generate_keys(d, "n8k-d2")  # cheap profile; real key files
+        create_recipient(d / "org")  # an organization's X25519 key pair ...
+        seal_file(d / "participant.ctx", d / "org.x25519.pub", d / "org.sealed")  # ... and a sealed key
     tls = app / "certificates"
     tls.mkdir()
     for name in ("ca.pem", "server.pem", "server.key", "ca.key"):
         (tls / name).write_text("-----BEGIN PRIVATE KEY-----\nnot really\n-----END PRIVATE KEY-----\n")
-    assert len(key_files_under(app)) == 2 * len(key_dirs) + 4
+    assert len(key_files_under(app)) == 5 * len(key_dirs) + 4
 
     fab = build_fab(app, tmp_path / "fab-copy")
     files = shipped_files(fab)

@@ -1,4 +1,4 @@
-"""Policy robustness runner (issue 5): report rendering (fast) and one encrypted run end to end (slow)."""
+"""Policy robustness runner: report rendering (fast) and one encrypted run end to end (slow)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Threat lab (issue 4): attacks, the masked-norm exchange, robust aggregation, DP accounting."""
+"""Threat lab: attacks, the masked-norm exchange, robust aggregation, DP accounting."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import gymnasium as gym
 import numpy as np
 import pytest
+from flwr.app import RecordDict
 
 from coordinator.he_adam import HEAdamState, he_adam_step, initial_optimizer_state, reference_adam
 from coordinator.privacy import effective_noise_multiplier, rdp_epsilon
@@ -15,11 +16,10 @@ from coordinator.robust import (
     DefenseError,
     check_profile_supports,
     clip_factors,
-    masked_squared_norms,
     unmask_squared_norms,
     weighted_sum,
 )
-from coordinator.strategy import HEAdamStrategy
+from coordinator.rounds import HEAdamCoordinator
 from participant.attacks import (
     Behaviour,
     PartyMixError,
@@ -33,6 +33,7 @@ from participant.attacks import (
 from participant.keyholder import decrypt_vector, generate_keys, load_keyholder
 from participant.node import answer_norm_query, dp_clip_and_noise
 from participant.robustness import COLUMNS, GridSpec, add_relative_columns, grid_cells, markdown_table
+from protos import messages
 from protos.codec import encrypt_vector, from_proto, to_proto
 from protos.dp import dp_clip_bound
 from protos.fedhe.v1 import wire_pb2
@@ -62,7 +63,7 @@ def test_full_participation_epsilon_matches_flowers_accountant():
     flower.compose(GaussianPrivacyEvent(noise_multiplier=1.0, sample_size=10, population_size=10), 100)
     ours = rdp_epsilon([1.0] * 100, 1e-5)
     assert ours == pytest.approx(flower.get_epsilon(1e-5), rel=1e-9)
-    assert ours == pytest.approx(96.1, abs=0.1)  # anchors-rl-security.md, table 3.3
+    assert ours == pytest.approx(96.1, abs=0.1)  # 100 rounds at z=1 (docs/threat-lab.md)
 
 
 def test_dropouts_lower_the_effective_noise():
@@ -85,18 +86,17 @@ def test_distributed_noise_sums_to_z_times_c():
 
 
 # -- masked-norm exchange ----------------------------------------------------------------------------
-def test_masked_norm_exchange_hides_norms_and_updates(holder, coordinator_backend):
-    """The key holder decrypts only masked values: no norm, no ratio, no update coordinate."""
+def test_masked_norm_exchange_hides_norms_and_updates(holder, coordinator_backend, tmp_path):
+    """The real coordinator's norm query: the key holder decrypts only masked values."""
     rng = np.random.default_rng(1)
     n, d = 6, 835
     updates = [rng.normal(0, 0.01, d) * (1 + 0.1 * i) for i in range(n)]  # norms within a factor 1.5
     encrypted = [from_proto(coordinator_backend, to_proto(holder, encrypt_vector(holder, u))) for u in updates]
-    masked, masks = masked_squared_norms(coordinator_backend, encrypted, np.random.default_rng(2))
-    query = wire_pb2.NormQuery(round=1)
-    for vec in masked:
-        query.masked.append(to_proto(coordinator_backend, vec))
-    received = wire_pb2.NormQuery.FromString(query.SerializeToString())  # all the key holder gets
-    assert [f.name for f, _ in received.ListFields()] == ["round", "masked"]
+    coordinator = HEAdamCoordinator(coordinator_backend, HEAdamConfig(), "cartpole", d, tmp_path)
+    packed, masks = coordinator.norm_query(1, encrypted)
+    received = messages.unpack(RecordDict({messages.NORM_QUERY: packed}), messages.NORM_QUERY, wire_pb2.NormQuery,
+                               max_bytes=1 << 30)  # all the key holder gets
+    assert [f.name for f, _ in received.ListFields()] == ["protocol_version", "round", "masked"]
 
     true_sq = np.array([u @ u for u in updates])
     seen = [decrypt_vector(holder, from_proto(holder, v)) for v in received.masked]
@@ -131,10 +131,10 @@ def test_clip_factors():
 def test_robust_defense_needs_a_spare_level(coordinator_backend, tmp_path):
     config = HEAdamConfig.for_scenario(load_scenario("cartpole"))
     with pytest.raises(DefenseError, match="n16k-d7"):
-        HEAdamStrategy(coordinator_backend, config, "cartpole", 835, tmp_path, defense="median-norm")
+        HEAdamCoordinator(coordinator_backend, config, "cartpole", 835, tmp_path, defense="median-norm")
     with pytest.raises(DefenseError, match="noise multiplier"):
-        HEAdamStrategy(coordinator_backend, config, "cartpole", 835, tmp_path, defense="dp")
-    HEAdamStrategy(coordinator_backend, config, "cartpole", 835, tmp_path, defense="dp", dp_noise_multiplier=1.0)
+        HEAdamCoordinator(coordinator_backend, config, "cartpole", 835, tmp_path, defense="dp")
+    HEAdamCoordinator(coordinator_backend, config, "cartpole", 835, tmp_path, defense="dp", dp_noise_multiplier=1.0)
     check_profile_supports("median-norm", 7, 6, "n16k-d7")
 
 
@@ -245,6 +245,10 @@ def test_encrypted_federation_with_attacker_median_norm_and_dp(tmp_path_factory)
     assert [r["dp_epsilon"] for r in rows] == [round(rdp_epsilon([1.0] * k, 1e-5), 4) for k in (1, 2)]
     assert summary["dp_epsilon"] == round(rdp_epsilon([1.0, 1.0], 1e-5), 4) and summary["dp_noise_multiplier"] == 1.0
     assert summary["defense"] == "median-norm"
+    from participant.audit import audit_recorded
+
+    replies, problems = audit_recorded(audit, load_evaluation_backend(keys.coordinator_key))
+    assert replies > 0 and problems == []  # robust defense, DP and an attacker: still only the allowlist
     norm_replies = 0
     for manifest in (json.loads(m.read_text()) for m in audit.glob("*/manifest.json")):
         if messages.NORM_REPLY in manifest["array_records"]:

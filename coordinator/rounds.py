@@ -1,0 +1,421 @@
+"""The coordinator's round loop: encrypted sum, HE-Adam, masked refresh (docs/threat-model.md).
+
+One round: send Enc(theta) to the sampled participants (and the masked optimizer state to one
+refresher), sum update ciphertexts as replies arrive (memory O(model)), unmask the refreshed
+state, take one HE-Adam step, checkpoint. Participants that fail, time out or send a reply that
+does not validate are recorded and skipped while at least ``min_participants`` answered; a
+missing refresh is retried with another participant. A round that cannot complete changes
+nothing: the next round starts from the same state (round 1 included).
+
+This is not a Flower ``Strategy``: Flower's strategies aggregate plaintext arrays with hooks this
+protocol has no use for, so the loop drives Flower's ``Grid`` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from coordinator.checkpoint import CoordinatorState, load_checkpoint, save_checkpoint
+from coordinator.he_adam import (
+    STATE_NAMES,
+    HEAdamConfig,
+    HEAdamState,
+    Masks,
+    he_adam_step,
+    initial_optimizer_state,
+    mask_state,
+    unmask_state,
+)
+from coordinator.privacy import effective_noise_multiplier, rdp_epsilon
+from coordinator.replies import RefreshAnswer, read_norms, read_refresh, read_update
+from coordinator.report import append_metrics, is_solved, read_metrics, truncate_metrics
+from coordinator.robust import (
+    DEFENSES,
+    ROBUST_DEFENSES,
+    DefenseError,
+    NormMasks,
+    check_profile_supports,
+    clip_factors,
+    masked_squared_norms,
+    unmask_squared_norms,
+    weighted_sum,
+)
+from protos import messages
+from protos.backend import HEBackend
+from protos.codec import PROTOCOL_VERSION, EncryptedVector, map_chunks, to_proto
+from protos.errors import WireError
+from protos.fedhe.v1 import wire_pb2
+
+log = logging.getLogger("fedhe.coordinator")
+POLL_SECONDS = 0.05
+T = TypeVar("T")
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    completed: bool = False
+    answered: int = 0
+    failed: list[str] = field(default_factory=list)
+    he_ms: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    wall_s: float = 0.0
+    extras: dict = field(default_factory=dict)  # defense and DP fields of this round's metrics row
+
+    def fail(self, node: int, reason: str) -> None:
+        log.warning("round %d, participant node %s: %s", self.round, node, reason)
+        self.failed.append(f"{node}: {reason}")
+
+
+class RoundSums:
+    """Update and statistics ciphertexts summed as they arrive; one vector per stream.
+
+    ``keep=True`` (robust aggregation) keeps the individual updates instead: the sum is then
+    formed after the masked-norm exchange, with per-update factors.
+    """
+
+    def __init__(self, backend: HEBackend, keep: bool = False) -> None:
+        self.backend, self.count = backend, 0
+        self.update: EncryptedVector | None = None
+        self.stats: EncryptedVector | None = None
+        self.kept: list[EncryptedVector] | None = [] if keep else None
+
+    def add(self, update: EncryptedVector, stats: EncryptedVector) -> None:
+        """Both sums change or neither does."""
+        new_stats = stats if self.stats is None else map_chunks(self.backend.add, self.stats, stats)
+        if self.kept is None:
+            self.update = update if self.update is None else map_chunks(self.backend.add, self.update, update)
+        else:
+            self.kept.append(update)
+        self.stats = new_stats
+        self.count += 1
+
+
+class HEAdamCoordinator:
+    """Encrypted federated training with HE-Adam; ``run`` drives the whole federation."""
+
+    def __init__(
+        self,
+        backend: HEBackend,
+        config: HEAdamConfig,
+        scenario_name: str,
+        num_params: int,
+        out_dir: Path,
+        *,
+        participants: int = 0,
+        min_participants: int = 1,
+        round_timeout: float = 600.0,
+        release_metrics: bool = True,
+        reward_threshold: float | None = None,
+        stop_on_solve: bool = False,
+        on_round: Callable[[RoundOutcome, dict | None], None] | None = None,
+        defense: str = "none",
+        defense_bound: float = 0.0,
+        dp_noise_multiplier: float = 0.0,
+        dp_delta: float = 1e-5,
+    ) -> None:
+        self.backend, self.config = backend, config
+        self.poly = config.validate(backend.profile)
+        self.scenario_name, self.num_params = scenario_name, num_params
+        self.out_dir = Path(out_dir)
+        self.participants, self.min_participants = participants, max(1, min_participants)
+        self.round_timeout, self.release = round_timeout, release_metrics
+        self.threshold, self.stop_on_solve, self.on_round = reward_threshold, stop_on_solve, on_round
+        self.state = CoordinatorState()
+        if defense not in DEFENSES:
+            raise DefenseError(f"unknown defense {defense!r}; known: {', '.join(DEFENSES)}")
+        check_profile_supports(defense, backend.profile.levels, config.depth, backend.profile.name)
+        if defense == "dp" and dp_noise_multiplier <= 0:
+            raise DefenseError("defense dp needs a noise multiplier z > 0 (dp-noise-multiplier)")
+        self.defense, self.dp_z, self.dp_delta = defense, dp_noise_multiplier, dp_delta
+        self.defense_bound = defense_bound if defense_bound > 0 else config.clip_bound  # in update units (C)
+        self.dp_history: list[float] = []  # effective noise multiplier per completed round
+
+    def describe(self) -> None:
+        log.info(
+            "HE-Adam on %s (%s, fingerprint %s…): lr=%g b1=%g b2=%g C=%g tau=%.3g P deg %d on [%.3g, %.3g]",
+            self.scenario_name, self.backend.profile.name, self.backend.fingerprint[:12], self.config.lr,
+            self.config.beta1, self.config.beta2, self.config.clip_bound, self.config.tau_value,
+            self.config.degree, *self.poly.interval,
+        )
+
+    def run(self, grid: Grid, num_rounds: int, resume: bool = False) -> None:
+        self.describe()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.state = load_checkpoint(self.out_dir, self.backend, self.scenario_name, self.num_params,
+                                         self.config.to_json())
+            truncate_metrics(self.out_dir, max((h.round for h in self.state.history), default=0))
+            self.dp_history = [r["dp_z"] for r in read_metrics(self.out_dir) if r.get("dp_z")]
+            log.info("resumed from round %d", self.state.round)
+        for server_round in range(self.state.round + 1, num_rounds + 1):
+            outcome = self.run_round(grid, server_round)
+            rows = read_metrics(self.out_dir)
+            if self.on_round:
+                self.on_round(outcome, rows[-1] if rows else None)
+            if self.stop_on_solve and is_solved(rows, self.threshold):
+                log.info("solved at round %d: stopping", server_round)
+                break
+        self._final_release(grid)
+
+    # -- one round --------------------------------------------------------------------------------
+    def run_round(self, grid: Grid, server_round: int) -> RoundOutcome:
+        t0 = time.perf_counter()
+        outcome = RoundOutcome(server_round)
+        nodes = self._wait_for_nodes(grid)
+        refresher = nodes[(server_round - 1) % len(nodes)]
+        outgoing, masks = self.train_messages(server_round, nodes, refresher)
+        outcome.bytes_down = sum(messages.payload_bytes(m.content) for m in outgoing)
+        sums = RoundSums(self.backend, keep=self.defense in ROBUST_DEFENSES)
+        refreshed: tuple[EncryptedVector, dict] | None = None
+
+        def read_train(reply: Message) -> Message:
+            sums.add(*read_update(self.backend, reply, server_round, self.num_params))
+            return reply
+
+        for node, reply in self._exchange(grid, outgoing, read_train, outcome, "update"):
+            if node == refresher:
+                refreshed = self._guarded(outcome, node, "refresh", lambda r=reply: self._take_refresh(r, masks, server_round))
+        outcome.answered = sums.count
+        if sums.count < self.min_participants:
+            log.warning("round %d: only %d of %d participants answered (minimum %d); state unchanged",
+                        server_round, sums.count, len(nodes), self.min_participants)
+            return self._finish(outcome, t0)
+        if refreshed is None:
+            refreshed = self._fallback_refresh(grid, server_round, nodes, refresher, outcome)
+            if refreshed is None:
+                log.warning("round %d: no participant could refresh the state; state unchanged", server_round)
+                return self._finish(outcome, t0)
+        theta, state = refreshed
+        t_he = time.perf_counter()
+        aggregate = sums.update
+        if sums.kept is not None:
+            aggregate = self._robust_aggregate(grid, server_round, nodes, refresher, sums.kept, outcome)
+            if aggregate is None:
+                log.warning("round %d: no key holder answered the norm query; state unchanged", server_round)
+                return self._finish(outcome, t0)
+        step = he_adam_step(self.backend, HEAdamState(theta, **state, step=self._steps()), aggregate, self.config, self.poly)
+        outcome.he_ms = (time.perf_counter() - t_he) * 1e3
+        if self.dp_z > 0:
+            z_eff = effective_noise_multiplier(self.dp_z, sums.count, len(nodes))
+            self.dp_history.append(z_eff)
+            outcome.extras.update(dp_z=round(z_eff, 6), dp_epsilon=round(rdp_epsilon(self.dp_history, self.dp_delta), 4))
+        self.state.optimizer = step.state
+        self.state.pending_stats = sums.stats
+        outcome.completed = True
+        return self._finish(outcome, t0)
+
+    def _steps(self) -> int:
+        return self.state.optimizer.step if self.state.optimizer is not None else 0
+
+    def _finish(self, outcome: RoundOutcome, t0: float) -> RoundOutcome:
+        """Checkpoint a completed round; a failed one leaves state and checkpoint as they were."""
+        outcome.wall_s = time.perf_counter() - t0
+        if outcome.completed:
+            self.state.round = outcome.round
+            self.state.pending_round = {
+                "round": outcome.round, "wall_s": round(outcome.wall_s, 3), "bytes_up": outcome.bytes_up,
+                "bytes_down": outcome.bytes_down, "he_ms": round(outcome.he_ms, 1), "participants": outcome.answered,
+                "failed": outcome.failed, **outcome.extras,
+            }
+            self._save()
+        return outcome
+
+    def _save(self) -> None:
+        save_checkpoint(self.out_dir, self.backend, self.scenario_name, self.config.to_json(), self.state)
+
+    # -- robust aggregation -----------------------------------------------------------------------
+    def norm_query(self, server_round: int, kept: list[EncryptedVector]) -> tuple[ArrayRecord, NormMasks]:
+        """The masked squared norms a key holder sums (coordinator/robust.py)."""
+        masked, masks = masked_squared_norms(self.backend, kept)
+        query = wire_pb2.NormQuery(protocol_version=PROTOCOL_VERSION, round=server_round)
+        for vec in masked:
+            query.masked.append(to_proto(self.backend, vec))
+        return messages.pack(query), masks
+
+    def _robust_aggregate(
+        self, grid: Grid, server_round: int, nodes: list[int], refresher: int, kept: list[EncryptedVector],
+        outcome: RoundOutcome,
+    ) -> EncryptedVector | None:
+        """Masked-norm exchange with one key holder, then sum_i f_i Enc(u_i)."""
+        packed, masks = self.norm_query(server_round, kept)
+        for node in [refresher] + [n for n in nodes if n != refresher]:
+            msg = self._message(node, server_round, len(nodes), messages.NORMS, {messages.NORM_QUERY: packed})
+            outcome.bytes_down += messages.payload_bytes(msg.content)
+            read = lambda reply: unmask_squared_norms(read_norms(reply, server_round, len(kept)), masks)  # noqa: E731
+            for _, squared in self._exchange(grid, [msg], read, outcome, "norm reply"):
+                bound = self.defense_bound * self.config.update_scale / len(nodes)  # C in pre-weighted, pre-scaled units
+                factors = clip_factors(np.sqrt(squared), self.defense, bound)
+                outcome.extras.update(defense=self.defense, clipped=int(np.sum(factors < 1.0)))
+                return weighted_sum(self.backend, kept, factors)
+        return None
+
+    def summary_fields(self) -> dict:
+        """Defense and privacy fields for summary.json."""
+        out: dict = {"defense": self.defense}
+        if self.dp_z > 0:
+            out.update(dp_noise_multiplier=self.dp_z, dp_delta=self.dp_delta, dp_rounds=len(self.dp_history),
+                       dp_epsilon=round(rdp_epsilon(self.dp_history, self.dp_delta), 4))
+        else:
+            out.update(dp_epsilon=None)
+        return out
+
+    # -- messages ---------------------------------------------------------------------------------
+    def _sample(self, node_ids: list[int]) -> list[int]:
+        nodes = sorted(node_ids)
+        return nodes[: self.participants] if self.participants else nodes
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.round_timeout
+        while True:
+            nodes = self._sample(list(grid.get_node_ids()))
+            if len(nodes) >= max(self.min_participants, self.participants or 1):
+                return nodes
+            if time.monotonic() > deadline:
+                if len(nodes) >= self.min_participants:
+                    return nodes
+                raise TimeoutError(f"only {len(nodes)} participants connected; need {self.min_participants}")
+            time.sleep(0.5)
+
+    def _message(
+        self, node: int, server_round: int, participants: int, kind: str, arrays: dict[str, ArrayRecord],
+        group: str | None = None,
+    ) -> Message:
+        """Every message carries the round's public metadata; ``init`` while there is no theta yet."""
+        config = ConfigRecord({
+            "round": server_round, "participants": participants, "key-fingerprint": self.backend.fingerprint,
+            "protocol-version": PROTOCOL_VERSION,
+        })
+        if self.state.optimizer is None:
+            config["init"] = True
+        content = RecordDict({messages.CONFIG: config, **arrays})
+        return Message(content, dst_node_id=node, message_type=kind, group_id=group or str(server_round))
+
+    def refresh_request(
+        self, server_round: int, with_state: bool = True
+    ) -> tuple[wire_pb2.RefreshRequest, Masks | None]:
+        """The optimizer state under fresh secret masks, plus last round's stats to release."""
+        request = wire_pb2.RefreshRequest(protocol_version=PROTOCOL_VERSION, round=server_round)
+        masks = None
+        if with_state and self.state.optimizer is not None:
+            masked, masks = mask_state(self.backend, self.state.optimizer.named())
+            for name, vec in masked.items():
+                request.masked_state[name].CopyFrom(to_proto(self.backend, vec))
+        if self.release and self.state.pending_stats is not None:
+            request.stats_to_release.CopyFrom(to_proto(self.backend, self.state.pending_stats))
+            request.stats_round = self.state.pending_round.get("round", 0)
+        return request, masks
+
+    def _theta_arrays(self) -> dict[str, ArrayRecord]:
+        if self.state.optimizer is None:
+            return {}
+        return {messages.THETA: messages.pack(to_proto(self.backend, self.state.optimizer.theta))}
+
+    def train_messages(self, server_round: int, nodes: list[int], refresher: int) -> tuple[list[Message], Masks | None]:
+        theta = self._theta_arrays()
+        request, masks = self.refresh_request(server_round)
+        out = []
+        for node in nodes:
+            arrays = dict(theta)
+            if node == refresher:
+                arrays[messages.REFRESH_REQUEST] = messages.pack(request)
+            out.append(self._message(node, server_round, len(nodes), messages.TRAIN, arrays))
+        return out, masks
+
+    def _stream(self, grid: Grid, outgoing: list[Message]) -> Iterator[Message]:
+        """Yield replies as they arrive until all are in or the round times out."""
+        pending = {i for i in grid.push_messages(outgoing) if i}
+        deadline = time.monotonic() + self.round_timeout
+        while pending and time.monotonic() < deadline:
+            replies = list(grid.pull_messages(pending))
+            for reply in replies:
+                pending.discard(reply.metadata.reply_to_message_id)
+                yield reply
+            if not replies:
+                time.sleep(POLL_SECONDS)
+        if pending:
+            log.warning("%d participant(s) timed out after %.0f s", len(pending), self.round_timeout)
+
+    def _exchange(
+        self, grid: Grid, outgoing: list[Message], read: Callable[[Message], T], outcome: RoundOutcome, what: str
+    ) -> Iterator[tuple[int, T]]:
+        """Push, stream replies, and read each one; every failure is that participant's, never the round's."""
+        for reply in self._stream(grid, outgoing):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                outcome.fail(node, f"error: {reply.error.reason}")
+                continue
+            outcome.bytes_up += messages.payload_bytes(reply.content)
+            value = self._guarded(outcome, node, what, lambda r=reply: read(r))
+            if value is not None:
+                yield node, value
+
+    @staticmethod
+    def _guarded(outcome: RoundOutcome, node: int, what: str, fn: Callable[[], T]) -> T | None:
+        try:
+            return fn()
+        except WireError as exc:
+            outcome.fail(node, f"rejected {what}: {exc}")
+        except Exception as exc:  # a hostile reply must never stop the round
+            outcome.fail(node, f"rejected {what}: {type(exc).__name__}: {exc}")
+        return None
+
+    # -- refresh ----------------------------------------------------------------------------------
+    def _take_refresh(self, reply: Message, masks: Masks | None, server_round: int):
+        answer: RefreshAnswer = read_refresh(self.backend, reply, server_round, self.num_params,
+                                             STATE_NAMES if masks else ())
+        if answer.theta is None:
+            raise WireError("refresh reply lacks theta")
+        state = unmask_state(self.backend, answer.state, masks) if masks else initial_optimizer_state(self.backend, self.num_params)
+        if answer.released is not None:
+            self._record_release(answer.released)
+        return answer.theta, state
+
+    def _fallback_refresh(self, grid: Grid, server_round: int, nodes: list[int], refresher: int, outcome: RoundOutcome):
+        for node in [n for n in nodes if n != refresher]:
+            log.info("round %d: refresher %s failed; asking %s", server_round, refresher, node)
+            request, masks = self.refresh_request(server_round)
+            arrays = {**self._theta_arrays(), messages.REFRESH_REQUEST: messages.pack(request)}
+            msg = self._message(node, server_round, len(nodes), messages.REFRESH, arrays)
+            read = lambda reply, m=masks: self._take_refresh(reply, m, server_round)  # noqa: E731
+            for _, refreshed in self._exchange(grid, [msg], read, outcome, "refresh"):
+                return refreshed
+        return None
+
+    def _final_release(self, grid: Grid) -> None:
+        """Release the last round's stats (no training, no state)."""
+        if not self.release or self.state.pending_stats is None:
+            return
+        release_round = self.state.round + 1
+        nodes = self._sample(list(grid.get_node_ids()))
+        request, _ = self.refresh_request(release_round, with_state=False)
+        outcome = RoundOutcome(release_round)
+        for node in nodes:
+            msg = self._message(node, release_round, len(nodes), messages.REFRESH,
+                                {messages.REFRESH_REQUEST: messages.pack(request)}, group="release")
+            read = lambda reply: read_refresh(self.backend, reply, release_round, self.num_params, ())  # noqa: E731
+            for _, answer in self._exchange(grid, [msg], read, outcome, "release"):
+                if answer.released is not None:
+                    self._record_release(answer.released)
+                    self._save()
+                    return
+
+    def _record_release(self, released: wire_pb2.ReleasedMetrics) -> None:
+        pending = self.state.pending_round
+        if not pending or pending.get("round") != released.round:
+            return
+        row = dict(pending)
+        row.update(mean_return=released.mean_return if released.valid else None,
+                   episodes=int(released.episodes), steps=int(released.steps))
+        append_metrics(self.out_dir, row)
+        self.state.history.append(released)
+        self.state.pending_round, self.state.pending_stats = {}, None

@@ -1,0 +1,83 @@
+"""What a key holder agrees to decrypt or re-encrypt: only requests that match the round.
+
+Every participant holds the federation's secret key, so a coordinator that deviates could try
+to use one as a decryption oracle. These rules bound that (docs/threat-model.md, "A coordinator
+that deviates"): a request must name the round of its message and carry exactly the vectors the
+protocol defines (masked m, v, w of the model's length; a length-3 statistics vector of an earlier
+round; at most one norm ciphertext per participant of the round), each kind is answered at most
+once per round (statistics once per statistics round), a norm ciphertext must decrypt to values
+that are visibly masked, and only rounded aggregates are released.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ConfigRecord, Context
+
+from protos.codec import check_version
+from protos.errors import RequestRefusedError
+from protos.fedhe.v1 import wire_pb2
+from protos.optimizer import MASK_BOUND, STATE_NAMES
+
+LEDGER = "fedhe.answered"
+# A masked slot is uniform in +-MASK_BOUND; 8192 of them all below a quarter of it never happens.
+MASKED_MIN_PEAK = MASK_BOUND / 4
+
+
+class AnswerLedger:
+    """Which requests this key holder already answered in this run.
+
+    Kept in Flower's per-run node state (``context.state``), which the SuperNode keeps across
+    messages even when each message runs in a fresh ClientApp process.
+    """
+
+    def __init__(self, record: ConfigRecord | None = None) -> None:
+        self.record = record if record is not None else ConfigRecord({"answered": []})
+
+    @classmethod
+    def of(cls, context: Context) -> "AnswerLedger":
+        if LEDGER not in context.state.config_records:
+            context.state[LEDGER] = ConfigRecord({"answered": []})
+        return cls(context.state.config_records[LEDGER])
+
+    def claim(self, kind: str, round_: int) -> None:
+        key = f"{kind}:{round_}"
+        answered = list(self.record["answered"])
+        if key in answered:
+            raise RequestRefusedError(f"already answered a {kind} request for round {round_}; a key holder answers once")
+        self.record["answered"] = answered + [key]
+
+
+def check_refresh_request(request: wire_pb2.RefreshRequest, round_: int, ledger: AnswerLedger) -> None:
+    """The masked state is exactly m, v, w (or absent); statistics are an earlier round's, once."""
+    check_version(request.protocol_version, "refresh request")
+    if request.round != round_:
+        raise RequestRefusedError(f"refresh request names round {request.round} inside a round-{round_} message")
+    if request.masked_state and set(request.masked_state) != set(STATE_NAMES):
+        raise RequestRefusedError(f"refresh request holds state {sorted(request.masked_state)}, expected {list(STATE_NAMES)}")
+    if request.masked_state:
+        ledger.claim("refresh", round_)
+    if request.HasField("stats_to_release"):
+        if not 1 <= request.stats_round < round_:
+            raise RequestRefusedError(f"statistics of round {request.stats_round} cannot be released in round {round_}")
+        ledger.claim("release", request.stats_round)
+
+
+def check_norm_query(query: wire_pb2.NormQuery, round_: int, participants: int, ledger: AnswerLedger) -> None:
+    """At most one ciphertext per participant of the round, one query per round."""
+    check_version(query.protocol_version, "norm query")
+    if query.round != round_:
+        raise RequestRefusedError(f"norm query names round {query.round} inside a round-{round_} message")
+    if not 1 <= len(query.masked) <= participants:
+        raise RequestRefusedError(f"norm query holds {len(query.masked)} ciphertexts for {participants} participants")
+    ledger.claim("norms", round_)
+
+
+def require_masked(values: np.ndarray) -> None:
+    """Refuse to sum a norm ciphertext that does not carry the coordinator's mask."""
+    peak = float(np.max(np.abs(values)))
+    if peak < MASKED_MIN_PEAK:
+        raise RequestRefusedError(
+            f"a norm-query ciphertext decrypts to values of at most {peak:.3g}, not masked "
+            f"(the protocol's masks reach {MASK_BOUND:g}); refusing to release its sum"
+        )

@@ -1,0 +1,60 @@
+"""Checkpoints: a resume restores exactly what was saved, and refuses what does not belong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.checkpoint import CHECKPOINT_FILE, CoordinatorState, load_checkpoint, save_checkpoint
+from coordinator.he_adam import HEAdamState
+from participant.keyholder import decrypt_vector
+from protos.codec import decode_vector, encode_vector, encrypt_vector
+from protos.errors import CheckpointError
+from protos.keyfile import load_evaluation_backend
+from protos.optimizer import HEAdamConfig
+
+D = 40
+CONFIG = HEAdamConfig().to_json()
+
+
+@pytest.fixture()
+def saved(tmp_path, coordinator_backend, holder):
+    rng = np.random.default_rng(0)
+    values = {k: rng.normal(size=D) for k in ("theta", "m", "v", "w")}
+    enc = {k: decode_vector(coordinator_backend, encode_vector(holder, encrypt_vector(holder, v))) for k, v in values.items()}
+    state = CoordinatorState(round=7, optimizer=HEAdamState(enc["theta"], enc["m"], enc["v"], enc["w"], step=7))
+    save_checkpoint(tmp_path, coordinator_backend, "cartpole", CONFIG, state)
+    return tmp_path, values
+
+
+def test_resume_restores_theta_and_optimizer_state_exactly(saved, coordinator_backend, holder):
+    directory, values = saved
+    state = load_checkpoint(directory, coordinator_backend, "cartpole", D, CONFIG)
+    assert state.round == 7
+    for name in ("theta", "m", "v", "w"):
+        back = decode_vector(holder, encode_vector(coordinator_backend, getattr(state.optimizer, name)))
+        np.testing.assert_allclose(decrypt_vector(holder, back), values[name], atol=1e-6)
+
+
+def test_wrong_key_is_refused(saved, other_keys):
+    other = load_evaluation_backend(other_keys / "coordinator.ctx")
+    with pytest.raises(CheckpointError, match="federation key"):
+        load_checkpoint(saved[0], other, "cartpole", D, CONFIG)
+
+
+def test_wrong_scenario_is_refused(saved, coordinator_backend):
+    with pytest.raises(CheckpointError, match="scenario 'cartpole', not 'acrobot'"):
+        load_checkpoint(saved[0], coordinator_backend, "acrobot", D, CONFIG)
+
+
+def test_truncated_checkpoint_is_refused(saved, coordinator_backend):
+    path = saved[0] / CHECKPOINT_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt|unusable"):
+        load_checkpoint(saved[0], coordinator_backend, "cartpole", D, CONFIG)
+
+
+def test_changed_optimizer_configuration_is_refused_naming_the_fields(saved, coordinator_backend):
+    changed = HEAdamConfig(lr=0.02, clip_bound=2.0).to_json()
+    with pytest.raises(CheckpointError, match=r"clip_bound 1.0 -> 2.0, lr 0.01 -> 0.02"):
+        load_checkpoint(saved[0], coordinator_backend, "cartpole", D, changed)

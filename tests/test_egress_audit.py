@@ -1,0 +1,132 @@
+"""The egress allowlist: every reply field is a fresh ciphertext or named metadata with its allowed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from participant.audit import ALLOWED_FIELDS, ALLOWED_RECORDS, audit_reply
+from participant.node import answer_norm_query
+from protos import messages
+from protos.codec import PROTOCOL_VERSION, encrypt_vector, to_proto
+from protos.fedhe.v1 import wire_pb2
+
+ROUND = 4
+
+
+def config(holder, **extra) -> ConfigRecord:
+    return ConfigRecord({"round": ROUND, "key-fingerprint": holder.fingerprint, "protocol-version": PROTOCOL_VERSION, **extra})
+
+
+def update_reply(holder) -> RecordDict:
+    update = wire_pb2.ParticipantUpdate(
+        protocol_version=PROTOCOL_VERSION, round=ROUND,
+        update=to_proto(holder, encrypt_vector(holder, np.ones(30))),
+        rollout_stats=to_proto(holder, encrypt_vector(holder, np.array([50.0, 2.0, 100.0]))),
+    )
+    return RecordDict({messages.CONFIG: config(holder), messages.UPDATE: messages.pack(update)})
+
+
+def refresh_reply(holder) -> RecordDict:
+    reply = wire_pb2.RefreshReply(protocol_version=PROTOCOL_VERSION, round=ROUND,
+                                  theta=to_proto(holder, encrypt_vector(holder, np.ones(30))),
+                                  released=wire_pb2.ReleasedMetrics(round=ROUND - 1, mean_return=21.25, episodes=4,
+                                                                    steps=85, valid=True))
+    reply.state["m"].CopyFrom(to_proto(holder, encrypt_vector(holder, np.ones(30))))
+    return RecordDict({messages.CONFIG: config(holder), messages.REFRESH_REPLY: messages.pack(reply)})
+
+
+def norm_reply(holder) -> RecordDict:
+    reply = wire_pb2.NormReply(protocol_version=PROTOCOL_VERSION, round=ROUND, masked_sums=[1234.0, 0.5678])
+    return RecordDict({messages.CONFIG: config(holder), messages.NORM_REPLY: messages.pack(reply)})
+
+
+REPLIES = {"update": update_reply, "refresh": refresh_reply, "norms": norm_reply}
+
+
+@pytest.mark.parametrize("kind", REPLIES)
+def test_protocol_replies_pass(small_holder, kind):
+    assert audit_reply(REPLIES[kind](small_holder), ROUND, small_holder) == []
+
+
+@pytest.mark.parametrize("kind", REPLIES)
+def test_a_plaintext_metric_on_any_reply_fails(small_holder, kind):
+    content = REPLIES[kind](small_holder)
+    content["metrics"] = MetricRecord({"mean_return": 187.3})
+    assert any("metric" in p for p in audit_reply(content, ROUND, small_holder))
+
+
+def extended_update_class():
+    """ParticipantUpdate with one more plaintext field, as if someone added it to wire.proto."""
+    file = descriptor_pb2.FileDescriptorProto()
+    wire_pb2.DESCRIPTOR.CopyToProto(file)
+    file.name = "fedhe/v1/wire_extended.proto"
+    update = next(m for m in file.message_type if m.name == "ParticipantUpdate")
+    update.field.add(name="local_mean_return", number=15, type=descriptor_pb2.FieldDescriptorProto.TYPE_DOUBLE,
+                     label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("fedhe.v1.ParticipantUpdate"))
+
+
+def test_a_new_plaintext_schema_field_fails(small_holder):
+    good = update_reply(small_holder)
+    data = good.array_records[messages.UPDATE][wire_pb2.ParticipantUpdate.DESCRIPTOR.full_name].data
+    leaky = extended_update_class().FromString(data)
+    leaky.local_mean_return = 187.34512
+    content = RecordDict({messages.CONFIG: config(small_holder)})
+    content[messages.UPDATE] = messages.pack(leaky)
+    problems = audit_reply(content, ROUND, small_holder)
+    assert problems and "unknown field" in problems[0]
+
+
+def test_every_schema_field_of_a_reply_has_a_declared_rule():
+    """A field added to a reply message must be declared here with its allowed values."""
+    for cls in [*ALLOWED_RECORDS.values(), wire_pb2.ReleasedMetrics]:
+        assert {f.name for f in cls.DESCRIPTOR.fields} == set(ALLOWED_FIELDS[cls.DESCRIPTOR.full_name])
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda c, h: c[messages.CONFIG].__setitem__("mean-return", 187.3), "not permitted"),
+    (lambda c, h: c[messages.CONFIG].__setitem__("round", ROUND + 1), "allowed value"),
+    (lambda c, h: c.__setitem__("extra", ConfigRecord({"x": 1})), "config records"),
+])
+def test_config_keys_and_values_are_checked(small_holder, change, expected):
+    content = update_reply(small_holder)
+    change(content, small_holder)
+    assert any(expected in p for p in audit_reply(content, ROUND, small_holder))
+
+
+def test_unrounded_release_and_unrounded_norm_sums_fail(small_holder):
+    content = refresh_reply(small_holder)
+    reply = messages.unpack(content, messages.REFRESH_REPLY, wire_pb2.RefreshReply, max_bytes=1 << 30)
+    reply.released.mean_return = 21.2537
+    content[messages.REFRESH_REPLY] = messages.pack(reply)
+    assert any("mean_return" in p for p in audit_reply(content, ROUND, small_holder))
+    norms = norm_reply(small_holder)
+    norms[messages.NORM_REPLY] = messages.pack(wire_pb2.NormReply(protocol_version=PROTOCOL_VERSION, round=ROUND,
+                                                                  masked_sums=[1234.5678]))
+    assert any("masked_sums" in p for p in audit_reply(norms, ROUND, small_holder))
+
+
+def test_a_plaintext_vector_in_place_of_a_ciphertext_fails(small_holder):
+    from participant.keyholder import PlainKeyHolder
+
+    content = update_reply(small_holder)
+    update = messages.unpack(content, messages.UPDATE, wire_pb2.ParticipantUpdate, max_bytes=1 << 30)
+    plain = PlainKeyHolder(small_holder.profile)
+    update.update.CopyFrom(to_proto(plain, encrypt_vector(plain, np.ones(30))))
+    content[messages.UPDATE] = messages.pack(update)
+    assert any("not a fresh ciphertext" in p for p in audit_reply(content, ROUND, small_holder))
+
+
+def test_what_the_key_holder_releases_passes(small_holder):
+    """The participant's own norm answer is rounded as the allowlist demands."""
+    query = wire_pb2.NormQuery(protocol_version=PROTOCOL_VERSION, round=ROUND)
+    masked = np.random.default_rng(0).uniform(-2.0**15, 2.0**15, small_holder.slots)
+    query.masked.append(to_proto(small_holder, encrypt_vector(small_holder, masked)))
+    reply = RecordDict({messages.CONFIG: config(small_holder),
+                        messages.NORM_REPLY: messages.pack(answer_norm_query(small_holder, query))})
+    assert audit_reply(reply, ROUND, small_holder) == []
