@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from participant.ppo import ParticipantTrainer  # noqa: E402
-from participant.rollout import evaluate_policy  # noqa: E402
+from scenarios.rollout import evaluate_policy  # noqa: E402
 from scenarios import Policy, Scenario, load_scenario  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Plaintext sweep of robust-training settings: train per seed, attack the policy, print JSON.
 
-Screening tool for `participant.policy_robustness.ROBUST_OVERRIDES` (the numbers that count come
+Screening tool for `fedhe.lab.policy_grid.ROBUST_OVERRIDES` (the numbers that count come
 from encrypted `fedhe robustness` runs; this single-process harness is only indicative).
 Each seed trains `plain_federated_rl.run` with ``ppo.robust`` from ``--robust`` and evaluates the
 final policy clean and under ``--attacks`` at ``--epsilon`` (``--sigma``: a per-dimension list, 0
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from plain_federated_rl import run  # noqa: E402
 
-from participant.eval_attacks import reference_std  # noqa: E402
-from participant.policy_robustness import evaluate_policy_robustness  # noqa: E402
+from fedhe.lab.policy_attacks import reference_std  # noqa: E402
+from fedhe.lab.policy_grid import evaluate_policy_robustness  # noqa: E402
 from scenarios import load_scenario  # noqa: E402
 from scenarios.scenario import RobustConfig  # noqa: E402
 

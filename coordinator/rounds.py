@@ -34,10 +34,10 @@ from coordinator.he_adam import (
     mask_state,
     unmask_state,
 )
-from coordinator.privacy import effective_noise_multiplier, rdp_epsilon
+from coordinator.dp_accounting import effective_noise_multiplier, rdp_epsilon
 from coordinator.replies import RefreshAnswer, read_norms, read_refresh, read_update
 from coordinator.report import append_metrics, is_solved, read_metrics, truncate_metrics
-from coordinator.robust import (
+from coordinator.robust_aggregation import (
     DEFENSES,
     ROBUST_DEFENSES,
     DefenseError,
@@ -53,6 +53,7 @@ from protos.backend import HEBackend
 from protos.codec import PROTOCOL_VERSION, EncryptedVector, map_chunks, to_proto
 from protos.errors import WireError
 from protos.fedhe.v1 import wire_pb2
+from protos.update_units import UpdateUnits
 
 log = logging.getLogger("fedhe.coordinator")
 POLL_SECONDS = 0.05
@@ -235,7 +236,7 @@ class HEAdamCoordinator:
 
     # -- robust aggregation -----------------------------------------------------------------------
     def norm_query(self, server_round: int, kept: list[EncryptedVector]) -> tuple[ArrayRecord, NormMasks]:
-        """The masked squared norms a key holder sums (coordinator/robust.py)."""
+        """The masked squared norms a key holder sums (coordinator/robust_aggregation.py)."""
         masked, masks = masked_squared_norms(self.backend, kept)
         query = wire_pb2.NormQuery(protocol_version=PROTOCOL_VERSION, round=server_round)
         for vec in masked:
@@ -253,7 +254,7 @@ class HEAdamCoordinator:
             outcome.bytes_down += messages.payload_bytes(msg.content)
             read = lambda reply: unmask_squared_norms(read_norms(reply, server_round, len(kept)), masks)  # noqa: E731
             for _, squared in self._exchange(grid, [msg], read, outcome, "norm reply"):
-                bound = self.defense_bound * self.config.update_scale / len(nodes)  # C in pre-weighted, pre-scaled units
+                bound = UpdateUnits.of(self.config, len(nodes)).bound(self.defense_bound)
                 factors = clip_factors(np.sqrt(squared), self.defense, bound)
                 outcome.extras.update(defense=self.defense, clipped=int(np.sum(factors < 1.0)))
                 return weighted_sum(self.backend, kept, factors)

@@ -25,15 +25,15 @@ from protos.keyfile import load_evaluation_backend
 from protos.optimizer import HEAdamConfig
 from protos.profiles import get_profile
 from protos.settings import RunSettings
-from scenarios import load_scenario
+from scenarios import resolve_run
 
 log = logging.getLogger("fedhe.coordinator")
 RUN_INFO_FILE = "run.json"
 
 
-def coordinator_backend(settings: RunSettings, profile: str) -> HEBackend:
+def coordinator_backend(settings: RunSettings) -> HEBackend:
     if settings.plaintext:
-        return PlainBackend(get_profile(profile))
+        return PlainBackend(get_profile(settings.he_profile))
     if not settings.coordinator_key:
         raise ValueError(
             "no coordinator key: set run config coordinator-key=\"/path/to/coordinator.ctx\" "
@@ -49,17 +49,14 @@ def run_federation(
 ) -> dict:
     """Everything the ServerApp does; returns summary.json's content."""
     t0 = time.perf_counter()
-    scenario = load_scenario(settings.scenario)
-    if settings.he_profile:
-        scenario = scenario.with_overrides(he_profile=settings.he_profile)
-    backend = coordinator_backend(settings, scenario.he_profile)
-    if backend.profile.name != scenario.he_profile:
+    scenario, settings = resolve_run(settings)
+    backend = coordinator_backend(settings)
+    if backend.profile.name != settings.he_profile:
         raise ValueError(
-            f"scenario {scenario.name} uses HE profile {scenario.he_profile}, the key file is "
-            f"{backend.profile.name}; create keys with `fedhe keygen --profile {scenario.he_profile}`"
+            f"this run uses HE profile {settings.he_profile}, the key file is {backend.profile.name}; "
+            f"create keys with `fedhe keygen --profile {settings.he_profile}`"
         )
     num_params = scenario.policy_spec().num_params
-    rounds = settings.num_server_rounds or scenario.rounds
     write_run_info(Path(settings.out_dir), settings, scenario.name, num_params)
     coordinator = HEAdamCoordinator(
         backend,
@@ -79,7 +76,7 @@ def run_federation(
         dp_noise_multiplier=settings.dp_noise_multiplier,
         dp_delta=settings.dp_delta,
     )
-    coordinator.run(grid, num_rounds=rounds, resume=settings.resume)
+    coordinator.run(grid, num_rounds=settings.num_server_rounds, resume=settings.resume)
     participants = settings.participants or len(list(grid.get_node_ids()))
     return write_summary(
         Path(settings.out_dir),
@@ -94,10 +91,11 @@ def run_federation(
 
 
 def write_run_info(out_dir: Path, settings: RunSettings, scenario_name: str, num_params: int) -> None:
-    """Public run settings, so `fedhe evaluate DIR` can find the scenario again."""
+    """The resolved public run settings, so `fedhe evaluate DIR` rebuilds exactly this run's scenario."""
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {"scenario_ref": settings.scenario, "scenario": scenario_name, "num_params": num_params,
-            "plaintext": settings.plaintext, "seed": settings.seed}
+            "plaintext": settings.plaintext, "seed": settings.seed, "rounds": settings.num_server_rounds,
+            "he_profile": settings.he_profile, "robust_training": settings.robust_training}
     (out_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 

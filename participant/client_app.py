@@ -12,30 +12,32 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from functools import lru_cache
+
 from participant.answer_rules import AnswerLedger
-from participant.node import NodeIdentity, cached_scenario, handle
+from participant.local_update import NodeIdentity
+from participant.node import handle
 from protos.settings import RunSettings
+from scenarios import Scenario, resolve_run
 
 
-def identity_from(context: Context, settings: RunSettings) -> NodeIdentity:
+@lru_cache(maxsize=4)
+def resolved(settings: RunSettings) -> tuple[Scenario, RunSettings]:
+    """The run's scenario and settings with defaults filled in (loaded once per process)."""
+    return resolve_run(settings)
+
+
+def identity_from(context: Context, run: RunSettings) -> NodeIdentity:
     node = context.node_config
     index = node.get("participant-index", node.get("partition-id"))
     if index is None:
         raise ValueError("node config needs participant-index (e.g. --node-config 'participant-index=0')")
-    seed = settings.seed if settings.seed >= 0 else cached_scenario(settings.scenario).seed
     variant = node.get("env-variant") or None
     return NodeIdentity(
         participant_index=int(index),
-        key_dir=str(node.get("key-dir", settings.participant_key_dir)),
+        key_dir=str(node.get("key-dir", run.participant_key_dir)),
         variant=str(variant) if variant else None,
-        scenario_ref=settings.scenario,
-        plaintext=settings.plaintext,
-        seed=seed,
-        party_mix=settings.party_mix,
-        collusion_dir=settings.collusion_dir,
-        dp_noise_multiplier=settings.dp_noise_multiplier,
-        he_profile=settings.he_profile,
-        total_rounds=settings.num_server_rounds,
+        run=run,
     )
 
 
@@ -44,8 +46,9 @@ def build_client_app(settings: RunSettings | None = None, mods: list[Mod] | None
     app = ClientApp(mods=mods or [])
 
     def respond(msg: Message, context: Context, training: bool) -> Message:
-        run = settings or RunSettings.from_run_config(context.run_config)
-        content = handle(msg.content, identity_from(context, run), context.run_id, training, AnswerLedger.of(context))
+        scenario, run = resolved(settings or RunSettings.from_run_config(context.run_config))
+        identity = identity_from(context, run)
+        content = handle(msg.content, scenario, identity, context.run_id, training, AnswerLedger.of(context))
         return Message(content, reply_to=msg)
 
     @app.train()

@@ -1,4 +1,4 @@
-"""One participant's work per message: decrypt theta, refresh if asked, train, encrypt the update.
+"""One participant's work per message: decrypt theta, refresh or answer if asked, train, encrypt.
 
 Everything that leaves this module is a protobuf of ciphertexts plus the plaintext metadata in
 the egress allowlist (``participant.audit``). Observations, actions, rewards, returns and the
@@ -8,59 +8,25 @@ update itself stay here; only rounded federation-level aggregates are ever relea
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from participant.attacks import (
-    COLLUDING,
-    DATA_ATTACKS,
-    attacked_scenario,
-    behaviour_for,
-    clip_to,
-    colluders_honest_updates,
-    craft_update,
-)
 from participant.answer_rules import AnswerLedger, check_norm_query, check_refresh_request, require_masked
 from participant.keyholder import KeyHolder, PlainKeyHolder, decrypt_vector, load_keyholder, reencrypt
-from participant.ppo import ParticipantTrainer
+from participant.local_update import NodeIdentity, local_update
 from protos import messages
 from protos.codec import PROTOCOL_VERSION, check_version, encrypt_vector, from_proto, max_bytes_for, to_proto
-from protos.errors import ChunkLayoutError, WireError
+from protos.errors import ChunkLayoutError, KeyFileError, WireError
 from protos.fedhe.v1 import wire_pb2
-from protos.dp import dp_clip_bound
-from protos.optimizer import STATE_NAMES, HEAdamConfig
+from protos.optimizer import STATE_NAMES
 from protos.profiles import get_profile
-from scenarios import Scenario, load_scenario
+from scenarios import Scenario
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclass(frozen=True)
-class NodeIdentity:
-    """Node-local facts (from --node-config in deployments)."""
-
-    participant_index: int
-    key_dir: str
-    variant: str | None
-    scenario_ref: str
-    plaintext: bool
-    seed: int
-    # Threat lab: from the run settings.
-    party_mix: str = ""  # JSON override of the scenario's party mix
-    collusion_dir: str = ""
-    dp_noise_multiplier: float = 0.0
-    he_profile: str = ""  # "": the scenario's
-    total_rounds: int = 0  # the run's rounds (0: the scenario's), for the local lr schedule
-
-
-@lru_cache(maxsize=4)
-def cached_scenario(ref: str) -> Scenario:
-    return load_scenario(ref)
 
 
 @lru_cache(maxsize=4)
@@ -68,34 +34,11 @@ def cached_keyholder(key_dir: str, plaintext: bool, profile: str) -> KeyHolder:
     if plaintext:
         return PlainKeyHolder(get_profile(profile))
     if not key_dir:
-        raise WireError(
+        raise KeyFileError(
             "this participant has no key: start the SuperNode with --node-config "
             "'key-dir=\"/path/to/keys\"' (the directory holding participant.ctx)"
         )
     return load_keyholder(Path(key_dir))
-
-
-_trainers: dict[tuple, ParticipantTrainer] = {}
-
-
-def trainer_for(identity: NodeIdentity, scenario: Scenario, run_id: int, round_: int) -> ParticipantTrainer:
-    """Environments live as long as the process does, so episodes span rounds when possible.
-
-    Deployed SuperNodes start a fresh ClientApp process per message: the round then enters the
-    seed so each round still sees new episodes.
-    """
-    key = (run_id, identity.participant_index, identity.scenario_ref, identity.variant)
-    if key not in _trainers:
-        seed = identity.seed + 1000 * (identity.participant_index + 1) + 7919 * (round_ - 1)
-        _trainers[key] = ParticipantTrainer(scenario, identity.participant_index, seed, identity.variant)
-    return _trainers[key]
-
-
-def clip_and_scale(update: np.ndarray, clip: float, weight: float, scale: float) -> np.ndarray:
-    """L2-clip to C, apply the public weight and HE-Adam's pre-scale s."""
-    norm = float(np.linalg.norm(update))
-    factor = min(1.0, clip / norm) if norm > 0 else 1.0
-    return update * (factor * weight * scale)
 
 
 def released_metrics(holder: KeyHolder, stats: wire_pb2.EncryptedVector, round_: int) -> wire_pb2.ReleasedMetrics:
@@ -122,15 +65,16 @@ def refresh(holder: KeyHolder, request: wire_pb2.RefreshRequest, theta: np.ndarr
     return reply
 
 
-def handle(content: RecordDict, identity: NodeIdentity, run_id: int, training: bool, ledger: AnswerLedger) -> RecordDict:
+def handle(
+    content: RecordDict, scenario: Scenario, identity: NodeIdentity, run_id: int, training: bool, ledger: AnswerLedger
+) -> RecordDict:
     """Process one coordinator message and build the reply content.
 
     Requests are checked against the round's protocol before anything is decrypted
     (``participant.answer_rules``); every envelope is size-checked before parsing.
     """
-    scenario = cached_scenario(identity.scenario_ref)
     config = messages.config_of(content)
-    holder = cached_keyholder(identity.key_dir, identity.plaintext, identity.he_profile or scenario.he_profile)
+    holder = cached_keyholder(identity.key_dir, identity.run.plaintext, identity.run.he_profile)
     if config.get("key-fingerprint") != holder.fingerprint:
         raise WireError(
             f"coordinator uses key {str(config.get('key-fingerprint'))[:12]}…, this participant "
@@ -145,7 +89,7 @@ def handle(content: RecordDict, identity: NodeIdentity, run_id: int, training: b
         msg = messages.unpack(content, messages.THETA, wire_pb2.EncryptedVector, max_bytes=max_bytes_for(holder, num_params))
         theta = decrypt_vector(holder, from_proto(holder, msg, expected_length=num_params))
     elif bool(config.get("init", False)):
-        theta = scenario.policy_spec().init(identity.seed)
+        theta = scenario.policy_spec().init(identity.run.seed)
     reply = RecordDict(
         {messages.CONFIG: ConfigRecord({"round": round_, "key-fingerprint": holder.fingerprint, "protocol-version": PROTOCOL_VERSION})}
     )
@@ -162,53 +106,12 @@ def handle(content: RecordDict, identity: NodeIdentity, run_id: int, training: b
     if training:
         if theta is None:
             raise ChunkLayoutError(f"round-{round_} train message carries no theta and no init flag")
-        reply[messages.UPDATE] = messages.pack(train(holder, scenario, identity, run_id, theta, round_, participants))
+        update, stats = local_update(scenario, identity, run_id, theta, round_, participants)
+        reply[messages.UPDATE] = messages.pack(encrypted_update(holder, round_, update, stats))
     return reply
 
 
-def train(
-    holder: KeyHolder, scenario: Scenario, identity: NodeIdentity, run_id: int, theta: np.ndarray, round_: int, n: int
-) -> wire_pb2.ParticipantUpdate:
-    """Train locally; the update is weighted 1/n for the n participants of the round."""
-    adam = HEAdamConfig.for_scenario(scenario)
-    behaviour = behaviour_for(scenario, identity.party_mix, identity.participant_index)
-    weight = 1.0 / n
-    if behaviour is not None and behaviour.attack in COLLUDING:
-        honest = colluders_honest_updates(behaviour, attacked_scenario(scenario, behaviour), theta, round_, identity.seed,
-                                          identity.variant, adam.clip_bound, identity.collusion_dir)
-        update = craft_update(behaviour, honest[0], n=n, attacker_seed=identity.seed, colluder_updates=honest)
-        return _encrypted_update(holder, round_, update * (weight * adam.update_scale), np.zeros(messages.STATS_LENGTH))
-    result = trainer_for(identity, attacked_scenario(scenario, behaviour), run_id, round_).train(theta, round_, identity.total_rounds or None)
-    stats = np.array([float(np.sum(result.episode_returns)), float(result.episodes), float(result.steps)])
-    if behaviour is not None:  # malicious participants report no rollout stats
-        no_stats = np.zeros(messages.STATS_LENGTH)
-        if behaviour.attack in DATA_ATTACKS:  # data poisoners follow the protocol (clip, DP noise)
-            return _encrypted_update(holder, round_, honest_update(result.update, adam, identity, weight, n), no_stats)
-        seed = identity.seed * 1009 + identity.participant_index
-        crafted = craft_update(behaviour, clip_to(result.update, adam.clip_bound), n=n, attacker_seed=seed)
-        return _encrypted_update(holder, round_, crafted * (weight * adam.update_scale), no_stats)  # never clipped
-    return _encrypted_update(holder, round_, honest_update(result.update, adam, identity, weight, n), stats)
-
-
-def honest_update(update: np.ndarray, adam: HEAdamConfig, identity: NodeIdentity, weight: float, n: int) -> np.ndarray:
-    """Clip to C (to C_dp under DP, plus this participant's share of the noise), weight, pre-scale."""
-    z = identity.dp_noise_multiplier
-    if z <= 0:
-        return clip_and_scale(update, adam.clip_bound, weight, adam.update_scale)
-    return dp_clip_and_noise(update, adam.clip_bound, z, n) * (weight * adam.update_scale)
-
-
-def dp_clip_and_noise(update: np.ndarray, clip: float, z: float, n: int, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Distributed Gaussian noise: std z*C_dp/sqrt(n) here, so the federation's sum has std z*C_dp.
-
-    The noise comes from OS entropy: nobody, this participant included, knows the total noise.
-    """
-    bound = dp_clip_bound(clip, z, n)
-    rng = rng or np.random.default_rng()
-    return clip_to(update, bound) + rng.normal(0.0, z * bound / np.sqrt(n), update.size)
-
-
-def _encrypted_update(holder: KeyHolder, round_: int, update: np.ndarray, stats: np.ndarray) -> wire_pb2.ParticipantUpdate:
+def encrypted_update(holder: KeyHolder, round_: int, update: np.ndarray, stats: np.ndarray) -> wire_pb2.ParticipantUpdate:
     return wire_pb2.ParticipantUpdate(
         protocol_version=PROTOCOL_VERSION,
         round=round_,
@@ -218,7 +121,7 @@ def _encrypted_update(holder: KeyHolder, round_: int, update: np.ndarray, stats:
 
 
 def answer_norm_query(holder: KeyHolder, query: wire_pb2.NormQuery) -> wire_pb2.NormReply:
-    """Key holder side of the masked-norm exchange (coordinator/robust.py).
+    """Key holder side of the masked-norm exchange (coordinator/robust_aggregation.py).
 
     Each ciphertext holds ``r_i * u_i^2 + m_i`` slot-wise: a secret factor and a zero-sum mask
     the coordinator chose. Only the slot sum ``r_i |u_i|^2`` is meaningful; it is released

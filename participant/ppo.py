@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from participant.robust_training import (
+from scenarios.adversarial import (
     PerturbedRewardCorrection,
     RunningStd,
     batch_obs_std,
     kl_regularizer_and_grad,
     pgd_max_kl,
 )
-from participant.rollout import Rollout, RolloutCollector, compute_gae
+from scenarios.rollout import Rollout, RolloutCollector, compute_gae
 from scenarios.policy import Policy, PPOBatch, PPOLossInfo
 from scenarios.scenario import Scenario
 

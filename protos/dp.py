@@ -1,4 +1,4 @@
-"""Client-level DP constants both sides agree on (participants add noise, the coordinator accounts).
+"""Client-level DP: the clip bound both sides agree on and the participants' noise (the coordinator accounts).
 
 Participants clip to ``C_dp`` and each adds N(0, (z C_dp)^2 / n) per coordinate, so the sum of the
 n updates carries N(0, (z C_dp)^2) (distributed noise: no single party knows the total). HE-Adam
@@ -9,6 +9,10 @@ average's noise has std z C_dp / n, so ``C_dp = C / (1 + 8 z / n)`` leaves an 8-
 
 from __future__ import annotations
 
+import numpy as np
+
+from protos.update_units import clip_l2
+
 DP_SIGMA_MARGIN = 8.0
 
 
@@ -17,3 +21,14 @@ def dp_clip_bound(clip: float, z: float, n: int) -> float:
     if z <= 0:
         return clip
     return clip / (1.0 + DP_SIGMA_MARGIN * z / max(n, 1))
+
+
+def dp_clip_and_noise(update: np.ndarray, clip: float, z: float, n: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Clip to C_dp and add this participant's share of the noise, std z*C_dp/sqrt(n).
+
+    The n shares sum to std z*C_dp. The noise comes from OS entropy unless ``rng`` is given (tests):
+    nobody, this participant included, knows the total noise.
+    """
+    bound = dp_clip_bound(clip, z, n)
+    rng = rng or np.random.default_rng()
+    return clip_l2(update, bound) + rng.normal(0.0, z * bound / np.sqrt(n), update.size)

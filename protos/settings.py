@@ -1,5 +1,8 @@
 """Run settings shared by the ServerApp and the ClientApp.
 
+Defaults that depend on the scenario (seed -1, rounds 0, profile "") are filled in by one function
+both sides call, ``scenarios.resolve_run``; everything downstream reads the resolved object.
+
 They arrive as Flower run config (``[tool.flwr.app.config]`` in pyproject.toml, overridable with
 ``flwr run . <conn> --run-config 'k=v'``) or, for ``fedhe simulate``, straight from the CLI.
 Node-local facts (which participant am I, where is my key) come from the SuperNode's
@@ -33,6 +36,9 @@ class RunSettings:
     # deployment nobody would take misbehaviour orders from the run config.
     party_mix: str = ""
     collusion_dir: str = ""  # simulation: where colluding attackers (alie, ipm) cache honest updates
+    # Threat lab: JSON object of RobustConfig fields replacing the scenario's ppo.robust, e.g.
+    # '{"mode": "sa-ppo", "kappa": 0.02, "epsilon": 0.5}' (local robust training of every participant).
+    robust_training: str = ""
     defense: str = "none"  # none | norm-bound | median-norm (encrypted, masked norms) | dp
     defense_bound: float = 0.0  # norm-bound's L2 bound on an update, in update units (0: the scenario's C)
     dp_noise_multiplier: float = 0.0  # z > 0: participants add distributed Gaussian noise (client-level DP)

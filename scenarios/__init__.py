@@ -8,6 +8,7 @@ from scenarios.registry import (
     UnknownScenarioError,
     list_scenarios,
     load_scenario,
+    resolve_run,
 )
 from scenarios.scenario import PPOConfig, Scenario
 
@@ -24,4 +25,5 @@ __all__ = [
     "UnknownScenarioError",
     "list_scenarios",
     "load_scenario",
+    "resolve_run",
 ]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 from pathlib import Path
+from typing import TypeVar
 
 from scenarios.builtin import BUILTIN_SCENARIOS
-from scenarios.scenario import Scenario
+from scenarios.scenario import RobustConfig, Scenario
 
 ENTRY_POINT_GROUP = "fedhe.scenarios"
 
@@ -38,6 +41,35 @@ def load_scenario(ref: str) -> Scenario:
         f"SCENARIO = Scenario(...), or register an entry point in group {ENTRY_POINT_GROUP!r} "
         f"(e.g. [project.entry-points.\"{ENTRY_POINT_GROUP}\"] myenv = \"mypkg.scenarios:SCENARIO\")."
     )
+
+
+S = TypeVar("S")
+
+
+def resolve_run(settings: S) -> tuple[Scenario, S]:
+    """The scenario a run trains and its settings with every scenario default filled in.
+
+    One rule for the coordinator, the participants and the tools: ``seed`` -1 becomes the
+    scenario's seed, ``num_server_rounds`` 0 its rounds, an empty ``he_profile`` its profile; a
+    non-empty ``he_profile`` or ``robust_training`` (JSON of ``RobustConfig`` fields) overrides the
+    scenario. ``settings`` is a ``protos.settings.RunSettings`` (any dataclass with those fields).
+    """
+    scenario = load_scenario(settings.scenario)
+    if settings.he_profile:
+        scenario = scenario.with_overrides(he_profile=settings.he_profile)
+    if settings.robust_training:
+        try:
+            robust = RobustConfig(**json.loads(settings.robust_training))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"robust-training must be a JSON object of RobustConfig fields: {exc}") from None
+        scenario = scenario.with_overrides(ppo=dataclasses.replace(scenario.ppo, robust=robust))
+    resolved = dataclasses.replace(
+        settings,
+        seed=settings.seed if settings.seed >= 0 else scenario.seed,
+        num_server_rounds=settings.num_server_rounds or scenario.rounds,
+        he_profile=scenario.he_profile,
+    )
+    return scenario, resolved
 
 
 def list_scenarios() -> list[tuple[str, str]]:

@@ -42,7 +42,7 @@ class RobustConfig:
     (``kappa`` ramps up linearly over ``kappa_ramp_rounds``).
     ``noise-injection``: the policy acts on and learns from s + N(0, (epsilon * sigma)^2).
     sigma is ``obs_std`` when given (a fixed per-dimension scale, e.g. the evaluation's
-    ``participant.eval_attacks.STATE_STD`` row, so training and evaluation budgets share units);
+    ``fedhe.lab.policy_attacks.STATE_STD`` row, so training and evaluation budgets share units);
     empty: the local batch's own state std (sa-ppo) / a running std of local observations (noise).
     ``reward-defense``: rewards pass through a perturbed-reward correction (Wang, Liu & Li 2020)
     before learning. ``reward_flip_rate`` > 0 simulates tampered rewards at the participant
@@ -145,7 +145,7 @@ class Scenario:
     adam_interval_upper: float = 4.0
     reward_threshold: float | None = None
     # Threat lab: misbehaving participants, e.g. ({"attack": "sign-flip", "participants": [0, 1, 2], "k": 2.5},).
-    # Behaviours and their parameters are defined (and fully validated) in participant/attacks.py.
+    # Behaviours and their parameters are defined (and fully validated) in participant/malicious.py.
     party_mix: Sequence[Mapping[str, Any]] = ()
     _spec_cache: dict[str, PolicySpec] = field(default_factory=dict, init=False, repr=False, compare=False)
 

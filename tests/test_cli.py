@@ -15,7 +15,7 @@ import pytest
 
 from protos.fedhe.v1 import wire_pb2
 
-FEDHE = [sys.executable, "-m", "participant.cli"]
+FEDHE = [sys.executable, "-m", "fedhe.cli"]
 
 
 def fedhe(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -113,19 +113,19 @@ def test_killed_run_resumes_from_its_last_round(tmp_path):
 
 
 def test_robustness_rejects_unknown_attack_and_defense(tmp_path):
-    run = fedhe("robustness", "cartpole", "--attack", "bogus", "--out", str(tmp_path / "r"))
+    run = fedhe("robustness", "aggregation", "cartpole", "--attack", "bogus", "--out", str(tmp_path / "r"))
     assert run.returncode == 2 and "unknown attack 'bogus'" in run.stderr
-    run = fedhe("robustness", "cartpole", "--defense", "krum", "--out", str(tmp_path / "r"))
+    run = fedhe("robustness", "aggregation", "cartpole", "--defense", "krum", "--out", str(tmp_path / "r"))
     assert run.returncode == 2 and "unknown defense 'krum'" in run.stderr
 
 
 def test_policy_robustness_rejects_unknown_train_attack_and_sigma(tmp_path):
     out = str(tmp_path / "r")
-    run = fedhe("robustness", "cartpole", "--train", "bogus", "--out", out)
+    run = fedhe("robustness", "policy", "cartpole", "--train", "bogus", "--out", out)
     assert run.returncode == 2 and "unknown --train 'bogus'" in run.stderr
-    run = fedhe("robustness", "cartpole", "--train", "vanilla", "--eval-attack", "bogus", "--out", out)
+    run = fedhe("robustness", "policy", "cartpole", "--train", "vanilla", "--eval-attack", "bogus", "--out", out)
     assert run.returncode == 2 and "unknown --eval-attack 'bogus'" in run.stderr
-    run = fedhe("robustness", "cartpole", "--train", "vanilla", "--std-source", "bogus", "--out", out)
+    run = fedhe("robustness", "policy", "cartpole", "--train", "vanilla", "--std-source", "bogus", "--out", out)
     assert run.returncode == 2 and "reference, random, clean" in run.stderr
-    run = fedhe("robustness", "cartpole", "--eval-attack", "action", "--alpha", "1.5", "--out", out)
+    run = fedhe("robustness", "policy", "cartpole", "--eval-attack", "action", "--alpha", "1.5", "--out", out)
     assert run.returncode == 2 and "--alpha is a probability" in run.stderr

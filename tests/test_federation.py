@@ -12,8 +12,8 @@ import pytest
 
 from coordinator.report import read_metrics
 from participant.audit import audit_recorded, egress_audit_mod
-from participant.evaluate import evaluate_run
-from participant.simulate import simulate
+from fedhe.evaluate import evaluate_run
+from fedhe.simulate import simulate
 from protos import messages
 from protos.codec import from_proto
 from protos.fedhe.v1 import wire_pb2
@@ -108,7 +108,7 @@ def test_a_failing_participant_does_not_stop_the_federation(tmp_path, keys):
     path.write_text(textwrap.dedent(FAULTY_SCENARIO.format(bad=1)))
     out = tmp_path / "run"
     settings = RunSettings(scenario=str(path), num_server_rounds=3, out_dir=str(out), min_participants=2, round_timeout=120)
-    summary = simulate(load_scenario(str(path)), settings, 3, keys.directory)
+    summary = simulate(settings, 3, keys.directory)
     rows = read_metrics(out)
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(r["participants"] == 2 for r in rows)

@@ -92,19 +92,19 @@ def test_missing_key_file_says_how_to_create_one(tmp_path):
 def test_cli_keygen_and_inspect(tmp_path):
     out = tmp_path / "k"
     run = subprocess.run(
-        [sys.executable, "-m", "participant.cli", "keygen", "--out", str(out), "--profile", "n8k-d2"],
+        [sys.executable, "-m", "fedhe.cli", "keygen", "--out", str(out), "--profile", "n8k-d2"],
         capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stderr
     shown = subprocess.run(
-        [sys.executable, "-m", "participant.cli", "keys", "inspect", str(out / "coordinator.ctx"), "--json"],
+        [sys.executable, "-m", "fedhe.cli", "keys", "inspect", str(out / "coordinator.ctx"), "--json"],
         capture_output=True, text=True, timeout=120,
     )
     info = json.loads(shown.stdout)
     assert info["secret_key"] is False and info["profile"] == "n8k-d2"
     assert info["fingerprint"] == (out / "fingerprint.txt").read_text().strip()
     bad = subprocess.run(
-        [sys.executable, "-m", "participant.cli", "keygen", "--out", str(tmp_path / "x"), "--profile", "nope"],
+        [sys.executable, "-m", "fedhe.cli", "keygen", "--out", str(tmp_path / "x"), "--profile", "nope"],
         capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "unknown HE profile" in bad.stderr

@@ -7,38 +7,43 @@ import json
 import numpy as np
 import pytest
 
-from participant.policy_robustness import (
+from fedhe.lab.policy_grid import (
     REWARD_ATTACK,
     evaluate_policy_robustness,
     render_markdown,
     robust_config,
     run_policy_robustness,
     summarize,
-    write_mode_scenario,
 )
-from scenarios import load_scenario
+from protos.settings import RunSettings
+from scenarios import load_scenario, resolve_run
 
 
-def test_mode_scenario_file_round_trips(tmp_path):
-    path = write_mode_scenario("cartpole", "sa-ppo", robust_config("cartpole", "sa-ppo"), tmp_path)
-    sc = load_scenario(str(path))
+def with_robust(robust: dict):
+    """The scenario every side resolves from run settings carrying ``robust-training``."""
+    return resolve_run(RunSettings(scenario="cartpole", robust_training=json.dumps(robust)))[0]
+
+
+def test_robust_training_travels_as_data():
+    sc = with_robust(robust_config("cartpole", "sa-ppo"))
     assert sc.name == "cartpole" and sc.ppo.robust.mode == "sa-ppo" and sc.ppo.robust.kappa > 0
+    with pytest.raises(ValueError, match="RobustConfig"):
+        with_robust({"bogus": 1})
     with pytest.raises(ValueError):
         robust_config("cartpole", "bogus")
 
 
 def test_training_and_evaluation_share_sigma(tmp_path):
     """sa-ppo / noise-injection train in the same sigma units the evaluation's default budget uses."""
-    from participant.eval_attacks import reference_std
-    from participant.policy_robustness import state_std
+    from fedhe.lab.policy_attacks import reference_std
+    from fedhe.lab.policy_grid import state_std
     from scenarios import Policy
 
     sc = load_scenario("cartpole")
     sigma = reference_std(sc)
     for train in ("sa-ppo", "noise-injection"):
         robust = robust_config("cartpole", train, sigma)
-        path = write_mode_scenario("cartpole", train, robust, tmp_path)
-        np.testing.assert_allclose(load_scenario(str(path)).ppo.robust.obs_std, sigma)
+        np.testing.assert_allclose(with_robust(robust).ppo.robust.obs_std, sigma)
     assert "obs_std" not in robust_config("cartpole", "vanilla", sigma)
     pol = Policy(sc.policy_spec(), sc.policy_spec().init(0))
     np.testing.assert_array_equal(state_std(sc, pol, "reference", 0), state_std(sc, pol, "reference", 2))  # fixed

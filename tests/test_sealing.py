@@ -61,7 +61,7 @@ def test_garbage_is_not_a_sealed_file(org, tmp_path):
 
 
 def test_cli_seal_and_unseal(small_keys, tmp_path):
-    fedhe = [sys.executable, "-m", "participant.cli", "keys"]
+    fedhe = [sys.executable, "-m", "fedhe.cli", "keys"]
     run = lambda *a: subprocess.run([*fedhe, *a], capture_output=True, text=True, timeout=120)
     assert run("recipient", "--out", str(tmp_path / "org")).returncode == 0
     sealed = tmp_path / "p.sealed"

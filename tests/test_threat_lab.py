@@ -11,8 +11,8 @@ import pytest
 from flwr.app import RecordDict
 
 from coordinator.he_adam import HEAdamState, he_adam_step, initial_optimizer_state, reference_adam
-from coordinator.privacy import effective_noise_multiplier, rdp_epsilon
-from coordinator.robust import (
+from coordinator.dp_accounting import effective_noise_multiplier, rdp_epsilon
+from coordinator.robust_aggregation import (
     DefenseError,
     check_profile_supports,
     clip_factors,
@@ -20,7 +20,7 @@ from coordinator.robust import (
     weighted_sum,
 )
 from coordinator.rounds import HEAdamCoordinator
-from participant.attacks import (
+from participant.malicious import (
     Behaviour,
     PartyMixError,
     alie_z,
@@ -31,8 +31,9 @@ from participant.attacks import (
     party_mix_for,
 )
 from participant.keyholder import decrypt_vector, generate_keys, load_keyholder
-from participant.node import answer_norm_query, dp_clip_and_noise
-from participant.robustness import COLUMNS, GridSpec, add_relative_columns, grid_cells, markdown_table
+from participant.node import answer_norm_query
+from protos.dp import dp_clip_and_noise
+from fedhe.lab.aggregation_grid import COLUMNS, GridSpec, add_relative_columns, grid_cells, markdown_table
 from protos import messages
 from protos.codec import encrypt_vector, from_proto, to_proto
 from protos.dp import dp_clip_bound
@@ -228,7 +229,7 @@ def test_encrypted_federation_with_attacker_median_norm_and_dp(tmp_path_factory)
     """3 participants (one sign-flipper), median-norm on masked norms, distributed DP noise z=1."""
     from coordinator.report import read_metrics
     from participant.audit import egress_audit_mod
-    from participant.simulate import simulate
+    from fedhe.simulate import simulate
     from protos import messages
     from protos.settings import RunSettings
 

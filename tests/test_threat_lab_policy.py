@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from participant.eval_attacks import (ATTACKS, PUBLISHED_STD, RANDOM_POLICY_STD, STATE_STD, estimate_obs_std, make_attack,
+from fedhe.lab.policy_attacks import (ATTACKS, PUBLISHED_STD, RANDOM_POLICY_STD, STATE_STD, estimate_obs_std, make_attack,
                                       random_policy_std, random_std, reference_std)
 from participant.ppo import ParticipantTrainer
-from participant.robust_metrics import categorical_deviation, gaussian_deviation, retention, run_episodes
-from participant.robust_training import (
+from fedhe.lab.policy_metrics import categorical_deviation, gaussian_deviation, retention, run_episodes
+from scenarios.adversarial import (
     PerturbedRewardCorrection,
     kl_regularizer_and_grad,
     pgd_max_kl,
@@ -264,7 +264,7 @@ def test_robust_config_validation():
 
 @pytest.mark.parametrize("which", ["cart", "pend"])
 def test_integrated_gradients_completeness(which, cart, pend):
-    from participant.explain import decision_value_and_grad, integrated_gradients
+    from fedhe.lab.attributions import decision_value_and_grad, integrated_gradients
 
     sc, pol = cart if which == "cart" else pend
     obs = np.random.default_rng(1).standard_normal((5, pol.spec.obs_dim)) * 0.5
@@ -276,7 +276,7 @@ def test_integrated_gradients_completeness(which, cart, pend):
 
 
 def test_explain_attack_and_plot(cart, tmp_path):
-    from participant.explain import OBS_NAMES, explain_attack, plot_attributions
+    from fedhe.lab.attributions import OBS_NAMES, explain_attack, plot_attributions
 
     sc, pol = cart
     env = make_attack(sc.build_env(0, 0), pol, "fgsm", 0.5, obs_std=CARTPOLE_STD)

@@ -36,7 +36,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from participant.robust_training import pgd_max_kl, project
+from scenarios.adversarial import pgd_max_kl, project
 from scenarios.policy import Policy
 
 OBS_ATTACKS = ("fgsm", "pgd", "mad", "gaussian")

@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from coordinator.robust import DEFENSES
-from participant.attacks import ATTACKS, party_mix_for
-from participant.keyholder import generate_keys
-from participant.simulate import simulate
-from protos.keyfile import PARTICIPANT_KEY
+from coordinator.robust_aggregation import DEFENSES
+from participant.malicious import ATTACKS, party_mix_for
+from fedhe.run_dir import KEYS_DIR, ensure_keys
+from fedhe.simulate import simulate
 from protos.settings import RunSettings
 from scenarios import load_scenario
 
@@ -30,7 +29,7 @@ COLUMNS = [
     "scenario", "attack", "defense", "seed", "participants", "malicious", "solved", "rounds_to_solve",
     "final_return", "rounds", "dp_epsilon", "clean_return_pct", "slowdown", "wall_s",
 ]
-ROBUST_PROFILE = "n16k-d7"  # one level to spare for the defenses' plaintext factors (coordinator/robust.py)
+ROBUST_PROFILE = "n16k-d7"  # one level to spare for the defenses' plaintext factors (coordinator/robust_aggregation.py)
 
 
 @dataclass
@@ -112,8 +111,7 @@ def run_cell(spec: GridSpec, cell: dict[str, Any], key_dir: Path | None) -> dict
             import shutil
 
             shutil.rmtree(out)
-        scenario = load_scenario(spec.scenario)
-        summary = simulate(scenario, cell_settings(spec, cell, out), spec.participants, key_dir)
+        summary = simulate(cell_settings(spec, cell, out), spec.participants, key_dir)
     return {
         "scenario": summary["scenario"],
         "attack": cell["attack"],
@@ -145,19 +143,11 @@ def add_relative_columns(rows: list[dict[str, Any]]) -> None:
             row["slowdown"] = round(row["rounds_to_solve"] / base["rounds_to_solve"], 2)
 
 
-def ensure_keys(spec: GridSpec) -> Path | None:
-    if spec.plaintext:
-        return None
-    keys = spec.out / "keys"
-    if not (keys / PARTICIPANT_KEY).exists():
-        generate_keys(keys, spec.he_profile or load_scenario(spec.scenario).he_profile)
-    return keys
-
-
 def run_grid(spec: GridSpec, on_row: Callable[[dict[str, Any], int, int], None] | None = None) -> list[dict[str, Any]]:
     spec.validate()
     spec.out.mkdir(parents=True, exist_ok=True)
-    key_dir = ensure_keys(spec)
+    profile = spec.he_profile or load_scenario(spec.scenario).he_profile
+    key_dir = None if spec.plaintext else ensure_keys(spec.out / KEYS_DIR, profile)
     cells = grid_cells(spec)
     rows = []
     for k, cell in enumerate(cells):

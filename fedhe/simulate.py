@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,41 +18,32 @@ from flwr.clientapp.typing import Mod
 from coordinator.server_app import build_server_app
 from coordinator.rounds import RoundOutcome
 from participant.client_app import build_client_app
-from participant.keyholder import generate_keys
-from protos.keyfile import COORDINATOR_KEY, PARTICIPANT_KEY
+from fedhe.run_dir import KEYS_DIR, ensure_keys
+from protos.keyfile import COORDINATOR_KEY
 from protos.settings import RunSettings
-from scenarios import Scenario
-
-
-def prepare_keys(out_dir: Path, key_dir: Path | None, scenario: Scenario, plaintext: bool) -> Path | None:
-    """Use ``key_dir`` or create a fresh federation key in ``out_dir/keys``."""
-    if plaintext:
-        return None
-    if key_dir is not None:
-        return key_dir
-    keys = out_dir / "keys"
-    if not (keys / PARTICIPANT_KEY).exists():
-        generate_keys(keys, scenario.he_profile)
-    return keys
+from scenarios import resolve_run
 
 
 def simulate(
-    scenario: Scenario,
     settings: RunSettings,
     num_participants: int,
-    key_dir: Path | None,
+    key_dir: Path | None = None,
     on_round: Callable[[RoundOutcome, dict | None], None] | None = None,
     verbose: bool = False,
     client_mods: list[Mod] | None = None,
 ) -> dict:
-    """Run the federation; returns summary.json's content."""
+    """Run the federation; returns summary.json's content.
+
+    Keys: ``key_dir`` or a fresh federation key in ``OUT/keys`` (the run's HE profile).
+    """
     from flwr.simulation import run_simulation
 
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys = prepare_keys(out_dir, key_dir, scenario, settings.plaintext)
-    if keys is not None:
-        settings = _with_keys(settings, keys)
+    _, resolved = resolve_run(settings)
+    if not settings.plaintext:
+        keys = ensure_keys(key_dir or out_dir / KEYS_DIR, resolved.he_profile).resolve()
+        settings = replace(settings, coordinator_key=str(keys / COORDINATOR_KEY), participant_key_dir=str(keys))
     summary: dict = {}
     quiet_simulation_engine(verbose)
     run_simulation(
@@ -84,13 +76,3 @@ def quiet_simulation_engine(verbose: bool) -> None:
     if not verbose:
         logger.setLevel(logging.WARNING)
         logging.getLogger("fedhe").setLevel(logging.WARNING)  # the progress bar tells the story
-
-
-def _with_keys(settings: RunSettings, keys: Path) -> RunSettings:
-    from dataclasses import replace
-
-    return replace(
-        settings,
-        coordinator_key=str((keys / COORDINATOR_KEY).resolve()),
-        participant_key_dir=str(keys.resolve()),
-    )

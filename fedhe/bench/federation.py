@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from coordinator.report import read_metrics
-from participant.simulate import simulate
+from fedhe.simulate import simulate
 from protos.settings import RunSettings
 from scenarios import load_scenario
 
@@ -50,7 +50,7 @@ def run_federation_bench(
                 out_dir=str(out), seed=seed, min_participants=n,
             )
             t0 = time.perf_counter()
-            summary = simulate(scenario, settings, n, key_dir=None)
+            summary = simulate(settings, n)
             rows = read_metrics(out)
             run = {
                 "seed": seed,

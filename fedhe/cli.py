@@ -1,0 +1,147 @@
+"""The `fedhe` command line: the tools that drive whole federations on one machine.
+
+It stands on top of both sides (it runs the coordinator and the simulated participants, and its
+key-holder commands need the federation's secret key); neither side imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedhe.cli_bench import bench_app
+from fedhe.cli_keys import keygen, keys_app
+from fedhe.cli_lab import robustness_app
+from fedhe.console import console, fail, progress_bar
+from protos.errors import WireError
+
+app = typer.Typer(
+    help=(
+        "fedhe-rl: federated reinforcement learning where participants share only CKKS "
+        "ciphertexts and the coordinator trains the policy with HE-Adam without a secret key.\n\n"
+        "Start with `fedhe simulate` (an encrypted CartPole federation on this machine)."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(keys_app, name="keys")
+app.add_typer(bench_app, name="bench")
+app.add_typer(robustness_app, name="robustness")
+app.command()(keygen)
+
+
+@app.command()
+def scenarios() -> None:
+    """List the scenarios you can train: built-ins and installed `fedhe.scenarios` entry points."""
+    from scenarios import list_scenarios
+
+    table = Table(title="scenarios (also: any .py file defining SCENARIO = Scenario(...))")
+    table.add_column("name")
+    table.add_column("source / description")
+    for name, description in list_scenarios():
+        table.add_row(name, description)
+    Console().print(table)
+
+
+@app.command()
+def simulate(
+    scenario: str = typer.Argument("cartpole", help="Built-in name, installed entry point, or path/to/file.py defining SCENARIO."),
+    participants: Optional[int] = typer.Option(None, "--participants", "-n", help="Simulated organizations (default: the scenario's)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Federated rounds (default: the scenario's)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for policy init and environments (default: the scenario's)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory: checkpoint, metrics.jsonl, summary.json, learning_curve.png, keys/ (default: runs/SCENARIO-TIMESTAMP)."),
+    plaintext: bool = typer.Option(False, "--plaintext", help="Same protocol with encryption replaced by identity (baseline for overhead ratios)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
+    key_dir: Optional[Path] = typer.Option(None, "--key-dir", help="Existing federation keys (default: create DIR/keys)."),
+    stop_on_solve: bool = typer.Option(True, "--stop-on-solve/--no-stop-on-solve", help="End once the mean return over the last 100 episodes reaches the env's threshold."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower and Ray logs."),
+) -> None:
+    """Train one policy with a simulated federation on this machine (Flower simulation engine).
+
+    With no arguments: encrypted CartPole with 3 participants. Only CKKS ciphertexts leave the simulated participants; the coordinator never holds a secret key.
+
+    Examples: `fedhe simulate --out runs/c1`, `fedhe simulate acrobot -n 5 -r 80 --out runs/a1`, `fedhe simulate my_scenario.py --plaintext --out runs/p1`, `fedhe simulate --resume --out runs/c1`. Afterwards: `fedhe evaluate runs/c1`.
+    """
+    from fedhe.simulate import simulate as run
+    from protos.settings import RunSettings
+    from scenarios import resolve_run
+
+    settings = RunSettings(scenario=scenario, num_server_rounds=rounds or 0, plaintext=plaintext,
+                           seed=-1 if seed is None else seed, stop_on_solve=stop_on_solve, resume=resume)
+    try:
+        spec, resolved = resolve_run(settings)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    if out is None:
+        if resume:
+            fail("--resume needs the run directory: --out DIR")
+        out = Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if resume and not (out / "checkpoint.pb").exists():
+        fail(f"--resume: no checkpoint in {out}; run without --resume first")
+    if not resume and (out / "checkpoint.pb").exists():
+        fail(f"{out} already holds a run; use --resume to continue it or choose another --out")
+    n = participants or spec.num_participants
+    total = resolved.num_server_rounds
+    settings = replace(settings, out_dir=str(out), min_participants=max(1, n - 1))
+    mode = "plaintext baseline" if plaintext else f"encrypted, {resolved.he_profile}"
+    console.print(f"[bold]{spec.name}[/]: {n} participants, up to {total} rounds ({mode}) -> {out}")
+    with progress_bar() as bar:
+        task = bar.add_task("rounds", total=total)
+
+        def on_round(outcome, released) -> None:
+            ret = "" if not released or released.get("mean_return") is None else f" return {released['mean_return']:.1f}"
+            bar.update(task, completed=outcome.round, description=f"round {outcome.round}{ret}")
+
+        try:
+            summary = run(settings, n, key_dir, on_round=on_round, verbose=verbose)
+        except (WireError, ValueError, RuntimeError) as exc:
+            fail(str(exc))
+    print_summary(summary, out)
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A directory written by `fedhe simulate --out` (or the coordinator's out-dir)."),
+    key_dir: Optional[Path] = typer.Option(None, "--key-dir", help="Directory with participant.ctx (default: RUN_DIR/keys)."),
+    episodes: int = typer.Option(20, help="Greedy evaluation episodes."),
+    scenario: Optional[str] = typer.Option(None, help="Override the scenario recorded in RUN_DIR/run.json."),
+    participant_index: int = typer.Option(0, help="Whose environment variant to evaluate in."),
+    as_json: bool = typer.Option(False, "--json", help="Print only JSON."),
+) -> None:
+    """Decrypt the latest checkpoint's policy (needs the secret key) and evaluate it greedily."""
+    from fedhe.evaluate import evaluate_run
+
+    try:
+        result = evaluate_run(run_dir, key_dir, episodes, scenario, participant_index)
+    except (WireError, ValueError, OSError) as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    table = Table(title=f"greedy evaluation of {run_dir}", show_header=False)
+    for key, value in result.items():
+        table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    table = Table(title=f"summary ({out / 'summary.json'})", show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, str(value).lower() if isinstance(value, bool) else str(value))
+    Console().print(table)
+    console.print(f"learning curve: {out / 'learning_curve.png'}   metrics: {out / 'metrics.jsonl'}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

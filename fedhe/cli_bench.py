@@ -1,0 +1,68 @@
+"""`fedhe bench ...`: benchmarks that print one JSON object."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fedhe.console import PROFILE_HELP, fail, progress_bar
+from protos.errors import WireError
+from protos.profiles import DEFAULT_PROFILE
+
+bench_app = typer.Typer(help="Benchmarks that print one JSON object.", no_args_is_help=True)
+
+
+@bench_app.command("he-adam")
+def bench_he_adam(
+    steps: int = typer.Option(200, help="HE-Adam steps (one refresh each)."),
+    params: int = typer.Option(10_000, help="Vector length."),
+    profile: str = typer.Option(DEFAULT_PROFILE, "--profile", help=PROFILE_HELP),
+    degree: int = typer.Option(7, help="Degree of the x^-1/2 polynomial (3, 7 or 15)."),
+    interval_upper: float = typer.Option(4.0, "--interval-upper", help="B: P is fitted on [beta2, B]."),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
+) -> None:
+    """HE-Adam on ciphertexts vs the same Adam in NumPy (gradient scale jumps 10x halfway)."""
+    from coordinator.he_adam import HEAdamConfig, HEAdamConfigError
+    from fedhe.bench.he_adam import run_he_adam_bench
+
+    config = HEAdamConfig(lr=0.01, clip_bound=1.0, degree=degree, interval_upper=interval_upper)
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task("HE-Adam steps", total=steps)
+            result = run_he_adam_bench(
+                steps, params, profile, config, seed, on_step=lambda _: bar.advance(task)
+            )
+    except (HEAdamConfigError, WireError) as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
+@bench_app.command("federation")
+def bench_federation(
+    scenario: str = typer.Option("cartpole", "--scenario", help="Scenario to train."),
+    seeds: int = typer.Option(5, help="Seeds per mode (encrypted and plaintext)."),
+    participants: Optional[int] = typer.Option(None, "--participants", "-n"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Fixed rounds per run (default: the scenario's)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Keep the runs here (default: a temp dir)."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
+) -> None:
+    """Encrypted vs plaintext federations over several seeds: returns, rounds to solve, wall-time ratio."""
+    from fedhe.bench.federation import run_federation_bench
+
+    with progress_bar() as bar:
+        task = bar.add_task("federations", total=2 * seeds)
+
+        def on_run(mode: str, seed: int, run: dict) -> None:
+            bar.update(task, advance=1, description=f"{mode} seed {seed}: return {run['final_return']}")
+
+        try:
+            result = run_federation_bench(scenario, seeds, participants, rounds, out, on_run=on_run)
+        except (WireError, ValueError, RuntimeError) as exc:
+            fail(str(exc))
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
