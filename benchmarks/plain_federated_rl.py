@@ -27,37 +27,19 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from coordinator.he_adam import NumpyAdam  # noqa: E402
 from participant.ppo import ParticipantTrainer  # noqa: E402
-from scenarios.rollout import evaluate_policy  # noqa: E402
+from protos.optimizer import HEAdamConfig  # noqa: E402
+from protos.update_units import clip_l2  # noqa: E402
 from scenarios import Policy, Scenario, load_scenario  # noqa: E402
-
-
-class PlainServerAdam:
-    """The coordinator's Adam (no bias correction); tau bounds the denominator away from zero for encrypted inverse sqrt."""
-
-    def __init__(self, size: int, scenario: Scenario) -> None:
-        c, b = scenario.clip_bound, scenario.adam_interval_upper
-        self.tau = (1.0 - scenario.beta2) * c**2 / (b - 1.0)
-        self.lr, self.beta1, self.beta2 = scenario.server_lr, scenario.beta1, scenario.beta2
-        self.m = np.zeros(size)
-        self.v = np.zeros(size)
-
-    def step(self, theta: np.ndarray, g: np.ndarray) -> np.ndarray:
-        self.m = self.beta1 * self.m + (1.0 - self.beta1) * g
-        self.v = self.beta2 * self.v + (1.0 - self.beta2) * g * g
-        return theta - self.lr * self.m / np.sqrt(self.v + self.tau)
-
-
-def clip_l2(update: np.ndarray, bound: float) -> np.ndarray:
-    norm = float(np.linalg.norm(update))
-    return update * (bound / norm) if norm > bound else update
+from scenarios.rollout import evaluate_policy  # noqa: E402
 
 
 def run(scenario: Scenario, participants: int, seed: int, rounds: int, stop_on_solve: bool) -> dict:
     spec = scenario.policy_spec()
     theta = spec.init(seed)
     trainers = [ParticipantTrainer(scenario, i, seed) for i in range(participants)]
-    server = PlainServerAdam(theta.size, scenario)
+    server = NumpyAdam(theta.size, HEAdamConfig.for_scenario(scenario))
     window: deque[float] = deque(maxlen=100)
     history, norms = [], []
     solved_at, steps, episodes = None, 0, 0
@@ -66,7 +48,7 @@ def run(scenario: Scenario, participants: int, seed: int, rounds: int, stop_on_s
         total = np.zeros_like(theta)
         round_returns: list[float] = []
         for trainer in trainers:
-            result = trainer.train(theta, rnd)
+            result = trainer.train(theta, rnd + 1, rounds)  # rounds count from 1, as in the federation
             norms.append(float(np.linalg.norm(result.update)))
             total += clip_l2(result.update, scenario.clip_bound) / participants
             round_returns += result.episode_returns
@@ -88,7 +70,7 @@ def run(scenario: Scenario, participants: int, seed: int, rounds: int, stop_on_s
         "theta": theta,
         "solved": solved_at is not None,
         "rounds_to_solve": solved_at,
-        "rounds_run": len(history),
+        "rounds": len(history),
         "final_return": history[-1] if history else None,
         "wall_seconds": round(wall, 2),
         "cpu_seconds": round(cpu, 2),  # load-independent when other jobs share the cores

@@ -1,7 +1,7 @@
 """Plaintext sweep of robust-training settings: train per seed, attack the policy, print JSON.
 
 Screening tool for `fedhe.lab.policy_grid.ROBUST_OVERRIDES` (the numbers that count come
-from encrypted `fedhe robustness` runs; this single-process harness is only indicative).
+from encrypted `fedhe robustness policy` runs; this single-process harness is only indicative).
 Each seed trains `plain_federated_rl.run` with ``ppo.robust`` from ``--robust`` and evaluates the
 final policy clean and under ``--attacks`` at ``--epsilon`` (``--sigma``: a per-dimension list, 0
 leaves a dimension unattacked; default the scenario's reference sigma).

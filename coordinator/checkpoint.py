@@ -15,8 +15,8 @@ from coordinator.he_adam import STATE_NAMES, HEAdamState
 from protos.backend import HEBackend
 from protos.codec import PROTOCOL_VERSION, EncryptedVector, from_proto, parse_message, to_proto
 from protos.errors import CheckpointError, WireError
-from protos.files import write_atomic
 from protos.fedhe.v1 import wire_pb2
+from protos.files import write_atomic
 
 CHECKPOINT_FILE = "checkpoint.pb"
 
@@ -56,6 +56,16 @@ def save_checkpoint(
     return path
 
 
+def read_checkpoint(path: Path) -> wire_pb2.Checkpoint:
+    """Parse a checkpoint file (no key needed); CheckpointError if it is missing or corrupt."""
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; start without --resume")
+    try:
+        return parse_message(wire_pb2.Checkpoint, path.read_bytes(), max_bytes=1 << 34)
+    except WireError as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({exc}); remove it to start over") from None
+
+
 def load_checkpoint(
     directory: Path, backend: HEBackend, scenario: str, num_params: int, config_json: str | None = None
 ) -> CoordinatorState:
@@ -65,12 +75,7 @@ def load_checkpoint(
     checkpoint's (None when only reading the policy).
     """
     path = Path(directory) / CHECKPOINT_FILE
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; start without --resume")
-    try:
-        msg = parse_message(wire_pb2.Checkpoint, path.read_bytes(), max_bytes=1 << 34)
-    except WireError as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt ({exc}); remove it to start over") from None
+    msg = read_checkpoint(path)
     if msg.protocol_version != PROTOCOL_VERSION:
         raise CheckpointError(f"checkpoint {path} has version {msg.protocol_version}")
     if msg.key_fingerprint != backend.fingerprint:

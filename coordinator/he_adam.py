@@ -35,7 +35,6 @@ from protos.codec import EncryptedVector, encrypt_vector, pad_to_chunks
 from protos.optimizer import MASK_BOUND, STATE_NAMES, HEAdamConfig, HEAdamConfigError, InverseSqrtPolynomial
 
 
-
 def evaluate_polynomial(backend: HEBackend, s: Chunk, coeffs: tuple[float, ...]) -> Chunk:
     """Evaluate sum c_k s^k at multiplicative depth log2(len(coeffs)).
 
@@ -156,20 +155,31 @@ def _add_plain(backend: HEBackend, vec: EncryptedVector, values: np.ndarray) -> 
     )
 
 
+class NumpyAdam:
+    """The same Adam in NumPy (no bias correction, tau in the denominator): the plaintext reference."""
+
+    def __init__(self, size: int, config: HEAdamConfig) -> None:
+        self.config, self.m, self.v = config, np.zeros(size), np.zeros(size)
+        self.w = np.full(size, config.tau_value**-0.5)
+
+    def step(self, theta: np.ndarray, g: np.ndarray) -> np.ndarray:
+        c = self.config
+        self.m = c.beta1 * self.m + (1 - c.beta1) * g
+        self.v = c.beta2 * self.v + (1 - c.beta2) * g**2
+        self.w = (self.v + c.tau_value) ** -0.5
+        return theta - c.lr * self.m * self.w
+
+
 def reference_adam(
     theta0: np.ndarray, grads: list[np.ndarray], config: HEAdamConfig
 ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """The same Adam in NumPy (no bias correction): final theta, and w_t, v_t per step."""
-    theta, m, v = theta0.astype(np.float64).copy(), np.zeros_like(theta0), np.zeros_like(theta0)
-    tau = config.tau_value
+    """NumpyAdam over a gradient sequence: final theta, and w_t, v_t per step."""
+    theta, adam = theta0.astype(np.float64).copy(), NumpyAdam(theta0.size, config)
     ws, vs = [], []
     for g in grads:
-        m = config.beta1 * m + (1 - config.beta1) * g
-        v = config.beta2 * v + (1 - config.beta2) * g**2
-        w = (v + tau) ** -0.5
-        theta = theta - config.lr * m * w
-        ws.append(w)
-        vs.append(v)
+        theta = adam.step(theta, g)
+        ws.append(adam.w)
+        vs.append(adam.v)
     return theta, ws, vs
 
 
@@ -179,6 +189,7 @@ __all__ = [
     "HEAdamState",
     "InverseSqrtPolynomial",
     "Masks",
+    "NumpyAdam",
     "STATE_NAMES",
     "evaluate_polynomial",
     "he_adam_step",

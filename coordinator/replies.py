@@ -28,14 +28,16 @@ class RefreshAnswer:
     theta: EncryptedVector | None
     state: dict[str, EncryptedVector]  # still masked
     released: wire_pb2.ReleasedMetrics | None
+    theta_tiled: EncryptedVector | None = None  # encrypted-rollout mode: theta in the block layout
 
 
 def update_limit(backend: HEBackend, num_params: int) -> int:
     return max_bytes_for(backend, num_params) + max_bytes_for(backend, messages.STATS_LENGTH) + HEADER_BYTES
 
 
-def refresh_limit(backend: HEBackend, num_params: int) -> int:
-    return max_bytes_for(backend, num_params, vectors=1 + len(STATE_NAMES)) + HEADER_BYTES
+def refresh_limit(backend: HEBackend, num_params: int, tiled_length: int = 0) -> int:
+    tiled = max_bytes_for(backend, tiled_length) if tiled_length else 0
+    return max_bytes_for(backend, num_params, vectors=1 + len(STATE_NAMES)) + tiled + HEADER_BYTES
 
 
 def norm_reply_limit(count: int) -> int:
@@ -61,18 +63,47 @@ def read_update(
 
 
 def read_refresh(
-    backend: HEBackend, reply: Message, round_: int, num_params: int, state_names: tuple[str, ...]
+    backend: HEBackend, reply: Message, round_: int, num_params: int, state_names: tuple[str, ...],
+    tiled_length: int = 0,
 ) -> RefreshAnswer:
-    """Fresh theta (if asked for) and the still-masked optimizer state ``state_names``."""
+    """Fresh theta (if asked for), the still-masked optimizer state ``state_names`` and, in the
+    encrypted-rollout mode (``tiled_length`` > 0), theta in the block layout."""
     answer = messages.unpack(reply.content, messages.REFRESH_REPLY, wire_pb2.RefreshReply,
-                             max_bytes=refresh_limit(backend, num_params))
+                             max_bytes=refresh_limit(backend, num_params, tiled_length))
     _check_round("refresh reply", answer.protocol_version, answer.round, round_)
     if set(answer.state) != set(state_names):
         raise MalformedMessageError(f"refresh reply holds state {sorted(answer.state)}, expected {sorted(state_names)}")
     theta = (from_proto(backend, answer.theta, expected_length=num_params, fresh=True)
              if answer.HasField("theta") else None)
     state = {k: from_proto(backend, v, expected_length=num_params, fresh=True) for k, v in answer.state.items()}
-    return RefreshAnswer(theta, state, answer.released if answer.HasField("released") else None)
+    tiled = None
+    if tiled_length and answer.HasField("theta"):
+        if not answer.HasField("theta_tiled"):
+            raise MalformedMessageError("refresh reply lacks the tiled theta this mode needs")
+        tiled = from_proto(backend, answer.theta_tiled, expected_length=tiled_length, fresh=True)
+    return RefreshAnswer(theta, state, answer.released if answer.HasField("released") else None, tiled)
+
+
+def read_rollout(
+    backend: HEBackend, reply: Message, round_: int, block_length: int, blocks: int
+) -> tuple[list[EncryptedVector], EncryptedVector]:
+    """An owner's encrypted blocks (exactly ``blocks``, each ``block_length`` values) and statistics."""
+    limit = max_bytes_for(backend, block_length, vectors=blocks) + max_bytes_for(backend, messages.STATS_LENGTH)
+    upload = messages.unpack(reply.content, messages.ROLLOUT, wire_pb2.RolloutUpload, max_bytes=limit + HEADER_BYTES)
+    _check_round("rollout upload", upload.protocol_version, upload.round, round_)
+    if len(upload.blocks) != blocks:
+        raise MalformedMessageError(f"rollout upload holds {len(upload.blocks)} blocks, every owner sends {blocks}")
+    vectors = [from_proto(backend, b, expected_length=block_length, fresh=True) for b in upload.blocks]
+    stats = from_proto(backend, upload.rollout_stats, expected_length=messages.STATS_LENGTH, fresh=True)
+    return vectors, stats
+
+
+def read_gradient(backend: HEBackend, reply: Message, round_: int, num_params: int) -> EncryptedVector:
+    """The key holder's collapsed, re-encrypted gradient (still offset by the collapsed masks)."""
+    answer = messages.unpack(reply.content, messages.GRADIENT_REPLY, wire_pb2.GradientReply,
+                             max_bytes=max_bytes_for(backend, num_params) + HEADER_BYTES)
+    _check_round("gradient reply", answer.protocol_version, answer.round, round_)
+    return from_proto(backend, answer.gradient, expected_length=num_params, fresh=True)
 
 
 def read_norms(reply: Message, round_: int, count: int) -> list[float]:

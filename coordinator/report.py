@@ -83,7 +83,7 @@ def write_summary(
         "rounds": len(rows),
         "final_return": None if final is None else round(final, 2),
         "reward_threshold": threshold,
-        "solved": bool(final is not None and threshold is not None and final >= threshold),
+        "solved": is_solved(rows, threshold),  # the same predicate as --stop-on-solve, at the end
         "rounds_to_solve": rounds_to_solve(rows, threshold),
         "wall_s": round(wall_s, 2),
         "num_params": num_params,

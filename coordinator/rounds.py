@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from coordinator.checkpoint import CoordinatorState, load_checkpoint, save_checkpoint
+from coordinator.dp_accounting import effective_noise_multiplier, rdp_epsilon
+from coordinator.encrypted_gradient import GradientSum, RolloutPlan, mask_for_collapse, unmask_collapsed
 from coordinator.he_adam import (
     STATE_NAMES,
     HEAdamConfig,
@@ -34,8 +37,7 @@ from coordinator.he_adam import (
     mask_state,
     unmask_state,
 )
-from coordinator.dp_accounting import effective_noise_multiplier, rdp_epsilon
-from coordinator.replies import RefreshAnswer, read_norms, read_refresh, read_update
+from coordinator.replies import RefreshAnswer, read_gradient, read_norms, read_refresh, read_rollout, read_update
 from coordinator.report import append_metrics, is_solved, read_metrics, truncate_metrics
 from coordinator.robust_aggregation import (
     DEFENSES,
@@ -53,6 +55,7 @@ from protos.backend import HEBackend
 from protos.codec import PROTOCOL_VERSION, EncryptedVector, map_chunks, to_proto
 from protos.errors import WireError
 from protos.fedhe.v1 import wire_pb2
+from protos.rollout_layout import BlockLayout
 from protos.update_units import UpdateUnits
 
 log = logging.getLogger("fedhe.coordinator")
@@ -90,10 +93,12 @@ class RoundSums:
         self.stats: EncryptedVector | None = None
         self.kept: list[EncryptedVector] | None = [] if keep else None
 
-    def add(self, update: EncryptedVector, stats: EncryptedVector) -> None:
-        """Both sums change or neither does."""
+    def add(self, update: EncryptedVector | None, stats: EncryptedVector) -> None:
+        """Both sums change or neither does (``update`` None: encrypted rollouts carry none)."""
         new_stats = stats if self.stats is None else map_chunks(self.backend.add, self.stats, stats)
-        if self.kept is None:
+        if update is None:
+            pass
+        elif self.kept is None:
             self.update = update if self.update is None else map_chunks(self.backend.add, self.update, update)
         else:
             self.kept.append(update)
@@ -123,8 +128,11 @@ class HEAdamCoordinator:
         defense_bound: float = 0.0,
         dp_noise_multiplier: float = 0.0,
         dp_delta: float = 1e-5,
+        rollouts: RolloutPlan | None = None,
     ) -> None:
-        self.backend, self.config = backend, config
+        """``rollouts``: the encrypted-rollout mode (the coordinator learns from encrypted rollouts);
+        None: local-ppo (participants send updates)."""
+        self.backend, self.config, self.rollouts = backend, config, rollouts
         self.poly = config.validate(backend.profile)
         self.scenario_name, self.num_params = scenario_name, num_params
         self.out_dir = Path(out_dir)
@@ -144,17 +152,25 @@ class HEAdamCoordinator:
     def describe(self) -> None:
         log.info(
             "HE-Adam on %s (%s, fingerprint %s…): lr=%g b1=%g b2=%g C=%g tau=%.3g P deg %d on [%.3g, %.3g]",
-            self.scenario_name, self.backend.profile.name, self.backend.fingerprint[:12], self.config.lr,
-            self.config.beta1, self.config.beta2, self.config.clip_bound, self.config.tau_value,
-            self.config.degree, *self.poly.interval,
+            self.scenario_name,
+            self.backend.profile.name,
+            self.backend.fingerprint[:12],
+            self.config.lr,
+            self.config.beta1,
+            self.config.beta2,
+            self.config.clip_bound,
+            self.config.tau_value,
+            self.config.degree,
+            *self.poly.interval,
         )
 
     def run(self, grid: Grid, num_rounds: int, resume: bool = False) -> None:
         self.describe()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            self.state = load_checkpoint(self.out_dir, self.backend, self.scenario_name, self.num_params,
-                                         self.config.to_json())
+            self.state = load_checkpoint(
+                self.out_dir, self.backend, self.scenario_name, self.num_params, self.config.to_json()
+            )
             truncate_metrics(self.out_dir, max((h.round for h in self.state.history), default=0))
             self.dp_history = [r["dp_z"] for r in read_metrics(self.out_dir) if r.get("dp_z")]
             log.info("resumed from round %d", self.state.round)
@@ -177,39 +193,64 @@ class HEAdamCoordinator:
         outgoing, masks = self.train_messages(server_round, nodes, refresher)
         outcome.bytes_down = sum(messages.payload_bytes(m.content) for m in outgoing)
         sums = RoundSums(self.backend, keep=self.defense in ROBUST_DEFENSES)
-        refreshed: tuple[EncryptedVector, dict] | None = None
+        refreshed: tuple[EncryptedVector, dict, EncryptedVector | None] | None = None
+        layout = self.rollouts.layout(len(nodes)) if self.rollouts else None
+        uploads: list[list[EncryptedVector]] = []
 
         def read_train(reply: Message) -> Message:
-            sums.add(*read_update(self.backend, reply, server_round, self.num_params))
+            if layout is None:
+                sums.add(*read_update(self.backend, reply, server_round, self.num_params))
+            else:
+                blocks, stats = read_rollout(self.backend, reply, server_round, layout.block_vectors * layout.slots,
+                                             self.rollouts.blocks(layout))
+                sums.add(None, stats)
+                uploads.append(blocks)
             return reply
 
         for node, reply in self._exchange(grid, outgoing, read_train, outcome, "update"):
             if node == refresher:
-                refreshed = self._guarded(outcome, node, "refresh", lambda r=reply: self._take_refresh(r, masks, server_round))
+                refreshed = self._guarded(
+                    outcome, node, "refresh", lambda r=reply: self._take_refresh(r, masks, server_round)
+                )
         outcome.answered = sums.count
         if sums.count < self.min_participants:
-            log.warning("round %d: only %d of %d participants answered (minimum %d); state unchanged",
-                        server_round, sums.count, len(nodes), self.min_participants)
+            log.warning(
+                "round %d: only %d of %d participants answered (minimum %d); state unchanged",
+                server_round,
+                sums.count,
+                len(nodes),
+                self.min_participants,
+            )
             return self._finish(outcome, t0)
         if refreshed is None:
             refreshed = self._fallback_refresh(grid, server_round, nodes, refresher, outcome)
             if refreshed is None:
                 log.warning("round %d: no participant could refresh the state; state unchanged", server_round)
                 return self._finish(outcome, t0)
-        theta, state = refreshed
+        theta, state, theta_tiled = refreshed
         t_he = time.perf_counter()
         aggregate = sums.update
+        if layout is not None:
+            aggregate = self._rollout_gradient(grid, server_round, nodes, refresher, layout, theta_tiled, uploads,
+                                               outcome)
+            if aggregate is None:
+                log.warning("round %d: no key holder collapsed the gradient; state unchanged", server_round)
+                return self._finish(outcome, t0)
         if sums.kept is not None:
             aggregate = self._robust_aggregate(grid, server_round, nodes, refresher, sums.kept, outcome)
             if aggregate is None:
                 log.warning("round %d: no key holder answered the norm query; state unchanged", server_round)
                 return self._finish(outcome, t0)
-        step = he_adam_step(self.backend, HEAdamState(theta, **state, step=self._steps()), aggregate, self.config, self.poly)
+        step = he_adam_step(
+            self.backend, HEAdamState(theta, **state, step=self._steps()), aggregate, self.config, self.poly
+        )
         outcome.he_ms = (time.perf_counter() - t_he) * 1e3
         if self.dp_z > 0:
             z_eff = effective_noise_multiplier(self.dp_z, sums.count, len(nodes))
             self.dp_history.append(z_eff)
-            outcome.extras.update(dp_z=round(z_eff, 6), dp_epsilon=round(rdp_epsilon(self.dp_history, self.dp_delta), 4))
+            outcome.extras.update(
+                dp_z=round(z_eff, 6), dp_epsilon=round(rdp_epsilon(self.dp_history, self.dp_delta), 4)
+            )
         self.state.optimizer = step.state
         self.state.pending_stats = sums.stats
         outcome.completed = True
@@ -224,15 +265,45 @@ class HEAdamCoordinator:
         if outcome.completed:
             self.state.round = outcome.round
             self.state.pending_round = {
-                "round": outcome.round, "wall_s": round(outcome.wall_s, 3), "bytes_up": outcome.bytes_up,
-                "bytes_down": outcome.bytes_down, "he_ms": round(outcome.he_ms, 1), "participants": outcome.answered,
-                "failed": outcome.failed, **outcome.extras,
+                "round": outcome.round,
+                "wall_s": round(outcome.wall_s, 3),
+                "bytes_up": outcome.bytes_up,
+                "bytes_down": outcome.bytes_down,
+                "he_ms": round(outcome.he_ms, 1),
+                "participants": outcome.answered,
+                "failed": outcome.failed,
+                **outcome.extras,
             }
             self._save()
         return outcome
 
     def _save(self) -> None:
         save_checkpoint(self.out_dir, self.backend, self.scenario_name, self.config.to_json(), self.state)
+
+    # -- encrypted rollouts -----------------------------------------------------------------------
+    def _rollout_gradient(
+        self, grid: Grid, server_round: int, nodes: list[int], refresher: int, layout: BlockLayout,
+        theta_tiled: EncryptedVector | None, uploads: list[list[EncryptedVector]], outcome: RoundOutcome,
+    ) -> EncryptedVector | None:
+        """Backpropagate on every owner's encrypted blocks, then the second exchange collapses the sums."""
+        if theta_tiled is None:
+            raise WireError("the refresh carried no tiled theta")
+        gradient = GradientSum(self.backend, layout)
+        for blocks in uploads:
+            for block in blocks:
+                gradient.add_block(theta_tiled.chunks, block.chunks)
+        masked, masks = mask_for_collapse(self.backend, gradient.result())
+        query = wire_pb2.GradientQuery(protocol_version=PROTOCOL_VERSION, round=server_round)
+        for vec in masked:
+            query.masked.append(to_proto(self.backend, vec))
+        packed = messages.pack(query)
+        for node in [refresher] + [n for n in nodes if n != refresher]:
+            msg = self._message(node, server_round, len(nodes), messages.GRADIENT, {messages.GRADIENT_QUERY: packed})
+            outcome.bytes_down += messages.payload_bytes(msg.content)
+            read = lambda reply: read_gradient(self.backend, reply, server_round, self.num_params)  # noqa: E731
+            for _, dense in self._exchange(grid, [msg], read, outcome, "gradient"):
+                return unmask_collapsed(self.backend, dense, masks, layout)
+        return None
 
     # -- robust aggregation -----------------------------------------------------------------------
     def norm_query(self, server_round: int, kept: list[EncryptedVector]) -> tuple[ArrayRecord, NormMasks]:
@@ -244,7 +315,12 @@ class HEAdamCoordinator:
         return messages.pack(query), masks
 
     def _robust_aggregate(
-        self, grid: Grid, server_round: int, nodes: list[int], refresher: int, kept: list[EncryptedVector],
+        self,
+        grid: Grid,
+        server_round: int,
+        nodes: list[int],
+        refresher: int,
+        kept: list[EncryptedVector],
         outcome: RoundOutcome,
     ) -> EncryptedVector | None:
         """Masked-norm exchange with one key holder, then sum_i f_i Enc(u_i)."""
@@ -264,8 +340,12 @@ class HEAdamCoordinator:
         """Defense and privacy fields for summary.json."""
         out: dict = {"defense": self.defense}
         if self.dp_z > 0:
-            out.update(dp_noise_multiplier=self.dp_z, dp_delta=self.dp_delta, dp_rounds=len(self.dp_history),
-                       dp_epsilon=round(rdp_epsilon(self.dp_history, self.dp_delta), 4))
+            out.update(
+                dp_noise_multiplier=self.dp_z,
+                dp_delta=self.dp_delta,
+                dp_rounds=len(self.dp_history),
+                dp_epsilon=round(rdp_epsilon(self.dp_history, self.dp_delta), 4),
+            )
         else:
             out.update(dp_epsilon=None)
         return out
@@ -288,14 +368,23 @@ class HEAdamCoordinator:
             time.sleep(0.5)
 
     def _message(
-        self, node: int, server_round: int, participants: int, kind: str, arrays: dict[str, ArrayRecord],
+        self,
+        node: int,
+        server_round: int,
+        participants: int,
+        kind: str,
+        arrays: dict[str, ArrayRecord],
         group: str | None = None,
     ) -> Message:
         """Every message carries the round's public metadata; ``init`` while there is no theta yet."""
-        config = ConfigRecord({
-            "round": server_round, "participants": participants, "key-fingerprint": self.backend.fingerprint,
-            "protocol-version": PROTOCOL_VERSION,
-        })
+        config = ConfigRecord(
+            {
+                "round": server_round,
+                "participants": participants,
+                "key-fingerprint": self.backend.fingerprint,
+                "protocol-version": PROTOCOL_VERSION,
+            }
+        )
         if self.state.optimizer is None:
             config["init"] = True
         content = RecordDict({messages.CONFIG: config, **arrays})
@@ -372,14 +461,20 @@ class HEAdamCoordinator:
 
     # -- refresh ----------------------------------------------------------------------------------
     def _take_refresh(self, reply: Message, masks: Masks | None, server_round: int):
-        answer: RefreshAnswer = read_refresh(self.backend, reply, server_round, self.num_params,
-                                             STATE_NAMES if masks else ())
+        tiled_length = self.rollouts.tiled_length() if self.rollouts else 0
+        answer: RefreshAnswer = read_refresh(
+            self.backend, reply, server_round, self.num_params, STATE_NAMES if masks else (), tiled_length
+        )
         if answer.theta is None:
             raise WireError("refresh reply lacks theta")
-        state = unmask_state(self.backend, answer.state, masks) if masks else initial_optimizer_state(self.backend, self.num_params)
+        state = (
+            unmask_state(self.backend, answer.state, masks)
+            if masks
+            else initial_optimizer_state(self.backend, self.num_params)
+        )
         if answer.released is not None:
             self._record_release(answer.released)
-        return answer.theta, state
+        return answer.theta, state, answer.theta_tiled
 
     def _fallback_refresh(self, grid: Grid, server_round: int, nodes: list[int], refresher: int, outcome: RoundOutcome):
         for node in [n for n in nodes if n != refresher]:
@@ -401,8 +496,14 @@ class HEAdamCoordinator:
         request, _ = self.refresh_request(release_round, with_state=False)
         outcome = RoundOutcome(release_round)
         for node in nodes:
-            msg = self._message(node, release_round, len(nodes), messages.REFRESH,
-                                {messages.REFRESH_REQUEST: messages.pack(request)}, group="release")
+            msg = self._message(
+                node,
+                release_round,
+                len(nodes),
+                messages.REFRESH,
+                {messages.REFRESH_REQUEST: messages.pack(request)},
+                group="release",
+            )
             read = lambda reply: read_refresh(self.backend, reply, release_round, self.num_params, ())  # noqa: E731
             for _, answer in self._exchange(grid, [msg], read, outcome, "release"):
                 if answer.released is not None:
@@ -415,8 +516,11 @@ class HEAdamCoordinator:
         if not pending or pending.get("round") != released.round:
             return
         row = dict(pending)
-        row.update(mean_return=released.mean_return if released.valid else None,
-                   episodes=int(released.episodes), steps=int(released.steps))
+        row.update(
+            mean_return=released.mean_return if released.valid else None,
+            episodes=int(released.episodes),
+            steps=int(released.steps),
+        )
         append_metrics(self.out_dir, row)
         self.state.history.append(released)
         self.state.pending_round, self.state.pending_stats = {}, None

@@ -12,12 +12,13 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from coordinator.encrypted_gradient import RolloutPlan
 from coordinator.report import write_summary
 from coordinator.rounds import HEAdamCoordinator, RoundOutcome
 from protos.backend import HEBackend, PlainBackend
@@ -56,11 +57,12 @@ def run_federation(
             f"this run uses HE profile {settings.he_profile}, the key file is {backend.profile.name}; "
             f"create keys with `fedhe keygen --profile {settings.he_profile}`"
         )
-    num_params = scenario.policy_spec().num_params
+    num_params = scenario.network(settings.mode).num_params
+    rollouts = RolloutPlan(scenario, backend.slots) if settings.mode == "encrypted-rollouts" else None
     write_run_info(Path(settings.out_dir), settings, scenario.name, num_params)
     coordinator = HEAdamCoordinator(
         backend,
-        HEAdamConfig.for_scenario(scenario),
+        HEAdamConfig.for_scenario(scenario, settings.mode),
         scenario.name,
         num_params,
         Path(settings.out_dir),
@@ -75,6 +77,7 @@ def run_federation(
         defense_bound=settings.defense_bound,
         dp_noise_multiplier=settings.dp_noise_multiplier,
         dp_delta=settings.dp_delta,
+        rollouts=rollouts,
     )
     coordinator.run(grid, num_rounds=settings.num_server_rounds, resume=settings.resume)
     participants = settings.participants or len(list(grid.get_node_ids()))
@@ -86,7 +89,7 @@ def run_federation(
         threshold=scenario.reward_threshold,
         num_params=num_params,
         wall_s=time.perf_counter() - t0,
-        extra=coordinator.summary_fields(),
+        extra={"mode": settings.mode, **coordinator.summary_fields()},
     )
 
 
@@ -95,7 +98,7 @@ def write_run_info(out_dir: Path, settings: RunSettings, scenario_name: str, num
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {"scenario_ref": settings.scenario, "scenario": scenario_name, "num_params": num_params,
             "plaintext": settings.plaintext, "seed": settings.seed, "rounds": settings.num_server_rounds,
-            "he_profile": settings.he_profile, "robust_training": settings.robust_training}
+            "he_profile": settings.he_profile, "robust_training": settings.robust_training, "mode": settings.mode}
     (out_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 

@@ -10,7 +10,6 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -52,29 +51,69 @@ def scenarios() -> None:
 
 @app.command()
 def simulate(
-    scenario: str = typer.Argument("cartpole", help="Built-in name, installed entry point, or path/to/file.py defining SCENARIO."),
-    participants: Optional[int] = typer.Option(None, "--participants", "-n", help="Simulated organizations (default: the scenario's)."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Federated rounds (default: the scenario's)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for policy init and environments (default: the scenario's)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output directory: checkpoint, metrics.jsonl, summary.json, learning_curve.png, keys/ (default: runs/SCENARIO-TIMESTAMP)."),
-    plaintext: bool = typer.Option(False, "--plaintext", help="Same protocol with encryption replaced by identity (baseline for overhead ratios)."),
+    scenario: str = typer.Argument(
+        "cartpole", help="Built-in name, installed entry point, or path/to/file.py defining SCENARIO."
+    ),
+    participants: int | None = typer.Option(
+        None, "--participants", "-n", help="Simulated organizations (default: the scenario's)."
+    ),
+    rounds: int | None = typer.Option(None, "--rounds", "-r", help="Federated rounds (default: the scenario's)."),
+    seed: int | None = typer.Option(None, help="Seed for policy init and environments (default: the scenario's)."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help=(
+            "Output directory: checkpoint, metrics.jsonl, summary.json, learning_curve.png, keys/ (default: "
+            "runs/SCENARIO-TIMESTAMP)."
+        ),
+    ),
+    plaintext: bool = typer.Option(
+        False, "--plaintext", help="Same protocol with encryption replaced by identity (baseline for overhead ratios)."
+    ),
+    mode: str = typer.Option(
+        "local-ppo",
+        "--mode",
+        help=(
+            "local-ppo: participants train PPO locally and send encrypted updates. encrypted-rollouts: they send "
+            "encrypted states and loss deltas and the coordinator computes the gradient on ciphertexts "
+            "(docs/encrypted-rollouts.md)."
+        ),
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
-    key_dir: Optional[Path] = typer.Option(None, "--key-dir", help="Existing federation keys (default: create DIR/keys)."),
-    stop_on_solve: bool = typer.Option(True, "--stop-on-solve/--no-stop-on-solve", help="End once the mean return over the last 100 episodes reaches the env's threshold."),
+    key_dir: Path | None = typer.Option(None, "--key-dir", help="Existing federation keys (default: create DIR/keys)."),
+    stop_on_solve: bool = typer.Option(
+        True,
+        "--stop-on-solve/--no-stop-on-solve",
+        help="End once the mean return over the last 100 episodes reaches the env's threshold.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower and Ray logs."),
 ) -> None:
     """Train one policy with a simulated federation on this machine (Flower simulation engine).
 
-    With no arguments: encrypted CartPole with 3 participants. Only CKKS ciphertexts leave the simulated participants; the coordinator never holds a secret key.
+    With no arguments: encrypted CartPole, 3 participants; only CKKS ciphertexts leave them.
 
-    Examples: `fedhe simulate --out runs/c1`, `fedhe simulate acrobot -n 5 -r 80 --out runs/a1`, `fedhe simulate my_scenario.py --plaintext --out runs/p1`, `fedhe simulate --resume --out runs/c1`. Afterwards: `fedhe evaluate runs/c1`.
+    \b
+    Examples:
+      fedhe simulate --out runs/c1
+      fedhe simulate acrobot -n 5 -r 80 --out runs/a1
+      fedhe simulate my_scenario.py --plaintext --out runs/p1
+      fedhe simulate cartpole --mode encrypted-rollouts --out runs/r1
+      fedhe simulate --resume --out runs/c1
+      fedhe evaluate runs/c1            # afterwards: decrypt the policy and run it
     """
     from fedhe.simulate import simulate as run
     from protos.settings import RunSettings
     from scenarios import resolve_run
 
-    settings = RunSettings(scenario=scenario, num_server_rounds=rounds or 0, plaintext=plaintext,
-                           seed=-1 if seed is None else seed, stop_on_solve=stop_on_solve, resume=resume)
+    settings = RunSettings(
+        scenario=scenario,
+        num_server_rounds=rounds or 0,
+        plaintext=plaintext,
+        mode=mode,
+        seed=-1 if seed is None else seed,
+        stop_on_solve=stop_on_solve,
+        resume=resume,
+    )
     try:
         spec, resolved = resolve_run(settings)
     except (ValueError, OSError) as exc:
@@ -96,7 +135,9 @@ def simulate(
         task = bar.add_task("rounds", total=total)
 
         def on_round(outcome, released) -> None:
-            ret = "" if not released or released.get("mean_return") is None else f" return {released['mean_return']:.1f}"
+            ret = (
+                "" if not released or released.get("mean_return") is None else f" return {released['mean_return']:.1f}"
+            )
             bar.update(task, completed=outcome.round, description=f"round {outcome.round}{ret}")
 
         try:
@@ -108,10 +149,14 @@ def simulate(
 
 @app.command()
 def evaluate(
-    run_dir: Path = typer.Argument(..., help="A directory written by `fedhe simulate --out` (or the coordinator's out-dir)."),
-    key_dir: Optional[Path] = typer.Option(None, "--key-dir", help="Directory with participant.ctx (default: RUN_DIR/keys)."),
+    run_dir: Path = typer.Argument(
+        ..., help="A directory written by `fedhe simulate --out` (or the coordinator's out-dir)."
+    ),
+    key_dir: Path | None = typer.Option(
+        None, "--key-dir", help="Directory with participant.ctx (default: RUN_DIR/keys)."
+    ),
     episodes: int = typer.Option(20, help="Greedy evaluation episodes."),
-    scenario: Optional[str] = typer.Option(None, help="Override the scenario recorded in RUN_DIR/run.json."),
+    scenario: str | None = typer.Option(None, help="Override the scenario recorded in RUN_DIR/run.json."),
     participant_index: int = typer.Option(0, help="Whose environment variant to evaluate in."),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON."),
 ) -> None:

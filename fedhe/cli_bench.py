@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -33,10 +32,51 @@ def bench_he_adam(
     try:
         with progress_bar() as bar:
             task = bar.add_task("HE-Adam steps", total=steps)
-            result = run_he_adam_bench(
-                steps, params, profile, config, seed, on_step=lambda _: bar.advance(task)
-            )
+            result = run_he_adam_bench(steps, params, profile, config, seed, on_step=lambda _: bar.advance(task))
     except (HEAdamConfigError, WireError) as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
+@bench_app.command("encrypted-gradient")
+def bench_encrypted_gradient(
+    participants: int = typer.Option(3, "--participants", "-n", help="Data owners uploading encrypted rollouts."),
+    transitions: int = typer.Option(2048, help="Transitions per participant."),
+    hidden: int = typer.Option(16, help="Hidden units of the polynomial actor and critic."),
+    obs_dim: int = typer.Option(4, "--obs-dim", help="State dimension (CartPole: 4)."),
+    actions: int = typer.Option(2, "--actions", help="Discrete actions (CartPole: 2)."),
+    profile: str = typer.Option(DEFAULT_PROFILE, "--profile", help=PROFILE_HELP),
+    clip_bound: float = typer.Option(2.0, "--clip-bound", help="C: deltas are scaled so |G_j| <= C provably."),
+    plaintext: bool = typer.Option(False, "--plaintext", help="Run the identical protocol on PlainBackend."),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
+) -> None:
+    """One encrypted-rollout round: gradient on ciphertexts, masked collapse, HE-Adam vs NumPy."""
+    from coordinator.he_adam import HEAdamConfigError
+    from fedhe.bench.encrypted_gradient import run_encrypted_gradient_bench
+    from protos.profiles import get_profile
+    from protos.rollout_layout import BlockLayout
+
+    if min(participants, transitions, hidden, obs_dim, actions) < 1:
+        fail("--participants, --transitions, --hidden, --obs-dim and --actions must be positive")
+    try:
+        slots = get_profile(profile).slots
+        blocks = BlockLayout.of(obs_dim, hidden, actions, slots).blocks_for(transitions)
+        with progress_bar() as bar:
+            task = bar.add_task("gradient blocks", total=participants * blocks)
+            result = run_encrypted_gradient_bench(
+                participants,
+                transitions,
+                hidden,
+                obs_dim,
+                actions,
+                profile,
+                plaintext,
+                clip_bound,
+                seed,
+                on_block=lambda done: bar.update(task, completed=done),
+            )
+    except (HEAdamConfigError, WireError, ValueError) as exc:
         fail(str(exc))
     typer.echo(json.dumps(result, indent=None if as_json else 2))
 
@@ -45,9 +85,9 @@ def bench_he_adam(
 def bench_federation(
     scenario: str = typer.Option("cartpole", "--scenario", help="Scenario to train."),
     seeds: int = typer.Option(5, help="Seeds per mode (encrypted and plaintext)."),
-    participants: Optional[int] = typer.Option(None, "--participants", "-n"),
-    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Fixed rounds per run (default: the scenario's)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Keep the runs here (default: a temp dir)."),
+    participants: int | None = typer.Option(None, "--participants", "-n"),
+    rounds: int | None = typer.Option(None, "--rounds", "-r", help="Fixed rounds per run (default: the scenario's)."),
+    out: Path | None = typer.Option(None, "--out", help="Keep the runs here (default: a temp dir)."),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
     """Encrypted vs plaintext federations over several seeds: returns, rounds to solve, wall-time ratio."""
@@ -64,5 +104,3 @@ def bench_federation(
         except (WireError, ValueError, RuntimeError) as exc:
             fail(str(exc))
     typer.echo(json.dumps(result, indent=None if as_json else 2))
-
-

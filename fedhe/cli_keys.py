@@ -70,7 +70,9 @@ def keys_inspect(
 
 @keys_app.command("recipient")
 def keys_recipient(
-    out: Path = typer.Option(..., "--out", help="Path prefix: writes PREFIX.x25519 (private, 0600) and PREFIX.x25519.pub."),
+    out: Path = typer.Option(
+        ..., "--out", help="Path prefix: writes PREFIX.x25519 (private, 0600) and PREFIX.x25519.pub."
+    ),
 ) -> None:
     """Create this organization's X25519 key pair for receiving sealed key files.
 
@@ -117,5 +119,3 @@ def keys_unseal(
     except WireError as exc:
         fail(str(exc))
     console.print(f"unsealed -> {target}")
-
-

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from fedhe.run_dir import decrypt_policy
-from scenarios import Policy
 from scenarios.rollout import evaluate_policy
 
 
@@ -26,7 +25,8 @@ def evaluate_run(
     scenario = trained.scenario
     env = scenario.build_env(participant_index, seed)
     try:
-        returns = evaluate_policy(env, Policy(scenario.policy_spec(), trained.theta), episodes, seed, greedy=True)
+        policy = scenario.make_policy(trained.settings.mode, trained.theta)
+        returns = evaluate_policy(env, policy, episodes, seed, greedy=True)
     finally:
         env.close()
     return {

@@ -55,7 +55,7 @@ def recorded_settings(run_dir: Path, scenario_ref: str | None = None) -> tuple[S
     info = json.loads(path.read_text())
     settings = RunSettings(scenario=scenario_ref or info["scenario_ref"], plaintext=info["plaintext"],
                            seed=info.get("seed", -1), he_profile=info.get("he_profile", ""),
-                           robust_training=info.get("robust_training", ""))
+                           robust_training=info.get("robust_training", ""), mode=info.get("mode", "local-ppo"))
     return resolve_run(settings)
 
 
@@ -75,7 +75,7 @@ def decrypt_policy(run_dir: Path, key_dir: Path | None = None, scenario_ref: str
         holder = PlainKeyHolder(get_profile(settings.he_profile))
     else:
         holder = load_keyholder(Path(key_dir) if key_dir else find_keys(run_dir))
-    state = load_checkpoint(Path(run_dir), holder, scenario.name, scenario.policy_spec().num_params)
+    state = load_checkpoint(Path(run_dir), holder, scenario.name, scenario.network(settings.mode).num_params)
     if state.optimizer is None:
         raise CheckpointError(f"the checkpoint in {run_dir} has no policy yet (no round completed)")
     return TrainedPolicy(scenario, settings, decrypt_vector(holder, state.optimizer.theta), state.round)

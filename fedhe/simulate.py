@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from flwr.clientapp.typing import Mod
 
-from coordinator.server_app import build_server_app
+from coordinator.checkpoint import CHECKPOINT_FILE, check_same_optimizer, read_checkpoint
 from coordinator.rounds import RoundOutcome
-from participant.client_app import build_client_app
+from coordinator.server_app import build_server_app
 from fedhe.run_dir import KEYS_DIR, ensure_keys
+from participant.client_app import build_client_app
 from protos.keyfile import COORDINATOR_KEY
+from protos.optimizer import HEAdamConfig
 from protos.settings import RunSettings
 from scenarios import resolve_run
 
@@ -40,7 +42,11 @@ def simulate(
 
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _, resolved = resolve_run(settings)
+    scenario, resolved = resolve_run(settings)
+    if settings.resume:  # refuse here, with the coordinator's message, before any process starts
+        path = out_dir / CHECKPOINT_FILE
+        check_same_optimizer(path, read_checkpoint(path).optimizer_config_json,
+                             HEAdamConfig.for_scenario(scenario, resolved.mode).to_json())
     if not settings.plaintext:
         keys = ensure_keys(key_dir or out_dir / KEYS_DIR, resolved.he_profile).resolve()
         settings = replace(settings, coordinator_key=str(keys / COORDINATOR_KEY), participant_key_dir=str(keys))

@@ -35,7 +35,7 @@ class AnswerLedger:
         self.record = record if record is not None else ConfigRecord({"answered": []})
 
     @classmethod
-    def of(cls, context: Context) -> "AnswerLedger":
+    def of(cls, context: Context) -> AnswerLedger:
         if LEDGER not in context.state.config_records:
             context.state[LEDGER] = ConfigRecord({"answered": []})
         return cls(context.state.config_records[LEDGER])
@@ -44,7 +44,9 @@ class AnswerLedger:
         key = f"{kind}:{round_}"
         answered = list(self.record["answered"])
         if key in answered:
-            raise RequestRefusedError(f"already answered a {kind} request for round {round_}; a key holder answers once")
+            raise RequestRefusedError(
+                f"already answered a {kind} request for round {round_}; a key holder answers once"
+            )
         self.record["answered"] = answered + [key]
 
 
@@ -54,7 +56,9 @@ def check_refresh_request(request: wire_pb2.RefreshRequest, round_: int, ledger:
     if request.round != round_:
         raise RequestRefusedError(f"refresh request names round {request.round} inside a round-{round_} message")
     if request.masked_state and set(request.masked_state) != set(STATE_NAMES):
-        raise RequestRefusedError(f"refresh request holds state {sorted(request.masked_state)}, expected {list(STATE_NAMES)}")
+        raise RequestRefusedError(
+            f"refresh request holds state {sorted(request.masked_state)}, expected {list(STATE_NAMES)}"
+        )
     if request.masked_state:
         ledger.claim("refresh", round_)
     if request.HasField("stats_to_release"):
@@ -71,6 +75,22 @@ def check_norm_query(query: wire_pb2.NormQuery, round_: int, participants: int, 
     if not 1 <= len(query.masked) <= participants:
         raise RequestRefusedError(f"norm query holds {len(query.masked)} ciphertexts for {participants} participants")
     ledger.claim("norms", round_)
+
+
+def check_gradient_query(query: wire_pb2.GradientQuery, round_: int, expected: int, ledger: AnswerLedger) -> None:
+    """Encrypted-rollout mode: exactly the layout's per-slot gradient ciphertexts, one query per round.
+
+    That they are masked is checked after decryption (``participant.gradient_collapse``), and only
+    a re-encryption leaves: nothing is released in the clear.
+    """
+    check_version(query.protocol_version, "gradient query")
+    if query.round != round_:
+        raise RequestRefusedError(f"gradient query names round {query.round} inside a round-{round_} message")
+    if len(query.masked) != expected:
+        raise RequestRefusedError(
+            f"gradient query holds {len(query.masked)} ciphertexts, the layout defines {expected}"
+        )
+    ledger.claim("gradient", round_)
 
 
 def require_masked(values: np.ndarray) -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
@@ -39,8 +40,12 @@ def egress_audit_mod(directory: str | os.PathLike) -> Mod:
         folder = Path(root) / f"{context.node_id}-{uuid.uuid4().hex[:12]}"
         folder.mkdir(parents=True, exist_ok=True)
         config = msg.content.config_records.get(messages.CONFIG, {})
-        manifest: dict[str, Any] = {"node_id": context.node_id, "message_type": msg.metadata.message_type,
-                                    "request_round": config.get("round"), "error": reply.has_error()}
+        manifest: dict[str, Any] = {
+            "node_id": context.node_id,
+            "message_type": msg.metadata.message_type,
+            "request_round": config.get("round"),
+            "error": reply.has_error(),
+        }
         if not reply.has_error():
             content = reply.content
             manifest["config_records"] = {name: dict(rec) for name, rec in content.config_records.items()}
@@ -59,8 +64,9 @@ def egress_audit_mod(directory: str | os.PathLike) -> Mod:
 
 
 # -- the allowlist -----------------------------------------------------------------------------------
-# Per protobuf field: "vector" (a fresh ciphertext under the federation key), "vector-map" (map of
-# state name -> such a ciphertext) or a check of the plaintext value, given the request's round.
+# Per protobuf field: "vector" (a fresh ciphertext under the federation key), "vector-list" (a list
+# of them), "vector-map" (map of state name -> such a ciphertext), "message" (a nested message with
+# its own rules) or a check of the plaintext value, given the request's round.
 Check = Callable[[Any, int], bool]
 
 
@@ -85,6 +91,18 @@ ALLOWED_FIELDS: dict[str, dict[str, str | Check]] = {
         "theta": "vector",
         "state": "vector-map",
         "released": "message",
+        "theta_tiled": "vector",
+    },
+    "fedhe.v1.RolloutUpload": {
+        "protocol_version": lambda v, r: v == PROTOCOL_VERSION,
+        "round": lambda v, r: v == r,
+        "blocks": "vector-list",
+        "rollout_stats": "vector",
+    },
+    "fedhe.v1.GradientReply": {
+        "protocol_version": lambda v, r: v == PROTOCOL_VERSION,
+        "round": lambda v, r: v == r,
+        "gradient": "vector",
     },
     "fedhe.v1.ReleasedMetrics": {
         "round": lambda v, r: 1 <= v < r,
@@ -104,6 +122,8 @@ ALLOWED_RECORDS: dict[str, type[ProtoMessage]] = {
     messages.UPDATE: wire_pb2.ParticipantUpdate,
     messages.REFRESH_REPLY: wire_pb2.RefreshReply,
     messages.NORM_REPLY: wire_pb2.NormReply,
+    messages.ROLLOUT: wire_pb2.RolloutUpload,
+    messages.GRADIENT_REPLY: wire_pb2.GradientReply,
 }
 CONFIG_VALUES: dict[str, Check] = {
     "round": lambda v, r: v == r,
@@ -133,7 +153,11 @@ def audit_reply(content: RecordDict, request_round: int, backend: HEBackend) -> 
             problems.append(f"array record {name!r} is not part of the protocol")
             continue
         arrays = list(record.items())
-        if len(arrays) != 1 or arrays[0][0] != cls.DESCRIPTOR.full_name or arrays[0][1].stype != cls.DESCRIPTOR.full_name:
+        if (
+            len(arrays) != 1
+            or arrays[0][0] != cls.DESCRIPTOR.full_name
+            or arrays[0][1].stype != cls.DESCRIPTOR.full_name
+        ):
             problems.append(f"record {name!r} must hold exactly one {cls.DESCRIPTOR.full_name}")
             continue
         try:
@@ -157,6 +181,9 @@ def audit_proto(proto: ProtoMessage, request_round: int, backend: HEBackend) -> 
             problems.append(f"{where} is not in the egress allowlist")
         elif rule == "vector":
             problems += _audit_vector(where, value, backend)
+        elif rule == "vector-list":
+            for k, vec in enumerate(value):
+                problems += _audit_vector(f"{where}[{k}]", vec, backend)
         elif rule == "vector-map":
             if not set(value) <= set(STATE_NAMES):
                 problems.append(f"{where} has keys {sorted(value)}, allowed {list(STATE_NAMES)}")
@@ -196,7 +223,11 @@ def audit_recorded(directory: str | os.PathLike, backend: HEBackend) -> tuple[in
             content[name] = MetricRecord(values)
         for name, arrays in manifest["array_records"].items():
             data = {key: (path.parent / a["file"]).read_bytes() for key, a in arrays.items()}
-            content[name] = ArrayRecord({key: Array(dtype=a["dtype"], shape=(len(data[key]),), stype=a["stype"],
-                                                    data=data[key]) for key, a in arrays.items()})
+            content[name] = ArrayRecord(
+                {
+                    key: Array(dtype=a["dtype"], shape=(len(data[key]),), stype=a["stype"], data=data[key])
+                    for key, a in arrays.items()
+                }
+            )
         problems += [f"{path.parent.name}: {p}" for p in audit_reply(content, int(manifest["request_round"]), backend)]
     return len(manifests), problems

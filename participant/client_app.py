@@ -8,11 +8,11 @@ settings (everything runs on one machine there).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
-
-from functools import lru_cache
 
 from participant.answer_rules import AnswerLedger
 from participant.local_update import NodeIdentity
@@ -61,6 +61,10 @@ def build_client_app(settings: RunSettings | None = None, mods: list[Mod] | None
 
     @app.query("norms")
     def norms(msg: Message, context: Context) -> Message:
+        return respond(msg, context, training=False)
+
+    @app.query("gradient")
+    def gradient(msg: Message, context: Context) -> Message:
         return respond(msg, context, training=False)
 
     return app

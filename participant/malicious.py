@@ -43,13 +43,15 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
+from protos.update_units import clip_l2
 from scenarios import Scenario
 
 UPDATE_ATTACKS: dict[str, dict[str, float]] = {
@@ -63,7 +65,6 @@ UPDATE_ATTACKS: dict[str, dict[str, float]] = {
 DATA_ATTACKS: dict[str, dict[str, float]] = {"reward-flip": {}, "reward-shuffle": {}, "random-action": {}}
 ATTACKS: dict[str, dict[str, float]] = {**UPDATE_ATTACKS, **DATA_ATTACKS}
 COLLUDING = frozenset({"alie", "ipm"})
-NON_ADAPTIVE = ("sign-flip", "scale", "noise", "zero", "reward-flip", "reward-shuffle", "random-action")
 
 
 class PartyMixError(ValueError):
@@ -102,7 +103,9 @@ def parse_party_mix(mix: Sequence[Mapping[str, Any]] | str) -> dict[int, Behavio
         params = {k: v for k, v in entry.items() if k not in ("attack", "participants")}
         unknown = set(params) - set(ATTACKS[name])
         if unknown:
-            raise PartyMixError(f"attack {name} has no parameter(s) {sorted(unknown)}; it takes {sorted(ATTACKS[name]) or 'none'}")
+            raise PartyMixError(
+                f"attack {name} has no parameter(s) {sorted(unknown)}; it takes {sorted(ATTACKS[name]) or 'none'}"
+            )
         for i in who:
             if i in out:
                 raise PartyMixError(f"participant {i} appears twice in the party mix")
@@ -163,7 +166,11 @@ def attacked_scenario(scenario: Scenario, behaviour: Behaviour | None) -> Scenar
     attack = behaviour.attack
 
     def make_env(participant_index: int, seed: int, **kwargs: Any) -> gym.Env:
-        env = scenario.make_env(participant_index, seed, **kwargs) if scenario.make_env else gym.make(scenario.env_id, **kwargs)
+        env = (
+            scenario.make_env(participant_index, seed, **kwargs)
+            if scenario.make_env
+            else gym.make(scenario.env_id, **kwargs)
+        )
         if attack == "reward-flip":
             return _RewardFlip(env)
         if attack == "reward-shuffle":
@@ -249,7 +256,7 @@ def colluders_honest_updates(
                 pass  # a concurrent writer; recompute
         trainer = ParticipantTrainer(scenario, j, colluder_seed(run_seed, j, round_), variant)
         try:
-            update = clip_to(trainer.train(theta, round_).update, clip)
+            update = clip_l2(trainer.train(theta, round_).update, clip)
         finally:
             trainer.close()
         if path is not None:
@@ -261,17 +268,11 @@ def colluders_honest_updates(
     return out
 
 
-def clip_to(update: np.ndarray, bound: float) -> np.ndarray:
-    norm = float(np.linalg.norm(update))
-    return update * min(1.0, bound / norm) if norm > 0 else update
-
-
 __all__ = [
     "ATTACKS",
     "Behaviour",
     "COLLUDING",
     "DATA_ATTACKS",
-    "NON_ADAPTIVE",
     "PartyMixError",
     "UPDATE_ATTACKS",
     "alie_z",

@@ -14,19 +14,27 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from participant.answer_rules import AnswerLedger, check_norm_query, check_refresh_request, require_masked
+from participant.answer_rules import (
+    AnswerLedger,
+    check_gradient_query,
+    check_norm_query,
+    check_refresh_request,
+    require_masked,
+)
+from participant.gradient_collapse import collapse_masked
 from participant.keyholder import KeyHolder, PlainKeyHolder, decrypt_vector, load_keyholder, reencrypt
 from participant.local_update import NodeIdentity, local_update
+from participant.rollout_owner import ROLLOUTS, encrypted_rollout, owner_for, tiled_theta
 from protos import messages
 from protos.codec import PROTOCOL_VERSION, check_version, encrypt_vector, from_proto, max_bytes_for, to_proto
 from protos.errors import ChunkLayoutError, KeyFileError, WireError
 from protos.fedhe.v1 import wire_pb2
 from protos.optimizer import STATE_NAMES
 from protos.profiles import get_profile
+from protos.rollout_layout import layout_for_round
 from scenarios import Scenario
 
 log = logging.getLogger(__name__)
-
 
 
 @lru_cache(maxsize=4)
@@ -52,7 +60,9 @@ def released_metrics(holder: KeyHolder, stats: wire_pb2.EncryptedVector, round_:
     )
 
 
-def refresh(holder: KeyHolder, request: wire_pb2.RefreshRequest, theta: np.ndarray | None, num_params: int) -> wire_pb2.RefreshReply:
+def refresh(
+    holder: KeyHolder, request: wire_pb2.RefreshRequest, theta: np.ndarray | None, num_params: int
+) -> wire_pb2.RefreshReply:
     """Client-aided bootstrapping: fresh ciphertexts of theta and of the still-masked state."""
     reply = wire_pb2.RefreshReply(protocol_version=PROTOCOL_VERSION, round=request.round)
     if theta is not None:
@@ -82,36 +92,64 @@ def handle(
         )
     check_version(int(config.get("protocol-version", 0)), "coordinator message")
     round_, participants = int(config["round"]), max(1, int(config["participants"]))
-    num_params = scenario.policy_spec().num_params
+    network = scenario.network(identity.run.mode)
+    num_params = network.num_params
+    layout = layout_for_round(scenario, holder.slots, participants) if identity.run.mode == ROLLOUTS else None
 
     theta = None
     if messages.THETA in content.array_records:
-        msg = messages.unpack(content, messages.THETA, wire_pb2.EncryptedVector, max_bytes=max_bytes_for(holder, num_params))
+        msg = messages.unpack(
+            content, messages.THETA, wire_pb2.EncryptedVector, max_bytes=max_bytes_for(holder, num_params)
+        )
         theta = decrypt_vector(holder, from_proto(holder, msg, expected_length=num_params))
     elif bool(config.get("init", False)):
-        theta = scenario.policy_spec().init(identity.run.seed)
+        theta = network.init(identity.run.seed)
     reply = RecordDict(
-        {messages.CONFIG: ConfigRecord({"round": round_, "key-fingerprint": holder.fingerprint, "protocol-version": PROTOCOL_VERSION})}
+        {
+            messages.CONFIG: ConfigRecord(
+                {"round": round_, "key-fingerprint": holder.fingerprint, "protocol-version": PROTOCOL_VERSION}
+            )
+        }
     )
     if messages.REFRESH_REQUEST in content.array_records:
         limit = max_bytes_for(holder, num_params, len(STATE_NAMES)) + max_bytes_for(holder, messages.STATS_LENGTH)
         request = messages.unpack(content, messages.REFRESH_REQUEST, wire_pb2.RefreshRequest, max_bytes=limit)
         check_refresh_request(request, round_, ledger)
-        reply[messages.REFRESH_REPLY] = messages.pack(refresh(holder, request, theta, num_params))
+        answer = refresh(holder, request, theta, num_params)
+        if layout is not None and theta is not None:
+            answer.theta_tiled.CopyFrom(tiled_theta(holder, theta, layout))
+        reply[messages.REFRESH_REPLY] = messages.pack(answer)
     if messages.NORM_QUERY in content.array_records:
         limit = max_bytes_for(holder, holder.slots, participants)
         query = messages.unpack(content, messages.NORM_QUERY, wire_pb2.NormQuery, max_bytes=limit)
         check_norm_query(query, round_, participants, ledger)
         reply[messages.NORM_REPLY] = messages.pack(answer_norm_query(holder, query))
+    if messages.GRADIENT_QUERY in content.array_records and layout is not None:
+        limit = max_bytes_for(holder, holder.slots, layout.gradient_vectors)
+        query = messages.unpack(content, messages.GRADIENT_QUERY, wire_pb2.GradientQuery, max_bytes=limit)
+        check_gradient_query(query, round_, layout.gradient_vectors, ledger)
+        masked = [from_proto(holder, vec, expected_length=holder.slots) for vec in query.masked]
+        dense = collapse_masked(holder, masked, layout)
+        reply[messages.GRADIENT_REPLY] = messages.pack(
+            wire_pb2.GradientReply(protocol_version=PROTOCOL_VERSION, round=round_, gradient=to_proto(holder, dense))
+        )
     if training:
         if theta is None:
             raise ChunkLayoutError(f"round-{round_} train message carries no theta and no init flag")
-        update, stats = local_update(scenario, identity, run_id, theta, round_, participants)
-        reply[messages.UPDATE] = messages.pack(encrypted_update(holder, round_, update, stats))
+        if layout is not None:
+            owner = owner_for(scenario, identity.participant_index, identity.variant, identity.run.seed, run_id, round_)
+            reply[messages.ROLLOUT] = messages.pack(
+                encrypted_rollout(holder, round_, owner.contribute(theta, participants, layout))
+            )
+        else:
+            update, stats = local_update(scenario, identity, run_id, theta, round_, participants)
+            reply[messages.UPDATE] = messages.pack(encrypted_update(holder, round_, update, stats))
     return reply
 
 
-def encrypted_update(holder: KeyHolder, round_: int, update: np.ndarray, stats: np.ndarray) -> wire_pb2.ParticipantUpdate:
+def encrypted_update(
+    holder: KeyHolder, round_: int, update: np.ndarray, stats: np.ndarray
+) -> wire_pb2.ParticipantUpdate:
     return wire_pb2.ParticipantUpdate(
         protocol_version=PROTOCOL_VERSION,
         round=round_,

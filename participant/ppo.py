@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from protos.update_units import clip_l2
 from scenarios.adversarial import (
     PerturbedRewardCorrection,
     RunningStd,
@@ -18,8 +19,8 @@ from scenarios.adversarial import (
     kl_regularizer_and_grad,
     pgd_max_kl,
 )
-from scenarios.rollout import Rollout, RolloutCollector, compute_gae
 from scenarios.policy import Policy, PPOBatch, PPOLossInfo
+from scenarios.rollout import Rollout, RolloutCollector, compute_gae
 from scenarios.scenario import Scenario
 
 
@@ -84,8 +85,15 @@ class ParticipantTrainer:
         theta_in = np.array(theta, dtype=np.float64)
         if theta_in.shape != (self.spec.num_params,):
             raise ValueError(f"theta has shape {theta_in.shape}, scenario needs ({self.spec.num_params},)")
-        rollout = self.collector.collect(Policy(self.spec, theta_in), cfg.steps_per_env, self.rng,
-                                         cfg.gamma, cfg.reward_scale, obs_fn=self._obs_fn(), reward_fn=self._reward_fn())
+        rollout = self.collector.collect(
+            Policy(self.spec, theta_in),
+            cfg.steps_per_env,
+            self.rng,
+            cfg.gamma,
+            cfg.reward_scale,
+            obs_fn=self._obs_fn(),
+            reward_fn=self._reward_fn(),
+        )
         rollout = self._correct_rewards(rollout)
         batch = _flatten(rollout, cfg.gamma, cfg.gae_lambda)
         self._radius = cfg.robust.epsilon * self._sigma(batch.obs) if cfg.robust.mode == "sa-ppo" else None
@@ -93,7 +101,8 @@ class ParticipantTrainer:
         if self.scenario.update == "gradient":
             policy = Policy(self.spec, theta_in)
             info, update = policy.ppo_loss_and_grad(
-                _normalized(batch, cfg.normalize_advantages), cfg.clip_coef, cfg.ent_coef, cfg.vf_coef)
+                _normalized(batch, cfg.normalize_advantages), cfg.clip_coef, cfg.ent_coef, cfg.vf_coef
+            )
             update += self._sa_ppo_grad(policy, batch.obs)
             infos = [info]
         else:
@@ -103,8 +112,9 @@ class ParticipantTrainer:
         stats = _mean_stats(infos)
         if self._sa_kl:
             stats["sa_kl"] = float(np.mean(self._sa_kl))
-        return LocalResult(update=update, episode_returns=returns, steps=cfg.batch_size, episodes=len(returns),
-                           stats=stats)
+        return LocalResult(
+            update=update, episode_returns=returns, steps=cfg.batch_size, episodes=len(returns), stats=stats
+        )
 
     # ----- robust training (participant-local) ------------------------------
     def _sigma(self, obs: np.ndarray) -> np.ndarray:
@@ -182,10 +192,7 @@ class ParticipantTrainer:
                 mb = _normalized(_take(batch, idx), cfg.normalize_advantages)
                 info, grad = policy.ppo_loss_and_grad(mb, cfg.clip_coef, cfg.ent_coef, cfg.vf_coef)
                 grad += self._sa_ppo_grad(policy, mb.obs)
-                norm = float(np.linalg.norm(grad))
-                if norm > cfg.max_grad_norm:
-                    grad *= cfg.max_grad_norm / norm
-                adam.step(theta, grad)
+                adam.step(theta, clip_l2(grad, cfg.max_grad_norm))
                 infos.append(info)
         return theta, infos
 
@@ -206,16 +213,18 @@ def _flatten(rollout: Rollout, gamma: float, lam: float) -> PPOBatch:
 
 
 def _take(batch: PPOBatch, idx: np.ndarray) -> PPOBatch:
-    return PPOBatch(batch.obs[idx], batch.actions[idx], batch.old_log_probs[idx], batch.advantages[idx],
-                    batch.returns[idx])
+    return PPOBatch(
+        batch.obs[idx], batch.actions[idx], batch.old_log_probs[idx], batch.advantages[idx], batch.returns[idx]
+    )
 
 
 def _normalized(batch: PPOBatch, enabled: bool) -> PPOBatch:
     if not enabled or batch.advantages.size < 2:
         return batch
     adv = batch.advantages
-    return PPOBatch(batch.obs, batch.actions, batch.old_log_probs, (adv - adv.mean()) / (adv.std() + 1e-8),
-                    batch.returns)
+    return PPOBatch(
+        batch.obs, batch.actions, batch.old_log_probs, (adv - adv.mean()) / (adv.std() + 1e-8), batch.returns
+    )
 
 
 def _mean_stats(infos: list[PPOLossInfo]) -> dict[str, float]:

@@ -7,8 +7,9 @@ a typed ``WireError`` naming the problem.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from google.protobuf.message import DecodeError, Message

@@ -23,7 +23,9 @@ def dp_clip_bound(clip: float, z: float, n: int) -> float:
     return clip / (1.0 + DP_SIGMA_MARGIN * z / max(n, 1))
 
 
-def dp_clip_and_noise(update: np.ndarray, clip: float, z: float, n: int, rng: np.random.Generator | None = None) -> np.ndarray:
+def dp_clip_and_noise(
+    update: np.ndarray, clip: float, z: float, n: int, rng: np.random.Generator | None = None
+) -> np.ndarray:
     """Clip to C_dp and add this participant's share of the noise, std z*C_dp/sqrt(n).
 
     The n shares sum to std z*C_dp. The noise comes from OS entropy unless ``rng`` is given (tests):

@@ -16,8 +16,8 @@ from google.protobuf.message import DecodeError
 
 from protos.backend import TensealBackend, public_fingerprint
 from protos.errors import KeyFileError
-from protos.files import write_atomic
 from protos.fedhe.v1 import wire_pb2
+from protos.files import write_atomic
 from protos.profiles import HEProfile, UnknownProfileError, get_profile
 
 PROTOCOL_VERSION = 1

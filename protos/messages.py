@@ -26,11 +26,15 @@ REFRESH_REPLY = "fedhe.refresh-reply"  # refresher -> coordinator: RefreshReply
 CONFIG = "fedhe.config"  # plaintext protocol metadata, both directions
 NORM_QUERY = "fedhe.norm-query"  # coordinator -> key holder: NormQuery (masked squared norms)
 NORM_REPLY = "fedhe.norm-reply"  # key holder -> coordinator: NormReply (rounded masked sums)
+ROLLOUT = "fedhe.rollout"  # owner -> coordinator (encrypted-rollout mode): RolloutUpload
+GRADIENT_QUERY = "fedhe.gradient-query"  # coordinator -> key holder: GradientQuery (masked per-slot sums)
+GRADIENT_REPLY = "fedhe.gradient-reply"  # key holder -> coordinator: GradientReply (dense, fresh)
 
 # Message types.
 TRAIN = "train"
 REFRESH = "query.refresh"  # refresh/release only, no training (fallback refresher, last round)
 NORMS = "query.norms"  # robust aggregation: a key holder sums masked squared norms
+GRADIENT = "query.gradient"  # encrypted-rollout mode: a key holder collapses masked per-slot gradients
 
 # Encrypted rollout statistics: [sum of episode returns, episodes, env steps].
 STATS_LENGTH = 3

@@ -71,24 +71,29 @@ class HEAdamConfig:
         return 3 + int(math.log2(self.degree + 1))
 
     @classmethod
-    def for_scenario(cls, scenario: Any) -> "HEAdamConfig":
-        """The federation's optimizer, from a Scenario's public fields."""
+    def for_scenario(cls, scenario: Any, mode: str = "local-ppo") -> HEAdamConfig:
+        """The federation's optimizer, from a Scenario's public fields for the training mode.
+
+        Encrypted rollouts learn from raw gradients, not pseudo-gradients, and have their own
+        server settings (``scenario.rollout``).
+        """
+        source = scenario.rollout if mode == "encrypted-rollouts" else scenario
         return cls(
-            lr=scenario.server_lr,
-            beta1=scenario.beta1,
-            beta2=scenario.beta2,
-            clip_bound=scenario.clip_bound,
-            interval_upper=scenario.adam_interval_upper,
+            lr=source.server_lr,
+            beta1=source.beta1,
+            beta2=source.beta2,
+            clip_bound=source.clip_bound,
+            interval_upper=source.adam_interval_upper,
         )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "HEAdamConfig":
+    def from_json(cls, text: str) -> HEAdamConfig:
         return cls(**json.loads(text))
 
-    def validate(self, profile: HEProfile | None = None) -> "InverseSqrtPolynomial":
+    def validate(self, profile: HEProfile | None = None) -> InverseSqrtPolynomial:
         """Refuse settings that break the interval guarantee; return the fitted polynomial."""
         if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 < self.beta2 < 1):
             raise HEAdamConfigError("need lr > 0, 0 <= beta1 < 1 and 0 < beta2 < 1")
@@ -138,7 +143,7 @@ class InverseSqrtPolynomial:
     max_rel_error: float
 
     @classmethod
-    def fit(cls, interval: tuple[float, float], degree: int) -> "InverseSqrtPolynomial":
+    def fit(cls, interval: tuple[float, float], degree: int) -> InverseSqrtPolynomial:
         lo, hi = interval
         center, half = (lo + hi) / 2, (hi - lo) / 2
         nodes = np.cos(np.pi * (np.arange(400) + 0.5) / 400)

@@ -11,13 +11,15 @@ Node-local facts (which participant am I, where is my key) come from the SuperNo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)
 class RunSettings:
     scenario: str = "cartpole"  # built-in name, entry point, or path to a scenario .py file
+    mode: str = "local-ppo"  # local-ppo | encrypted-rollouts (the coordinator learns from encrypted rollouts)
     num_server_rounds: int = 0  # 0: the scenario's default
     plaintext: bool = False  # identical protocol, encryption replaced by identity
     coordinator_key: str = ""  # coordinator.ctx on the coordinator's machine
@@ -45,7 +47,7 @@ class RunSettings:
     dp_delta: float = 1e-5
 
     @classmethod
-    def from_run_config(cls, config: Mapping[str, Any]) -> "RunSettings":
+    def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
         known = {f.name: f for f in fields(cls)}
         values = {}
         for key, value in config.items():

@@ -27,7 +27,7 @@ class UpdateUnits:
     scale: float  # s, HE-Adam's pre-scale
 
     @classmethod
-    def of(cls, config, participants: int) -> "UpdateUnits":
+    def of(cls, config, participants: int) -> UpdateUnits:
         """From an ``protos.optimizer.HEAdamConfig`` and the round's participant count."""
         return cls(config.clip_bound, max(1, participants), config.update_scale)
 

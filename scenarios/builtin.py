@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gymnasium as gym
 
-from scenarios.scenario import PPOConfig, Scenario
+from scenarios.scenario import PPOConfig, RolloutConfig, Scenario
 
 
 def make_cartpole(participant_index: int, seed: int, length: float = 0.5) -> gym.Env:
@@ -28,6 +28,7 @@ CARTPOLE = Scenario(
     reward_threshold=475.0,
     hidden=(64,),
     rounds=60,
+    rollout=RolloutConfig(obs_scale=(2.4, 3.0, 0.21, 3.0)),
 )
 
 ACROBOT = Scenario(

@@ -72,7 +72,7 @@ class PolicySpec:
             scale[bounded] = (high[bounded] - low[bounded]) / 2.0
         return center, scale
 
-    def unflatten(self, theta: np.ndarray) -> "Params":
+    def unflatten(self, theta: np.ndarray) -> Params:
         """Split a flat vector into layer views (writes go through to ``theta``)."""
         if theta.shape != (self.num_params,):
             raise ValueError(f"theta must have shape ({self.num_params},), got {theta.shape}")

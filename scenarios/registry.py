@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from scenarios.builtin import BUILTIN_SCENARIOS
-from scenarios.scenario import RobustConfig, Scenario
+from scenarios.scenario import MODES, RobustConfig, Scenario
 
 ENTRY_POINT_GROUP = "fedhe.scenarios"
 
@@ -54,7 +54,21 @@ def resolve_run(settings: S) -> tuple[Scenario, S]:
     non-empty ``he_profile`` or ``robust_training`` (JSON of ``RobustConfig`` fields) overrides the
     scenario. ``settings`` is a ``protos.settings.RunSettings`` (any dataclass with those fields).
     """
+    if settings.mode not in MODES:
+        raise ValueError(f"unknown mode {settings.mode!r}; known: {', '.join(MODES)}")
     scenario = load_scenario(settings.scenario)
+    if settings.mode == "encrypted-rollouts":
+        lab = {
+            "party-mix": bool(settings.party_mix or scenario.party_mix),
+            "robust-training": bool(settings.robust_training),
+            "defense": settings.defense != "none",
+            "dp-noise-multiplier": settings.dp_noise_multiplier > 0,
+        }
+        if any(lab.values()):
+            raise ValueError(
+                f"mode encrypted-rollouts does not combine with {', '.join(k for k, on in lab.items() if on)} yet "
+                "(its owners send rollouts, not updates); use --mode local-ppo for threat-lab experiments"
+            )
     if settings.he_profile:
         scenario = scenario.with_overrides(he_profile=settings.he_profile)
     if settings.robust_training:
@@ -66,7 +80,8 @@ def resolve_run(settings: S) -> tuple[Scenario, S]:
     resolved = dataclasses.replace(
         settings,
         seed=settings.seed if settings.seed >= 0 else scenario.seed,
-        num_server_rounds=settings.num_server_rounds or scenario.rounds,
+        num_server_rounds=settings.num_server_rounds
+        or (scenario.rollout.rounds if settings.mode == "encrypted-rollouts" else scenario.rounds),
         he_profile=scenario.he_profile,
     )
     return scenario, resolved

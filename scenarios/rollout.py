@@ -1,9 +1,10 @@
-"""Experience collection and advantage estimation (no learning here)."""
+"""Experience collection, advantage estimation and the one evaluation episode loop (no learning here)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -117,25 +118,73 @@ def compute_gae(
     return advantages, advantages + values
 
 
+@dataclass(frozen=True)
+class Step:
+    """One transition of ``play_episodes``: what a per-step callback may inspect."""
+
+    obs: np.ndarray  # the observation the action was chosen on
+    info: dict  # the info that came with ``obs`` (from reset or the previous step)
+    action: Any  # what was passed to ``env.step``
+    reward: float
+    next_info: dict  # the info ``env.step`` returned (e.g. an action attack's executed action)
+
+
+ActionFn = Callable[[np.ndarray], Any]
+
+
+def env_action(space: gym.Space, action: np.ndarray) -> Any:
+    """One row of ``Policy.act`` as the env takes it, cast as ``RolloutCollector`` does in training so
+    evaluation steps the dynamics the policy learned on: clipped to a Box and left float64 (not cast
+    to the space's float32), a Python int for a Discrete space."""
+    if isinstance(space, gym.spaces.Box):
+        return np.clip(action, space.low, space.high)
+    return int(action)
+
+
+def choose_actions(space: gym.Space, policy: Policy | None, seed: int, greedy: bool = True) -> ActionFn:
+    """Observation -> env action. ``policy=None``: uniform samples from ``space``, seeded here once
+    with ``seed`` so a run is reproducible; else ``policy`` with ``default_rng(seed)`` (drawn only
+    when not ``greedy``)."""
+    if policy is None:
+        space.seed(seed)
+        return lambda obs: space.sample()
+    rng = np.random.default_rng(seed)
+
+    def act(obs: np.ndarray) -> Any:
+        action, _ = policy.act(np.asarray(obs, dtype=np.float64)[None], rng, greedy=greedy)
+        return env_action(space, action[0])
+
+    return act
+
+
+def play_episodes(
+    env: gym.Env,
+    act: ActionFn,
+    episodes: int,
+    seed: int,
+    on_step: Callable[[Step], None] | None = None,
+    max_steps: int | None = None,
+) -> list[float]:
+    """The one evaluation episode loop: undiscounted returns of ``episodes`` episodes with reset seeds
+    seed, seed+1, ..., each cut after ``max_steps`` steps if given; ``on_step`` sees every transition."""
+    returns = []
+    for k in range(episodes):
+        obs, info = env.reset(seed=seed + k)
+        total, done, t = 0.0, False, 0
+        while not done and (max_steps is None or t < max_steps):
+            action = act(obs)
+            next_obs, reward, terminated, truncated, next_info = env.step(action)
+            if on_step is not None:
+                on_step(Step(obs, info, action, float(reward), next_info))
+            obs, info = next_obs, next_info
+            total += float(reward)
+            done, t = terminated or truncated, t + 1
+        returns.append(total)
+    return returns
+
+
 def evaluate_policy(
     env: gym.Env, policy: Policy, episodes: int, seed: int, greedy: bool = True
 ) -> list[float]:
     """Undiscounted returns of ``episodes`` full episodes (reset seeds seed, seed+1, ...)."""
-    rng = np.random.default_rng(seed)
-    space = env.action_space
-    returns = []
-    for k in range(episodes):
-        obs, _ = env.reset(seed=seed + k)
-        total, done = 0.0, False
-        while not done:
-            action, _ = policy.act(np.asarray(obs, dtype=np.float64)[None], rng, greedy=greedy)
-            a = action[0]
-            if isinstance(space, gym.spaces.Box):
-                a = np.clip(a, space.low, space.high)
-            else:
-                a = int(a)
-            obs, reward, terminated, truncated, _ = env.step(a)
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    return returns
+    return play_episodes(env, choose_actions(env.action_space, policy, seed, greedy), episodes, seed)

@@ -16,7 +16,9 @@ from typing import Any, Literal
 import gymnasium as gym
 import numpy as np
 
-from scenarios.policy import PolicySpec
+from scenarios.policy import Policy, PolicySpec
+from scenarios.poly_net import PolyNetSpec
+from scenarios.poly_policy import PolyPolicy
 
 UpdateKind = Literal["pseudo-gradient", "gradient"]
 
@@ -60,17 +62,23 @@ class RobustConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "obs_std", tuple(float(x) for x in self.obs_std))
-        _require(all(math.isfinite(x) and x > 0 for x in self.obs_std),
-                 f"ppo.robust.obs_std must be finite and > 0, got {self.obs_std}")
-        _require(self.mode in ("none", "sa-ppo", "noise-injection", "reward-defense"),
-                 f"ppo.robust.mode must be none, sa-ppo, noise-injection or reward-defense, got {self.mode!r}")
+        _require(
+            all(math.isfinite(x) and x > 0 for x in self.obs_std),
+            f"ppo.robust.obs_std must be finite and > 0, got {self.obs_std}",
+        )
+        _require(
+            self.mode in ("none", "sa-ppo", "noise-injection", "reward-defense"),
+            f"ppo.robust.mode must be none, sa-ppo, noise-injection or reward-defense, got {self.mode!r}",
+        )
         for name in ("kappa", "epsilon", "reward_noise_std"):
             v = getattr(self, name)
             _require(math.isfinite(v) and v >= 0, f"ppo.robust.{name} must be finite and >= 0, got {v}")
         _require(self.attack_steps >= 1, f"ppo.robust.attack_steps must be >= 1, got {self.attack_steps}")
         _require(self.kappa_ramp_rounds >= 0, "ppo.robust.kappa_ramp_rounds must be >= 0")
-        _require(0.0 <= self.reward_flip_rate < 0.5,
-                 f"ppo.robust.reward_flip_rate must be in [0, 0.5), got {self.reward_flip_rate}")
+        _require(
+            0.0 <= self.reward_flip_rate < 0.5,
+            f"ppo.robust.reward_flip_rate must be in [0, 0.5), got {self.reward_flip_rate}",
+        )
 
 
 @dataclass(frozen=True)
@@ -96,8 +104,10 @@ class PPOConfig:
     def __post_init__(self) -> None:
         for name in ("num_envs", "steps_per_env", "epochs", "minibatches"):
             _require(getattr(self, name) >= 1, f"ppo.{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.minibatches <= self.batch_size,
-                 f"ppo.minibatches ({self.minibatches}) exceeds the batch size ({self.batch_size})")
+        _require(
+            self.minibatches <= self.batch_size,
+            f"ppo.minibatches ({self.minibatches}) exceeds the batch size ({self.batch_size})",
+        )
         for name in ("lr", "clip_coef", "max_grad_norm", "reward_scale"):
             _require(getattr(self, name) > 0, f"ppo.{name} must be > 0, got {getattr(self, name)}")
         for name in ("gamma", "gae_lambda"):
@@ -108,6 +118,44 @@ class PPOConfig:
 
     @property
     def batch_size(self) -> int:
+        return self.num_envs * self.steps_per_env
+
+
+MODES = ("local-ppo", "encrypted-rollouts")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """The encrypted-rollout mode (docs/encrypted-rollouts.md): the polynomial network owners act
+    with, what they compute on their own values, and the server optimizer that learns from their
+    encrypted states and deltas (one gradient step per round, so PPO reduces to A2C)."""
+
+    hidden: int = 16
+    num_envs: int = 8
+    steps_per_env: int = 256
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    vf_coef: float = 0.5
+    obs_scale: tuple[float, ...] = ()  # per observation dimension; empty: finite space bounds, else 1
+    obs_clip: float = 1.0  # scaled observations are clipped to [-obs_clip, obs_clip]: bounded inputs
+    action_std: float = 0.5  # continuous actions: fixed Gaussian std, in units of the action half-range
+    server_lr: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.99
+    clip_bound: float = 2.0  # C: each owner's gradient contribution is clipped to C / n (L2)
+    adam_interval_upper: float = 4.0
+    rounds: int = 250
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "obs_scale", tuple(float(x) for x in self.obs_scale))
+        for name in ("hidden", "num_envs", "steps_per_env", "rounds"):
+            _require(getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("obs_clip", "action_std", "server_lr", "clip_bound"):
+            _require(_finite_positive(getattr(self, name)), f"rollout.{name} must be > 0, got {getattr(self, name)}")
+        _require(all(_finite_positive(x) for x in self.obs_scale), f"rollout.obs_scale must be > 0: {self.obs_scale}")
+
+    @property
+    def transitions(self) -> int:
         return self.num_envs * self.steps_per_env
 
 
@@ -147,57 +195,82 @@ class Scenario:
     # Threat lab: misbehaving participants, e.g. ({"attack": "sign-flip", "participants": [0, 1, 2], "k": 2.5},).
     # Behaviours and their parameters are defined (and fully validated) in participant/malicious.py.
     party_mix: Sequence[Mapping[str, Any]] = ()
+    rollout: RolloutConfig = RolloutConfig()  # the encrypted-rollout mode's network and server optimizer
     _spec_cache: dict[str, PolicySpec] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and self.name.strip() != "", "Scenario.name must be a non-empty string")
-        _require((self.env_id is None) != (self.make_env is None),
-                 f"scenario {self.name!r}: give exactly one of env_id or make_env")
+        _require(
+            (self.env_id is None) != (self.make_env is None),
+            f"scenario {self.name!r}: give exactly one of env_id or make_env",
+        )
         _require(self.make_env is None or callable(self.make_env), f"scenario {self.name!r}: make_env must be callable")
         self._validate_kwargs()
         self._validate_party_mix()
         _require(self.num_participants >= 1, f"scenario {self.name!r}: num_participants must be >= 1")
         _require(self.rounds >= 1, f"scenario {self.name!r}: rounds must be >= 1")
         object.__setattr__(self, "hidden", tuple(self.hidden))
-        _require(len(self.hidden) >= 1 and all(isinstance(h, int) and h > 0 for h in self.hidden),
-                 f"scenario {self.name!r}: hidden must be a non-empty tuple of positive ints, got {self.hidden}")
+        _require(
+            len(self.hidden) >= 1 and all(isinstance(h, int) and h > 0 for h in self.hidden),
+            f"scenario {self.name!r}: hidden must be a non-empty tuple of positive ints, got {self.hidden}",
+        )
         _require(isinstance(self.ppo, PPOConfig), f"scenario {self.name!r}: ppo must be a PPOConfig")
-        _require(self.update in ("pseudo-gradient", "gradient"),
-                 f"scenario {self.name!r}: update must be 'pseudo-gradient' or 'gradient', got {self.update!r}")
-        _require(isinstance(self.he_profile, str) and self.he_profile != "", f"scenario {self.name!r}: he_profile is empty")
+        _require(
+            self.update in ("pseudo-gradient", "gradient"),
+            f"scenario {self.name!r}: update must be 'pseudo-gradient' or 'gradient', got {self.update!r}",
+        )
+        _require(
+            isinstance(self.he_profile, str) and self.he_profile != "", f"scenario {self.name!r}: he_profile is empty"
+        )
         _require(_finite_positive(self.clip_bound), f"scenario {self.name!r}: clip_bound must be > 0")
         _require(_finite_positive(self.server_lr), f"scenario {self.name!r}: server_lr must be > 0")
         _require(0.0 <= self.beta1 < 1.0, f"scenario {self.name!r}: beta1 must be in [0, 1)")
         _require(0.0 < self.beta2 < 1.0, f"scenario {self.name!r}: beta2 must be in (0, 1)")
-        _require(self.adam_interval_upper > 1.0 and math.isfinite(self.adam_interval_upper),
-                 f"scenario {self.name!r}: adam_interval_upper (B) must be > 1")
+        _require(
+            self.adam_interval_upper > 1.0 and math.isfinite(self.adam_interval_upper),
+            f"scenario {self.name!r}: adam_interval_upper (B) must be > 1",
+        )
         if self.env_id is not None:
             try:
                 spec = gym.spec(self.env_id)
             except gym.error.Error as exc:
-                raise ValueError(f"scenario {self.name!r}: {self.env_id!r} is not a registered Gymnasium id ({exc})") from exc
+                raise ValueError(
+                    f"scenario {self.name!r}: {self.env_id!r} is not a registered Gymnasium id ({exc})"
+                ) from exc
             if self.reward_threshold is None:
                 object.__setattr__(self, "reward_threshold", spec.reward_threshold)
 
     def _validate_kwargs(self) -> None:
         kw = self.env_kwargs
         if not isinstance(kw, Mapping):
-            _require(isinstance(kw, Sequence) and not isinstance(kw, str) and all(isinstance(k, Mapping) for k in kw),
-                     f"scenario {self.name!r}: env_kwargs must be a mapping or a sequence of mappings")
+            _require(
+                isinstance(kw, Sequence) and not isinstance(kw, str) and all(isinstance(k, Mapping) for k in kw),
+                f"scenario {self.name!r}: env_kwargs must be a mapping or a sequence of mappings",
+            )
             object.__setattr__(self, "env_kwargs", tuple(kw))
-        _require(isinstance(self.env_variants, Mapping) and all(isinstance(v, Mapping) for v in self.env_variants.values()),
-                 f"scenario {self.name!r}: env_variants must map names to kwargs mappings")
+        _require(
+            isinstance(self.env_variants, Mapping) and all(isinstance(v, Mapping) for v in self.env_variants.values()),
+            f"scenario {self.name!r}: env_variants must map names to kwargs mappings",
+        )
 
     def _validate_party_mix(self) -> None:
         mix = self.party_mix
-        _require(isinstance(mix, Sequence) and not isinstance(mix, str) and all(isinstance(m, Mapping) for m in mix),
-                 f"scenario {self.name!r}: party_mix must be a sequence of mappings")
+        _require(
+            isinstance(mix, Sequence) and not isinstance(mix, str) and all(isinstance(m, Mapping) for m in mix),
+            f"scenario {self.name!r}: party_mix must be a sequence of mappings",
+        )
         for entry in mix:
-            _require(isinstance(entry.get("attack"), str) and entry["attack"] != "",
-                     f"scenario {self.name!r}: every party_mix entry needs an 'attack' name, got {dict(entry)}")
+            _require(
+                isinstance(entry.get("attack"), str) and entry["attack"] != "",
+                f"scenario {self.name!r}: every party_mix entry needs an 'attack' name, got {dict(entry)}",
+            )
             who = entry.get("participants")
-            _require(isinstance(who, Sequence) and not isinstance(who, str) and all(isinstance(i, int) and i >= 0 for i in who),
-                     f"scenario {self.name!r}: party_mix 'participants' must be a list of participant indices, got {who!r}")
+            _require(
+                isinstance(who, Sequence)
+                and not isinstance(who, str)
+                and all(isinstance(i, int) and i >= 0 for i in who),
+                f"scenario {self.name!r}: party_mix 'participants' must be a list of participant indices, got {who!r}",
+            )
         object.__setattr__(self, "party_mix", tuple(dict(m) for m in mix))
 
     # ----- environments --------------------------------------------------
@@ -224,16 +297,16 @@ class Scenario:
         env.action_space.seed(seed)
         return env
 
-    def build_vector_env(self, participant_index: int, seed: int, variant: str | None = None) -> gym.vector.VectorEnv:
-        """``ppo.num_envs`` copies with same-step autoreset and episode statistics.
+    def build_vector_env(
+        self, participant_index: int, seed: int, variant: str | None = None, num_envs: int | None = None
+    ) -> gym.vector.VectorEnv:
+        """``num_envs`` (default ``ppo.num_envs``) copies with same-step autoreset and episode statistics.
 
         Same-step autoreset puts the pre-reset observation in ``info["final_obs"]``
         so truncated episodes can be bootstrapped without a dummy reset step.
         """
-        fns = [
-            (lambda k=k: self.build_env(participant_index, seed + k, variant))
-            for k in range(self.ppo.num_envs)
-        ]
+        count = num_envs or self.ppo.num_envs
+        fns = [(lambda k=k: self.build_env(participant_index, seed + k, variant)) for k in range(count)]
         vec = gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
         return gym.wrappers.vector.RecordEpisodeStatistics(vec)
 
@@ -247,7 +320,39 @@ class Scenario:
                 env.close()
         return self._spec_cache["spec"]
 
-    def with_overrides(self, **overrides: Any) -> "Scenario":
+    def poly_spec(self) -> PolyNetSpec:
+        """The encrypted-rollout mode's polynomial actor-critic for this environment."""
+        spec = self.policy_spec()
+        return PolyNetSpec(spec.obs_dim, self.rollout.hidden, spec.action_dim, spec.action_kind == "continuous")
+
+    def network(self, mode: str) -> PolicySpec | PolyNetSpec:
+        """The shared parameter vector's network in ``mode`` (``num_params``, ``init(seed)``)."""
+        _require(mode in MODES, f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+        return self.policy_spec() if mode == "local-ppo" else self.poly_spec()
+
+    def make_policy(self, mode: str, theta: np.ndarray) -> Policy | PolyPolicy:
+        """An acting policy (``act``, ``value``) for the trained ``theta`` of a run in ``mode``."""
+        if mode == "local-ppo":
+            return Policy(self.policy_spec(), theta)
+        spec = self.network(mode)
+        return PolyPolicy(spec, theta, self.rollout_obs_scale(), self.rollout.obs_clip,
+                          *self.policy_spec().action_center_scale(), self.rollout.action_std)
+
+    def rollout_obs_scale(self) -> np.ndarray:
+        """Per-dimension observation scale of the encrypted-rollout mode: ``rollout.obs_scale`` or
+        the observation space's finite bounds (1 where unbounded)."""
+        if self.rollout.obs_scale:
+            return np.asarray(self.rollout.obs_scale, dtype=np.float64)
+        if "obs_high" not in self._spec_cache:
+            env = self.build_env(0, self.seed)
+            try:
+                self._spec_cache["obs_high"] = np.asarray(env.observation_space.high, dtype=np.float64)
+            finally:
+                env.close()
+        high = np.abs(self._spec_cache["obs_high"])
+        return np.where(np.isfinite(high) & (high > 0), high, 1.0)
+
+    def with_overrides(self, **overrides: Any) -> Scenario:
         return dataclasses.replace(self, **overrides)
 
 
@@ -258,7 +363,11 @@ def _spec_from_spaces(obs_space: gym.Space, action_space: gym.Space, hidden: tup
         return PolicySpec(obs_space.shape[0], "discrete", int(action_space.n), hidden)
     if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
         return PolicySpec(
-            obs_space.shape[0], "continuous", action_space.shape[0], hidden,
-            tuple(float(x) for x in action_space.low), tuple(float(x) for x in action_space.high),
+            obs_space.shape[0],
+            "continuous",
+            action_space.shape[0],
+            hidden,
+            tuple(float(x) for x in action_space.low),
+            tuple(float(x) for x in action_space.high),
         )
     raise ValueError(f"only Discrete or flat Box actions are supported, got {action_space}")

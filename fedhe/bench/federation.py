@@ -9,8 +9,8 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from coordinator.report import read_metrics
 from fedhe.simulate import simulate

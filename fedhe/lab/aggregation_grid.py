@@ -1,4 +1,4 @@
-"""`fedhe robustness`: every attack x defense x seed as an encrypted simulated federation.
+"""`fedhe robustness aggregation`: every attack x defense x seed as an encrypted simulated federation.
 
 Rows are plain dicts (``COLUMNS`` lists the ones every row has, in table order), so other
 commands can add columns (e.g. evaluation-time attacks) without touching the runner. Every cell
@@ -14,20 +14,33 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from coordinator.robust_aggregation import DEFENSES
-from participant.malicious import ATTACKS, party_mix_for
 from fedhe.run_dir import KEYS_DIR, ensure_keys
 from fedhe.simulate import simulate
+from participant.malicious import ATTACKS, party_mix_for
 from protos.settings import RunSettings
 from scenarios import load_scenario
 
 COLUMNS = [
-    "scenario", "attack", "defense", "seed", "participants", "malicious", "solved", "rounds_to_solve",
-    "final_return", "rounds", "dp_epsilon", "clean_return_pct", "slowdown", "wall_s",
+    "scenario",
+    "attack",
+    "defense",
+    "seed",
+    "participants",
+    "malicious",
+    "solved",
+    "rounds_to_solve",
+    "final_return",
+    "rounds",
+    "dp_epsilon",
+    "clean_return_pct",
+    "slowdown",
+    "wall_s",
 ]
 ROBUST_PROFILE = "n16k-d7"  # one level to spare for the defenses' plaintext factors (coordinator/robust_aggregation.py)
 
@@ -186,7 +199,7 @@ def markdown_table(rows: list[dict[str, Any]], spec: GridSpec) -> str:
         "",
         f"{spec.participants} participants, {spec.malicious} malicious (indices 0..{spec.malicious - 1}), "
         f"{spec.seeds} seed(s), at most {spec.rounds} rounds, {mode}. Medians over seeds; "
-        "\"solved\" counts seeds. % clean and slowdown are relative to the clean run without defense "
+        '"solved" counts seeds. % clean and slowdown are relative to the clean run without defense '
         "(same seed). Returns are the honest participants' federation mean over the last 100 episodes.",
         "",
         "| attack | defense | solved | rounds to solve | final return | % clean | slowdown | epsilon (delta "
@@ -214,7 +227,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for r in rows:
-        pts = [(m["round"], m["mean_return"]) for m in read_metrics(Path(r["run_dir"])) if m.get("mean_return") is not None]
+        pts = [
+            (m["round"], m["mean_return"]) for m in read_metrics(Path(r["run_dir"])) if m.get("mean_return") is not None
+        ]
         if pts:
             style = "--" if r["attack"] == "none" else "-"
             ax.plot(*zip(*pts), style, label=f"{r['attack']} / {r['defense']} (seed {r['seed']})", linewidth=1.2)

@@ -21,6 +21,7 @@ import gymnasium as gym
 import numpy as np
 
 from scenarios.policy import Policy, _backward, _forward
+from scenarios.rollout import Step, choose_actions, play_episodes
 
 OBS_NAMES = {
     "cartpole": ["cart position", "cart velocity", "pole angle", "pole angular velocity"],
@@ -29,7 +30,9 @@ OBS_NAMES = {
 }
 
 
-def decision_value_and_grad(policy: Policy, obs: np.ndarray, action: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def decision_value_and_grad(
+    policy: Policy, obs: np.ndarray, action: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     """F per row and dF/dobs, shapes (n,) and (n, obs_dim)."""
     obs = np.atleast_2d(np.asarray(obs, dtype=np.float64))
     out, inputs = _forward(policy.params.actor, obs)
@@ -49,8 +52,13 @@ def decision_value_and_grad(policy: Policy, obs: np.ndarray, action: np.ndarray 
     return value, _backward(policy.params.actor, None, inputs, g_out)
 
 
-def integrated_gradients(policy: Policy, obs: np.ndarray, action: np.ndarray | None = None,
-                         baseline: np.ndarray | None = None, steps: int = 32) -> np.ndarray:
+def integrated_gradients(
+    policy: Policy,
+    obs: np.ndarray,
+    action: np.ndarray | None = None,
+    baseline: np.ndarray | None = None,
+    steps: int = 32,
+) -> np.ndarray:
     """IG attributions, shape (n, obs_dim). ``action`` defaults to the greedy action on ``obs``."""
     obs = np.atleast_2d(np.asarray(obs, dtype=np.float64))
     base = np.zeros_like(obs) if baseline is None else np.broadcast_to(baseline, obs.shape)
@@ -63,29 +71,26 @@ def integrated_gradients(policy: Policy, obs: np.ndarray, action: np.ndarray | N
     return (obs - base) * total / steps
 
 
-def explain_attack(env: gym.Env, policy: Policy, episodes: int, seed: int, obs_std: np.ndarray,
-                   max_steps: int = 2000) -> dict:
+def explain_attack(
+    env: gym.Env, policy: Policy, episodes: int, seed: int, obs_std: np.ndarray, max_steps: int = 2000
+) -> dict:
     """Attributions along an attacked trajectory (``env`` is an observation-attack wrapper)."""
     clean_attr, att_attr, shift, used = [], [], [], []
-    rng = np.random.default_rng(seed)
-    for k in range(episodes):
-        obs, info = env.reset(seed=seed + k)
-        done, t = False, 0
-        while not done and t < max_steps:
-            s = np.asarray(info["attack"]["clean_obs"], dtype=np.float64)[None]
-            s_hat = np.asarray(obs, dtype=np.float64)[None]
-            a = policy.action_probs(s).argmax(axis=1) if policy.discrete else None
-            ig_s = integrated_gradients(policy, s, a)[0]
-            ig_h = integrated_gradients(policy, s_hat, a)[0]
-            clean_attr.append(np.abs(ig_s))
-            att_attr.append(np.abs(ig_h))
-            shift.append(np.abs(ig_h - ig_s))
-            used.append(np.abs(s_hat[0] - s[0]) / obs_std)
-            act, _ = policy.act(s_hat, rng, greedy=True)
-            space = env.action_space
-            a_env = int(act[0]) if policy.discrete else np.clip(act[0], space.low, space.high).astype(space.dtype)
-            obs, _, term, trunc, info = env.step(a_env)
-            done, t = term or trunc, t + 1
+
+    def attribute(step: Step) -> None:
+        s = np.asarray(step.info["attack"]["clean_obs"], dtype=np.float64)[None]
+        s_hat = np.asarray(step.obs, dtype=np.float64)[None]
+        a = policy.action_probs(s).argmax(axis=1) if policy.discrete else None
+        ig_s = integrated_gradients(policy, s, a)[0]
+        ig_h = integrated_gradients(policy, s_hat, a)[0]
+        clean_attr.append(np.abs(ig_s))
+        att_attr.append(np.abs(ig_h))
+        shift.append(np.abs(ig_h - ig_s))
+        used.append(np.abs(s_hat[0] - s[0]) / obs_std)
+
+    play_episodes(
+        env, choose_actions(env.action_space, policy, seed), episodes, seed, on_step=attribute, max_steps=max_steps
+    )
     return {
         "mean_abs_ig_clean": np.mean(clean_attr, axis=0).tolist(),
         "mean_abs_ig_attacked": np.mean(att_attr, axis=0).tolist(),

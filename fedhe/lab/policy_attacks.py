@@ -38,6 +38,7 @@ import numpy as np
 
 from scenarios.adversarial import pgd_max_kl, project
 from scenarios.policy import Policy
+from scenarios.rollout import choose_actions, play_episodes
 
 OBS_ATTACKS = ("fgsm", "pgd", "mad", "gaussian")
 ATTACKS = (*OBS_ATTACKS, "action")
@@ -240,34 +241,20 @@ def make_attack(
 def estimate_obs_std(env: gym.Env, policy: Policy, episodes: int = 10, seed: int = 20_000,
                      floor: float = 1e-3) -> np.ndarray:
     """Per-dimension std of observations along ``policy``'s clean greedy rollouts (reset seeds seed+k)."""
-    rng = np.random.default_rng(seed)
-    space = env.action_space
-    seen = []
-    for k in range(episodes):
-        obs, _ = env.reset(seed=seed + k)
-        done = False
-        while not done:
-            seen.append(np.asarray(obs, dtype=np.float64))
-            a, _ = policy.act(np.asarray(obs, dtype=np.float64)[None], rng, greedy=True)
-            a = np.clip(a[0], space.low, space.high) if isinstance(space, gym.spaces.Box) else int(a[0])
-            obs, _, terminated, truncated, _ = env.step(a)
-            done = terminated or truncated
+    seen: list[np.ndarray] = []
+    play_episodes(env, choose_actions(env.action_space, policy, seed), episodes, seed,
+                  on_step=lambda step: seen.append(np.asarray(step.obs, dtype=np.float64)))
     return np.maximum(np.std(np.stack(seen), axis=0), floor)
 
 
 def random_policy_std(env: gym.Env, min_states: int = 20_000, seed: int = 0, floor: float = 1e-3) -> np.ndarray:
     """Per-dimension std of the states a uniform random policy visits (reset seeds seed, seed+1, ...)."""
-    env.action_space.seed(seed)
+    act = choose_actions(env.action_space, None, seed)  # seeded once: episodes continue its sample stream
     seen: list[np.ndarray] = []
     k = 0
-    while len(seen) < min_states:
-        obs, _ = env.reset(seed=seed + k)
+    while len(seen) < min_states:  # whole episodes until enough states
+        play_episodes(env, act, 1, seed + k, on_step=lambda step: seen.append(np.asarray(step.obs, dtype=np.float64)))
         k += 1
-        done = False
-        while not done:
-            seen.append(np.asarray(obs, dtype=np.float64))
-            obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
-            done = terminated or truncated
     return np.maximum(np.std(np.stack(seen), axis=0), floor)
 
 

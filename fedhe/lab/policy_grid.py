@@ -13,9 +13,9 @@ object of ``RobustConfig`` fields) and is applied by ``scenarios.resolve_run`` o
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -46,10 +46,14 @@ ROBUST_DEFAULTS: dict[str, dict] = {
 # it trains on eps 0.1. Pendulum (random-policy sigma, theta-dot 3.6 rad/s) on eps 0.2.
 ROBUST_OVERRIDES: dict[str, dict[str, dict]] = {
     "cartpole": {"sa-ppo": {"mode": "sa-ppo", "kappa": 0.02, "epsilon": 0.5, "attack_steps": 3}},
-    "acrobot": {"sa-ppo": {"mode": "sa-ppo", "kappa": 0.3, "epsilon": 0.1, "attack_steps": 3},
-                "noise-injection": {"mode": "noise-injection", "epsilon": 0.1}},
-    "pendulum": {"sa-ppo": {"mode": "sa-ppo", "kappa": 0.02, "epsilon": 0.2, "attack_steps": 3},
-                 "noise-injection": {"mode": "noise-injection", "epsilon": 0.2}},
+    "acrobot": {
+        "sa-ppo": {"mode": "sa-ppo", "kappa": 0.3, "epsilon": 0.1, "attack_steps": 3},
+        "noise-injection": {"mode": "noise-injection", "epsilon": 0.1},
+    },
+    "pendulum": {
+        "sa-ppo": {"mode": "sa-ppo", "kappa": 0.02, "epsilon": 0.2, "attack_steps": 3},
+        "noise-injection": {"mode": "noise-injection", "epsilon": 0.2},
+    },
 }
 
 
@@ -67,17 +71,31 @@ def robust_config(scenario_name: str, train: str, sigma=None) -> dict:
     return robust
 
 
-def train_federation(scenario_ref: str, robust: dict, run_dir: Path, seed: int, key_dir: Path | None,
-                     rounds: int | None, plaintext: bool, participants: int | None = None,
-                     stop_on_solve: bool = False) -> tuple[np.ndarray, dict]:
+def train_federation(
+    scenario_ref: str,
+    robust: dict,
+    run_dir: Path,
+    seed: int,
+    key_dir: Path | None,
+    rounds: int | None,
+    plaintext: bool,
+    participants: int | None = None,
+    stop_on_solve: bool = False,
+) -> tuple[np.ndarray, dict]:
     """One encrypted federation whose participants train with ``robust`` (data, not code)."""
     from fedhe.run_dir import decrypt_policy
     from fedhe.simulate import simulate
     from protos.settings import RunSettings
 
-    settings = RunSettings(scenario=scenario_ref, num_server_rounds=rounds or 0, plaintext=plaintext,
-                           out_dir=str(run_dir), seed=seed, stop_on_solve=stop_on_solve,
-                           robust_training=json.dumps(robust))
+    settings = RunSettings(
+        scenario=scenario_ref,
+        num_server_rounds=rounds or 0,
+        plaintext=plaintext,
+        out_dir=str(run_dir),
+        seed=seed,
+        stop_on_solve=stop_on_solve,
+        robust_training=json.dumps(robust),
+    )
     scenario, resolved = resolve_run(settings)
     n = participants or scenario.num_participants
     settings = replace(settings, min_participants=max(1, n - 1))
@@ -103,8 +121,15 @@ def state_std(scenario: Scenario, policy: Policy, source: str, seed: int) -> np.
 
 
 def evaluate_policy_robustness(
-    scenario: Scenario, theta: np.ndarray, attacks: list[str], epsilon: float, episodes: int, seed: int,
-    std_source: str = "reference", obs_std: np.ndarray | None = None, alpha: float | None = None,
+    scenario: Scenario,
+    theta: np.ndarray,
+    attacks: list[str],
+    epsilon: float,
+    episodes: int,
+    seed: int,
+    std_source: str = "reference",
+    obs_std: np.ndarray | None = None,
+    alpha: float | None = None,
 ) -> dict:
     """Clean, random-policy and attacked returns plus deviation metrics for one policy."""
     policy = Policy(scenario.policy_spec(), theta)
@@ -121,25 +146,34 @@ def evaluate_policy_robustness(
         wrapped = make_attack(scenario.build_env(0, seed), policy, name, epsilon, obs_std=std, alpha=alpha, seed=seed)
         res = run_episodes(wrapped, policy, episodes, eval_seed)
         wrapped.close()
-        rows.append({
-            "eval_attack": name,
-            "epsilon": epsilon,
-            "budget": (f"alpha={alpha if alpha is not None else min(max(epsilon, 0.0), 1.0):g}" if name == "action"
-                       else f"linf={epsilon:g} std"),
-            "clean_return": clean["mean_return"],
-            "attacked_return": res["mean_return"],
-            "attacked_std": res["std_return"],
-            "random_return": rand["mean_return"],
-            "crr": retention(res["mean_return"], clean["mean_return"], rand["mean_return"]),
-            "pct_drop": pct_drop(res["mean_return"], clean["mean_return"], rand["mean_return"]),
-            "pd_tv": res.get("pd_tv"),
-            "pd_kl": res.get("pd_kl"),
-            "pd_flip": res.get("pd_flip"),
-            "asr": res.get("asr"),
-            "attacked_frac": res.get("attacked_frac"),
-        })
-    return {"clean_return": clean["mean_return"], "random_return": rand["mean_return"],
-            "obs_std": [round(float(x), 5) for x in std], "rows": rows}
+        rows.append(
+            {
+                "eval_attack": name,
+                "epsilon": epsilon,
+                "budget": (
+                    f"alpha={alpha if alpha is not None else min(max(epsilon, 0.0), 1.0):g}"
+                    if name == "action"
+                    else f"linf={epsilon:g} std"
+                ),
+                "clean_return": clean["mean_return"],
+                "attacked_return": res["mean_return"],
+                "attacked_std": res["std_return"],
+                "random_return": rand["mean_return"],
+                "crr": retention(res["mean_return"], clean["mean_return"], rand["mean_return"]),
+                "pct_drop": pct_drop(res["mean_return"], clean["mean_return"], rand["mean_return"]),
+                "pd_tv": res.get("pd_tv"),
+                "pd_kl": res.get("pd_kl"),
+                "pd_flip": res.get("pd_flip"),
+                "asr": res.get("asr"),
+                "attacked_frac": res.get("attacked_frac"),
+            }
+        )
+    return {
+        "clean_return": clean["mean_return"],
+        "random_return": rand["mean_return"],
+        "obs_std": [round(float(x), 5) for x in std],
+        "rows": rows,
+    }
 
 
 def run_policy_robustness(
@@ -183,37 +217,69 @@ def run_policy_robustness(
                 theta = np.load(run_dir / "theta.npy")
                 summary = json.loads((run_dir / "summary.json").read_text())
             else:
-                theta, summary = train_federation(scenario_ref, robust, run_dir, seed, key_dir, rounds, plaintext,
-                                                  participants, stop_on_solve)
+                theta, summary = train_federation(
+                    scenario_ref, robust, run_dir, seed, key_dir, rounds, plaintext, participants, stop_on_solve
+                )
                 np.save(run_dir / "theta.npy", theta)  # the decrypted policy stays with the key holder
-            result = evaluate_policy_robustness(scenario, theta, attacks, epsilon, episodes, seed, std_source,
-                                                alpha=alpha)
-            run = {"train": train, "seed": seed, "robust": robust, "rounds": summary.get("rounds"), "solved": summary.get("solved"),
-                   "rounds_to_solve": summary.get("rounds_to_solve"), "encrypted": not plaintext,
-                   "clean_return": result["clean_return"], "random_return": result["random_return"],
-                   "obs_std": result["obs_std"], "run_dir": str(run_dir)}
+            result = evaluate_policy_robustness(
+                scenario, theta, attacks, epsilon, episodes, seed, std_source, alpha=alpha
+            )
+            run = {
+                "train": train,
+                "seed": seed,
+                "robust": robust,
+                "rounds": summary.get("rounds"),
+                "solved": summary.get("solved"),
+                "rounds_to_solve": summary.get("rounds_to_solve"),
+                "encrypted": not plaintext,
+                "clean_return": result["clean_return"],
+                "random_return": result["random_return"],
+                "obs_std": result["obs_std"],
+                "run_dir": str(run_dir),
+            }
             runs.append(run)
             for row in result["rows"]:
                 rows.append({"scenario": base.name, "train": train, "seed": seed, **row})
             if seed == 0:
-                explanations.extend(explain_policy(scenario, theta, attacks, epsilon, np.asarray(result["obs_std"]),
-                                                   out_dir, train))
+                explanations.extend(
+                    explain_policy(scenario, theta, attacks, epsilon, np.asarray(result["obs_std"]), out_dir, train)
+                )
             if on_run is not None:
                 on_run(train, seed, run)
-    report = {"scenario": base.name, "reward_threshold": base.reward_threshold, "epsilon": epsilon, "std_source": std_source, "episodes": episodes,
-              "seeds": seeds, "stop_on_solve": stop_on_solve, "encrypted": not plaintext, "runs": runs, "rows": rows,
-              "summary": summarize(rows), "explanations": explanations}
+    report = {
+        "scenario": base.name,
+        "reward_threshold": base.reward_threshold,
+        "epsilon": epsilon,
+        "std_source": std_source,
+        "episodes": episodes,
+        "seeds": seeds,
+        "stop_on_solve": stop_on_solve,
+        "encrypted": not plaintext,
+        "runs": runs,
+        "rows": rows,
+        "summary": summarize(rows),
+        "explanations": explanations,
+    }
     report["files"] = {"json": str(out_dir / f"{stem}.json"), "md": str(out_dir / f"{stem}.md")}
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (out_dir / f"{stem}.md").write_text(render_markdown(report))
     return report
 
 
-def explain_policy(scenario: Scenario, theta: np.ndarray, attacks: list[str], epsilon: float, obs_std: np.ndarray,
-                   out_dir: Path, train: str, episodes: int = 2, max_steps: int = 300) -> list[dict]:
+def explain_policy(
+    scenario: Scenario,
+    theta: np.ndarray,
+    attacks: list[str],
+    epsilon: float,
+    obs_std: np.ndarray,
+    out_dir: Path,
+    train: str,
+    episodes: int = 2,
+    max_steps: int = 300,
+) -> list[dict]:
     """Integrated-gradient attributions (seed 0) under each observation attack, plotted to PNG."""
-    from fedhe.lab.policy_attacks import OBS_ATTACKS
     from fedhe.lab.attributions import OBS_NAMES, explain_attack, plot_attributions
+    from fedhe.lab.policy_attacks import OBS_ATTACKS
 
     policy = Policy(scenario.policy_spec(), theta)
     out = []
@@ -223,10 +289,22 @@ def explain_policy(scenario: Scenario, theta: np.ndarray, attacks: list[str], ep
         env = make_attack(scenario.build_env(0, 0), policy, name, epsilon, obs_std=obs_std, seed=0)
         summary = explain_attack(env, policy, episodes, 30_000, obs_std, max_steps=max_steps)
         env.close()
-        png = plot_attributions(summary, out_dir / "attributions" / f"{train}-{name}.png",
-                                OBS_NAMES.get(scenario.name), f"{scenario.name}: {train} policy, {name} eps={epsilon:g}")
-        out.append({"train": train, "eval_attack": name, "epsilon": epsilon, "png": str(png),
-                    "names": OBS_NAMES.get(scenario.name), **summary})
+        png = plot_attributions(
+            summary,
+            out_dir / "attributions" / f"{train}-{name}.png",
+            OBS_NAMES.get(scenario.name),
+            f"{scenario.name}: {train} policy, {name} eps={epsilon:g}",
+        )
+        out.append(
+            {
+                "train": train,
+                "eval_attack": name,
+                "epsilon": epsilon,
+                "png": str(png),
+                "names": OBS_NAMES.get(scenario.name),
+                **summary,
+            }
+        )
     return out
 
 
@@ -237,15 +315,30 @@ def _mean(values) -> float | None:
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean over seeds per (train, eval_attack)."""
-    keys = ("clean_return", "attacked_return", "random_return", "crr", "pct_drop", "pd_tv", "pd_kl", "pd_flip",
-            "asr", "attacked_frac")
+    keys = (
+        "clean_return",
+        "attacked_return",
+        "random_return",
+        "crr",
+        "pct_drop",
+        "pd_tv",
+        "pd_kl",
+        "pd_flip",
+        "asr",
+        "attacked_frac",
+    )
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["train"], r["eval_attack"]), []).append(r)
     out = []
     for (train, attack), group in groups.items():
-        entry = {"train": train, "eval_attack": attack, "epsilon": group[0]["epsilon"], "budget": group[0]["budget"],
-                 "seeds": len(group)}
+        entry = {
+            "train": train,
+            "eval_attack": attack,
+            "epsilon": group[0]["epsilon"],
+            "budget": group[0]["budget"],
+            "seeds": len(group),
+        }
         entry.update({k: _mean(g[k] for g in group) for k in keys})
         entry["crr_std"] = float(np.std([g["crr"] for g in group if g["crr"] is not None])) if group else None
         out.append(entry)
@@ -259,69 +352,103 @@ def _f(x, fmt="{:.1f}") -> str:
 def render_markdown(report: dict) -> str:
     """Tables in the source document's shape: baseline, under attack, % drop, policy deviation; restored."""
     summ = report["summary"]
-    lines = [f"# Policy robustness: {report['scenario']}", "",
-             f"Encrypted federations: {report['encrypted']}; seeds: {report['seeds']}; training: "
-             f"{'stopped once solved' if report.get('stop_on_solve') else 'the full round budget'}; greedy evaluation, "
-             f"{report['episodes']} episodes per policy; epsilon = {report['epsilon']} (observation attacks: "
-             f"l-inf radius in per-dimension state std, std source `{report['std_source']}`; action attack: "
-             "alpha). Definitions: docs/threat-lab.md.", "",
-             "## Under attack (mean over seeds)", "",
-             "| Train | Attack | Budget | Baseline return | Under attack | % drop | CRR | PD (TV) | PD (KL) | flip | ASR |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Policy robustness: {report['scenario']}",
+        "",
+        f"Encrypted federations: {report['encrypted']}; seeds: {report['seeds']}; training: "
+        f"{'stopped once solved' if report.get('stop_on_solve') else 'the full round budget'}; greedy evaluation, "
+        f"{report['episodes']} episodes per policy; epsilon = {report['epsilon']} (observation attacks: "
+        f"l-inf radius in per-dimension state std, std source `{report['std_source']}`; action attack: "
+        "alpha). Definitions: docs/threat-lab.md.",
+        "",
+        "## Under attack (mean over seeds)",
+        "",
+        "| Train | Attack | Budget | Baseline return | Under attack | % drop | CRR | PD (TV) | PD (KL) | flip | ASR |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in summ:
-        lines.append(f"| {e['train']} | {e['eval_attack']} | {e['budget']} | {_f(e['clean_return'])} | "
-                     f"{_f(e['attacked_return'])} | {_f(e['pct_drop'])} | {_f(e['crr'], '{:.2f}')} ± "
-                     f"{_f(e['crr_std'], '{:.2f}')} | {_f(e['pd_tv'], '{:.3f}')} | {_f(e['pd_kl'], '{:.3f}')} | "
-                     f"{_f(e['pd_flip'], '{:.3f}')} | {_f(e['asr'], '{:.3f}')} |")
+        lines.append(
+            f"| {e['train']} | {e['eval_attack']} | {e['budget']} | {_f(e['clean_return'])} | "
+            f"{_f(e['attacked_return'])} | {_f(e['pct_drop'])} | {_f(e['crr'], '{:.2f}')} ± "
+            f"{_f(e['crr_std'], '{:.2f}')} | {_f(e['pd_tv'], '{:.3f}')} | {_f(e['pd_kl'], '{:.3f}')} | "
+            f"{_f(e['pd_flip'], '{:.3f}')} | {_f(e['asr'], '{:.3f}')} |"
+        )
     vanilla = {e["eval_attack"]: e for e in summ if e["train"] == "vanilla"}
     defended = [e for e in summ if e["train"] not in ("vanilla", REWARD_ATTACK)]
     if vanilla and defended:
-        lines += ["", "## Defenses: % of the vanilla baseline restored under attack", "",
-                  "Restored = defended policy's attacked return / vanilla clean return (min-max normalised with "
-                  "the random policy's return for negative-reward environments).", "",
-                  "| Defense | Attack | Budget | Vanilla under attack | Defended under attack | Restored (%) | "
-                  "Defended clean / vanilla clean |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Defenses: % of the vanilla baseline restored under attack",
+            "",
+            "Restored = defended policy's attacked return / vanilla clean return (min-max normalised with "
+            "the random policy's return for negative-reward environments).",
+            "",
+            "| Defense | Attack | Budget | Vanilla under attack | Defended under attack | Restored (%) | "
+            "Defended clean / vanilla clean |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for e in defended:
             v = vanilla.get(e["eval_attack"])
             if v is None:
                 continue
             restored = retention(e["attacked_return"], v["clean_return"], v["random_return"])
             clean_ratio = retention(e["clean_return"], v["clean_return"], v["random_return"])
-            lines.append(f"| {e['train']} | {e['eval_attack']} | {e['budget']} | {_f(v['attacked_return'])} | "
-                         f"{_f(e['attacked_return'])} | {_f(None if restored is None else 100 * restored)} | "
-                         f"{_f(clean_ratio, '{:.2f}')} |")
+            lines.append(
+                f"| {e['train']} | {e['eval_attack']} | {e['budget']} | {_f(v['attacked_return'])} | "
+                f"{_f(e['attacked_return'])} | {_f(None if restored is None else 100 * restored)} | "
+                f"{_f(clean_ratio, '{:.2f}')} |"
+            )
     reward = {e["train"]: e for e in summ if e["train"] in ("vanilla", REWARD_ATTACK, "reward-defense")}
     if REWARD_ATTACK in reward and "vanilla" in reward:
         v = reward["vanilla"]
-        lines += ["", f"## Reward channel (training-time tampering: r -> -r with probability {REWARD_FLIP_RATE})", "",
-                  "Clean greedy return of the trained policy, and how fast training crossed the scenario's "
-                  "threshold (the cost tampering can show even when the final policy recovers).", "",
-                  "| Policy | Clean return | % of baseline | solved | rounds to solve (mean) |", "|---|---|---|---|---|"]
-        for train, label in (("vanilla", "vanilla, clean rewards (baseline)"), (REWARD_ATTACK, "vanilla, tampered rewards"),
-                             ("reward-defense", "reward-defense, tampered rewards")):
+        lines += [
+            "",
+            f"## Reward channel (training-time tampering: r -> -r with probability {REWARD_FLIP_RATE})",
+            "",
+            "Clean greedy return of the trained policy, and how fast training crossed the scenario's "
+            "threshold (the cost tampering can show even when the final policy recovers).",
+            "",
+            "| Policy | Clean return | % of baseline | solved | rounds to solve (mean) |",
+            "|---|---|---|---|---|",
+        ]
+        for train, label in (
+            ("vanilla", "vanilla, clean rewards (baseline)"),
+            (REWARD_ATTACK, "vanilla, tampered rewards"),
+            ("reward-defense", "reward-defense, tampered rewards"),
+        ):
             if train not in reward:
                 continue
             runs = [r for r in report.get("runs", []) if r["train"] == train]
             solved = [r["rounds_to_solve"] for r in runs if r.get("rounds_to_solve")]
             pct = _pct(retention(reward[train]["clean_return"], v["clean_return"], v["random_return"]))
             solved_cell = f"{len(solved)}/{len(runs)}" if report.get("reward_threshold") is not None else "no threshold"
-            lines.append(f"| {label} | {_f(reward[train]['clean_return'])} | {_f(pct)} | {solved_cell} | "
-                         f"{_f(_mean(solved))} |")
+            lines.append(
+                f"| {label} | {_f(reward[train]['clean_return'])} | {_f(pct)} | {solved_cell} | {_f(_mean(solved))} |"
+            )
     if report.get("explanations"):
-        lines += ["", "## Explanations: integrated gradients per observation dimension (seed 0)", "",
-                  "Mean |IG| of the decision (log pi(a*|s), a* greedy on the clean state; Gaussian: mu_0) on the "
-                  "clean state / on the attacked input, and the mean perturbation |s_hat - s| / std the attack "
-                  "put on each dimension.", "",
-                  "| Train | Attack | Dimension | clean |IG| | attacked |IG| | |IG shift| | perturbation (std) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Explanations: integrated gradients per observation dimension (seed 0)",
+            "",
+            "Mean |IG| of the decision (log pi(a*|s), a* greedy on the clean state; Gaussian: mu_0) on the "
+            "clean state / on the attacked input, and the mean perturbation |s_hat - s| / std the attack "
+            "put on each dimension.",
+            "",
+            "| Train | Attack | Dimension | clean |IG| | attacked |IG| | |IG shift| | perturbation (std) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for ex in report["explanations"]:
             names = ex.get("names") or [f"obs[{d}]" for d in range(len(ex["mean_abs_ig_clean"]))]
             for d, name in enumerate(names):
-                lines.append(f"| {ex['train']} | {ex['eval_attack']} | {name} | {ex['mean_abs_ig_clean'][d]:.3f} | "
-                             f"{ex['mean_abs_ig_attacked'][d]:.3f} | {ex['mean_abs_ig_shift'][d]:.3f} | "
-                             f"{ex['mean_perturbation_std'][d]:.2f} |")
-        lines += [""] + [f"![{ex['train']} {ex['eval_attack']}](attributions/{Path(ex['png']).name})"
-                         for ex in report["explanations"]]
+                lines.append(
+                    f"| {ex['train']} | {ex['eval_attack']} | {name} | {ex['mean_abs_ig_clean'][d]:.3f} | "
+                    f"{ex['mean_abs_ig_attacked'][d]:.3f} | {ex['mean_abs_ig_shift'][d]:.3f} | "
+                    f"{ex['mean_perturbation_std'][d]:.2f} |"
+                )
+        lines += [""] + [
+            f"![{ex['train']} {ex['eval_attack']}](attributions/{Path(ex['png']).name})"
+            for ex in report["explanations"]
+        ]
     lines += ["", "Per-seed rows: the JSON file next to this one (`rows`)."]
     return "\n".join(lines) + "\n"
 

@@ -26,45 +26,33 @@ import gymnasium as gym
 import numpy as np
 
 from scenarios.policy import Policy
+from scenarios.rollout import Step, choose_actions, play_episodes
 
 FLIP_FRACTION = 0.1  # continuous actions: a mean moving > 10% of the half-range counts as a changed action
 
 
 def run_episodes(env: gym.Env, policy: Policy, episodes: int, seed: int, random_policy: bool = False) -> dict:
     """Greedy (or uniformly random) episodes; collects per-step deviation if ``env`` is an attack wrapper."""
-    space = env.action_space
-    discrete = isinstance(space, gym.spaces.Discrete)
-    rng = np.random.default_rng([seed, 7])
-    if random_policy:
-        space.seed(seed)
     _, half = policy.spec.action_center_scale()
-    returns, tv, kl, flip, attacked, success = [], [], [], [], [], []
-    for k in range(episodes):
-        obs, info = env.reset(seed=seed + k)
-        total, done = 0.0, False
-        while not done:
-            if random_policy:
-                a = space.sample()
-            else:
-                act, _ = policy.act(np.asarray(obs, dtype=np.float64)[None], rng, greedy=True)
-                a = int(act[0]) if discrete else np.clip(act[0], space.low, space.high).astype(space.dtype)
-            rec = info.get("attack") if not random_policy else None
-            step_obs = obs
-            obs, reward, terminated, truncated, info = env.step(a)
-            if rec is not None:
-                step_rec = info.get("attack", {})
-                if "action_attacked" in step_rec:  # action attack: intended vs executed
-                    d = _action_deviation(policy, step_rec["intended_action"], step_rec["executed_action"], half)
-                    was = step_rec["action_attacked"]
-                else:
-                    d = _obs_deviation(policy, rec["clean_obs"], np.asarray(step_obs, dtype=np.float64), half)
-                    was = rec["attacked"]
-                tv.append(d[0]), kl.append(d[1]), flip.append(d[2]), attacked.append(was)
-                if was:
-                    success.append(d[2])
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
+    tv, kl, flip, attacked, success = [], [], [], [], []
+
+    def record(step: Step) -> None:
+        rec = step.info.get("attack")  # the wrapper's record of the observation the agent acted on
+        if rec is None:
+            return
+        step_rec = step.next_info.get("attack", {})
+        if "action_attacked" in step_rec:  # action attack: intended vs executed
+            d = _action_deviation(policy, step_rec["intended_action"], step_rec["executed_action"], half)
+            was = step_rec["action_attacked"]
+        else:
+            d = _obs_deviation(policy, rec["clean_obs"], np.asarray(step.obs, dtype=np.float64), half)
+            was = rec["attacked"]
+        tv.append(d[0]), kl.append(d[1]), flip.append(d[2]), attacked.append(was)
+        if was:
+            success.append(d[2])
+
+    act = choose_actions(env.action_space, None if random_policy else policy, seed)
+    returns = play_episodes(env, act, episodes, seed, on_step=None if random_policy else record)
     out = {"returns": returns, "mean_return": float(np.mean(returns)), "std_return": float(np.std(returns))}
     if tv:
         out.update(
@@ -103,7 +91,9 @@ def categorical_deviation(p: np.ndarray, q: np.ndarray) -> tuple[float, float, f
     return tv, max(kl, 0.0), float(int(p.argmax()) != int(q.argmax()))
 
 
-def gaussian_deviation(mu: np.ndarray, mu_hat: np.ndarray, std: np.ndarray, half: np.ndarray) -> tuple[float, float, float]:
+def gaussian_deviation(
+    mu: np.ndarray, mu_hat: np.ndarray, std: np.ndarray, half: np.ndarray
+) -> tuple[float, float, float]:
     """(TV, KL, flip) of N(mu, diag std^2) vs N(mu_hat, diag std^2), closed form."""
     z = (np.asarray(mu) - np.asarray(mu_hat)) / np.asarray(std)
     delta = float(np.sqrt(np.sum(z * z)))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x66\x65\x64he/v1/wire.proto\x12\x08\x66\x65\x64he.v1\"\xb7\x01\n\x0f\x45ncryptedVector\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x17\n\x0fkey_fingerprint\x18\x02 \x01(\t\x12\x12\n\nhe_profile\x18\x03 \x01(\t\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x17\n\x0fslots_per_chunk\x18\x05 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x06 \x03(\x0c\x12$\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x12.fedhe.v1.Encoding\"\x99\x01\n\x11ParticipantUpdate\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x06update\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x30\n\rrollout_stats\x18\x04 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\"\xbd\x02\n\x0eRefreshRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12(\n\x05theta\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12?\n\x0cmasked_state\x18\x04 \x03(\x0b\x32).fedhe.v1.RefreshRequest.MaskedStateEntry\x12\x33\n\x10stats_to_release\x18\x05 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x13\n\x0bstats_round\x18\x06 \x01(\x04\x1aM\n\x10MaskedStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector:\x02\x38\x01\"\x89\x02\n\x0cRefreshReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12(\n\x05theta\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x30\n\x05state\x18\x04 \x03(\x0b\x32!.fedhe.v1.RefreshReply.StateEntry\x12+\n\x08released\x18\x05 \x01(\x0b\x32\x19.fedhe.v1.ReleasedMetrics\x1aG\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector:\x02\x38\x01\"_\n\tNormQuery\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x06masked\x18\x03 \x03(\x0b\x32\x19.fedhe.v1.EncryptedVector\"I\n\tNormReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x13\n\x0bmasked_sums\x18\x03 \x03(\x01\"e\n\x0fReleasedMetrics\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bmean_return\x18\x02 \x01(\x01\x12\x10\n\x08\x65pisodes\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\r\n\x05valid\x18\x05 \x01(\x08\"\xb0\x03\n\nCheckpoint\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x10\n\x08scenario\x18\x03 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x04 \x01(\t\x12\x12\n\nhe_profile\x18\x05 \x01(\t\x12(\n\x05theta\x18\x06 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12.\n\x05state\x18\x07 \x03(\x0b\x32\x1f.fedhe.v1.Checkpoint.StateEntry\x12*\n\x07history\x18\x08 \x03(\x0b\x32\x19.fedhe.v1.ReleasedMetrics\x12\x1d\n\x15optimizer_config_json\x18\t \x01(\t\x12\x30\n\rpending_stats\x18\n \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x1a\n\x12pending_round_json\x18\x0b \x01(\t\x1aG\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector:\x02\x38\x01\"\x81\x01\n\x07KeyFile\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nhe_profile\x18\x02 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x03 \x01(\t\x12\x16\n\x0ehas_secret_key\x18\x04 \x01(\x08\x12\x17\n\x0ftenseal_context\x18\x05 \x01(\x0c\"\x9d\x01\n\nSealedFile\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1d\n\x15recipient_fingerprint\x18\x02 \x01(\t\x12\x1c\n\x14\x65phemeral_public_key\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\x12\x15\n\roriginal_name\x18\x06 \x01(\t*O\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_CKKS\x10\x01\x12\x16\n\x12\x45NCODING_PLAIN_F64\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x66\x65\x64he/v1/wire.proto\x12\x08\x66\x65\x64he.v1\"\xb7\x01\n\x0f\x45ncryptedVector\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x17\n\x0fkey_fingerprint\x18\x02 \x01(\t\x12\x12\n\nhe_profile\x18\x03 \x01(\t\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x17\n\x0fslots_per_chunk\x18\x05 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x06 \x03(\x0c\x12$\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x12.fedhe.v1.Encoding\"\x99\x01\n\x11ParticipantUpdate\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x06update\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x30\n\rrollout_stats\x18\x04 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\"\xbd\x02\n\x0eRefreshRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12(\n\x05theta\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12?\n\x0cmasked_state\x18\x04 \x03(\x0b\x32).fedhe.v1.RefreshRequest.MaskedStateEntry\x12\x33\n\x10stats_to_release\x18\x05 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x13\n\x0bstats_round\x18\x06 \x01(\x04\x1aM\n\x10MaskedStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector:\x02\x38\x01\"\xb9\x02\n\x0cRefreshReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12(\n\x05theta\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x30\n\x05state\x18\x04 \x03(\x0b\x32!.fedhe.v1.RefreshReply.StateEntry\x12+\n\x08released\x18\x05 \x01(\x0b\x32\x19.fedhe.v1.ReleasedMetrics\x12.\n\x0btheta_tiled\x18\x06 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x1aG\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector:\x02\x38\x01\"\x95\x01\n\rRolloutUpload\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x30\n\rrollout_stats\x18\x04 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\"c\n\rGradientQuery\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x06masked\x18\x03 \x03(\x0b\x32\x19.fedhe.v1.EncryptedVector\"e\n\rGradientReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12+\n\x08gradient\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\"_\n\tNormQuery\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x06masked\x18\x03 \x03(\x0b\x32\x19.fedhe.v1.EncryptedVector\"I\n\tNormReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x13\n\x0bmasked_sums\x18\x03 \x03(\x01\"e\n\x0fReleasedMetrics\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bmean_return\x18\x02 \x01(\x01\x12\x10\n\x08\x65pisodes\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\r\n\x05valid\x18\x05 \x01(\x08\"\xb0\x03\n\nCheckpoint\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x10\n\x08scenario\x18\x03 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x04 \x01(\t\x12\x12\n\nhe_profile\x18\x05 \x01(\t\x12(\n\x05theta\x18\x06 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12.\n\x05state\x18\x07 \x03(\x0b\x32\x1f.fedhe.v1.Checkpoint.StateEntry\x12*\n\x07history\x18\x08 \x03(\x0b\x32\x19.fedhe.v1.ReleasedMetrics\x12\x1d\n\x15optimizer_config_json\x18\t \x01(\t\x12\x30\n\rpending_stats\x18\n \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x1a\n\x12pending_round_json\x18\x0b \x01(\t\x1aG\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector:\x02\x38\x01\"\x81\x01\n\x07KeyFile\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nhe_profile\x18\x02 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x03 \x01(\t\x12\x16\n\x0ehas_secret_key\x18\x04 \x01(\x08\x12\x17\n\x0ftenseal_context\x18\x05 \x01(\x0c\"\x9d\x01\n\nSealedFile\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1d\n\x15recipient_fingerprint\x18\x02 \x01(\t\x12\x1c\n\x14\x65phemeral_public_key\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\x12\x15\n\roriginal_name\x18\x06 \x01(\t*O\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_CKKS\x10\x01\x12\x16\n\x12\x45NCODING_PLAIN_F64\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REFRESHREPLY_STATEENTRY']._serialized_options = b'8\001'
   _globals['_CHECKPOINT_STATEENTRY']._loaded_options = None
   _globals['_CHECKPOINT_STATEENTRY']._serialized_options = b'8\001'
-  _globals['_ENCODING']._serialized_start=1965
-  _globals['_ENCODING']._serialized_end=2044
+  _globals['_ENCODING']._serialized_start=2369
+  _globals['_ENCODING']._serialized_end=2448
   _globals['_ENCRYPTEDVECTOR']._serialized_start=34
   _globals['_ENCRYPTEDVECTOR']._serialized_end=217
   _globals['_PARTICIPANTUPDATE']._serialized_start=220
@@ -48,21 +48,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REFRESHREQUEST_MASKEDSTATEENTRY']._serialized_start=616
   _globals['_REFRESHREQUEST_MASKEDSTATEENTRY']._serialized_end=693
   _globals['_REFRESHREPLY']._serialized_start=696
-  _globals['_REFRESHREPLY']._serialized_end=961
-  _globals['_REFRESHREPLY_STATEENTRY']._serialized_start=890
-  _globals['_REFRESHREPLY_STATEENTRY']._serialized_end=961
-  _globals['_NORMQUERY']._serialized_start=963
-  _globals['_NORMQUERY']._serialized_end=1058
-  _globals['_NORMREPLY']._serialized_start=1060
-  _globals['_NORMREPLY']._serialized_end=1133
-  _globals['_RELEASEDMETRICS']._serialized_start=1135
-  _globals['_RELEASEDMETRICS']._serialized_end=1236
-  _globals['_CHECKPOINT']._serialized_start=1239
-  _globals['_CHECKPOINT']._serialized_end=1671
-  _globals['_CHECKPOINT_STATEENTRY']._serialized_start=890
-  _globals['_CHECKPOINT_STATEENTRY']._serialized_end=961
-  _globals['_KEYFILE']._serialized_start=1674
-  _globals['_KEYFILE']._serialized_end=1803
-  _globals['_SEALEDFILE']._serialized_start=1806
-  _globals['_SEALEDFILE']._serialized_end=1963
+  _globals['_REFRESHREPLY']._serialized_end=1009
+  _globals['_REFRESHREPLY_STATEENTRY']._serialized_start=938
+  _globals['_REFRESHREPLY_STATEENTRY']._serialized_end=1009
+  _globals['_ROLLOUTUPLOAD']._serialized_start=1012
+  _globals['_ROLLOUTUPLOAD']._serialized_end=1161
+  _globals['_GRADIENTQUERY']._serialized_start=1163
+  _globals['_GRADIENTQUERY']._serialized_end=1262
+  _globals['_GRADIENTREPLY']._serialized_start=1264
+  _globals['_GRADIENTREPLY']._serialized_end=1365
+  _globals['_NORMQUERY']._serialized_start=1367
+  _globals['_NORMQUERY']._serialized_end=1462
+  _globals['_NORMREPLY']._serialized_start=1464
+  _globals['_NORMREPLY']._serialized_end=1537
+  _globals['_RELEASEDMETRICS']._serialized_start=1539
+  _globals['_RELEASEDMETRICS']._serialized_end=1640
+  _globals['_CHECKPOINT']._serialized_start=1643
+  _globals['_CHECKPOINT']._serialized_end=2075
+  _globals['_CHECKPOINT_STATEENTRY']._serialized_start=938
+  _globals['_CHECKPOINT_STATEENTRY']._serialized_end=1009
+  _globals['_KEYFILE']._serialized_start=2078
+  _globals['_KEYFILE']._serialized_end=2207
+  _globals['_SEALEDFILE']._serialized_start=2210
+  _globals['_SEALEDFILE']._serialized_end=2367
 # @@protoc_insertion_point(module_scope)

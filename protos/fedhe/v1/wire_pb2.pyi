@@ -70,7 +70,7 @@ class RefreshRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., masked_state: _Optional[_Mapping[str, EncryptedVector]] = ..., stats_to_release: _Optional[_Union[EncryptedVector, _Mapping]] = ..., stats_round: _Optional[int] = ...) -> None: ...
 
 class RefreshReply(_message.Message):
-    __slots__ = ("protocol_version", "round", "theta", "state", "released")
+    __slots__ = ("protocol_version", "round", "theta", "state", "released", "theta_tiled")
     class StateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,12 +83,46 @@ class RefreshReply(_message.Message):
     THETA_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RELEASED_FIELD_NUMBER: _ClassVar[int]
+    THETA_TILED_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     round: int
     theta: EncryptedVector
     state: _containers.MessageMap[str, EncryptedVector]
     released: ReleasedMetrics
-    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., state: _Optional[_Mapping[str, EncryptedVector]] = ..., released: _Optional[_Union[ReleasedMetrics, _Mapping]] = ...) -> None: ...
+    theta_tiled: EncryptedVector
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., state: _Optional[_Mapping[str, EncryptedVector]] = ..., released: _Optional[_Union[ReleasedMetrics, _Mapping]] = ..., theta_tiled: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
+
+class RolloutUpload(_message.Message):
+    __slots__ = ("protocol_version", "round", "blocks", "rollout_stats")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_STATS_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    round: int
+    blocks: _containers.RepeatedCompositeFieldContainer[EncryptedVector]
+    rollout_stats: EncryptedVector
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[EncryptedVector, _Mapping]]] = ..., rollout_stats: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
+
+class GradientQuery(_message.Message):
+    __slots__ = ("protocol_version", "round", "masked")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MASKED_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    round: int
+    masked: _containers.RepeatedCompositeFieldContainer[EncryptedVector]
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., masked: _Optional[_Iterable[_Union[EncryptedVector, _Mapping]]] = ...) -> None: ...
+
+class GradientReply(_message.Message):
+    __slots__ = ("protocol_version", "round", "gradient")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    round: int
+    gradient: EncryptedVector
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., gradient: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
 
 class NormQuery(_message.Message):
     __slots__ = ("protocol_version", "round", "masked")

@@ -81,8 +81,12 @@ def _run(backend, holder, grads, config, send=lambda v: v, back=lambda v: v):
 def test_ciphertext_adam_matches_numpy_adam(holder, coordinator_backend):
     config = HEAdamConfig(lr=0.05, clip_bound=1.0)
     grads = _gradients(8, 300)
-    send = lambda v: decode_vector(coordinator_backend, encode_vector(holder, v))
-    back = lambda v: decode_vector(holder, encode_vector(coordinator_backend, v))
+    def send(v):
+        return decode_vector(coordinator_backend, encode_vector(holder, v))
+
+    def back(v):
+        return decode_vector(holder, encode_vector(coordinator_backend, v))
+
     theta0, theta, xs, ws = _run(coordinator_backend, holder, grads, config, send, back)
     expected, w_ref, _ = reference_adam(theta0, grads, config)
     movement = np.max(np.abs(expected - theta0))

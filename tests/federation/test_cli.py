@@ -105,7 +105,9 @@ def test_killed_run_resumes_from_its_last_round(tmp_path):
     assert killed_at < 60
     refused = fedhe("simulate", "cartpole", "--out", str(out))
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    resumed = fedhe("simulate", "cartpole", "--rounds", str(killed_at + 2), "--no-stop-on-solve", "--resume", "--out", str(out))
+    resumed = fedhe(
+        "simulate", "cartpole", "--rounds", str(killed_at + 2), "--no-stop-on-solve", "--resume", "--out", str(out)
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == list(range(1, killed_at + 3))
@@ -129,3 +131,53 @@ def test_policy_robustness_rejects_unknown_train_attack_and_sigma(tmp_path):
     assert run.returncode == 2 and "reference, random, clean" in run.stderr
     run = fedhe("robustness", "policy", "cartpole", "--eval-attack", "action", "--alpha", "1.5", "--out", out)
     assert run.returncode == 2 and "--alpha is a probability" in run.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_works_on_plaintext_and_robustness_runs(tmp_path):
+    """Every run directory the CLI writes can be evaluated: the run records its own profile."""
+    plain = tmp_path / "plain"
+    run = fedhe("simulate", "--plaintext", "--rounds", "2", "--no-stop-on-solve", "--out", str(plain))
+    assert run.returncode == 0, run.stderr[-3000:]
+    grid = tmp_path / "grid"
+    run = fedhe(
+        "robustness",
+        "aggregation",
+        "cartpole",
+        "-n",
+        "3",
+        "-m",
+        "1",
+        "--attack",
+        "sign-flip",
+        "--defense",
+        "median-norm",
+        "--no-clean",
+        "--rounds",
+        "2",
+        "--out",
+        str(grid),
+        "--json",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (cell,) = [json.loads(run.stdout)[0]["run_dir"]]
+    assert json.loads((Path(cell) / "run.json").read_text())["he_profile"] == "n16k-d7"
+    for run_dir in (plain, Path(cell)):
+        evaluated = fedhe("evaluate", str(run_dir), "--episodes", "2", "--json")
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        assert json.loads(evaluated.stdout)["round"] == 2
+
+
+@pytest.mark.slow
+def test_resume_with_another_optimizer_configuration_is_refused(tmp_path):
+    out = tmp_path / "run"
+    run = fedhe("simulate", "--plaintext", "--rounds", "1", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    changed = tmp_path / "faster.py"
+    changed.write_text(
+        "from scenarios import load_scenario\n"
+        "SCENARIO = load_scenario('cartpole').with_overrides(server_lr=0.05, clip_bound=1.0)\n"
+    )
+    resumed = fedhe("simulate", str(changed), "--plaintext", "--rounds", "3", "--resume", "--out", str(out))
+    assert resumed.returncode == 2
+    assert "clip_bound 2.0 -> 1.0, lr 0.2 -> 0.05" in resumed.stderr and "Traceback" not in resumed.stderr

@@ -12,7 +12,7 @@ from google.protobuf import descriptor_pb2
 
 from protos.fedhe.v1 import wire_pb2
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generated_bindings_are_not_stale(tmp_path):

@@ -1,4 +1,4 @@
-"""Issue 5: evaluation-time attacks, robust training math, metrics, explanations (fast tests)."""
+"""Attacks on trained policies: evaluation-time attacks, robust training math, metrics, explanations (fast tests)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,26 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from fedhe.lab.policy_attacks import (ATTACKS, PUBLISHED_STD, RANDOM_POLICY_STD, STATE_STD, estimate_obs_std, make_attack,
-                                      random_policy_std, random_std, reference_std)
-from participant.ppo import ParticipantTrainer
+from fedhe.lab.policy_attacks import (
+    ATTACKS,
+    PUBLISHED_STD,
+    RANDOM_POLICY_STD,
+    STATE_STD,
+    estimate_obs_std,
+    make_attack,
+    random_policy_std,
+    random_std,
+    reference_std,
+)
 from fedhe.lab.policy_metrics import categorical_deviation, gaussian_deviation, retention, run_episodes
+from participant.ppo import ParticipantTrainer
+from scenarios import Policy, load_scenario
 from scenarios.adversarial import (
     PerturbedRewardCorrection,
     kl_regularizer_and_grad,
     pgd_max_kl,
     state_kl,
 )
-from scenarios import Policy, load_scenario
 from scenarios.policy import PolicySpec
 from scenarios.scenario import RobustConfig
 
@@ -98,7 +107,7 @@ def test_fgsm_and_pgd_beat_random_noise_on_flips(cart):
 
 
 def test_mad_increases_kl(cart, pend):
-    for sc, pol in (cart, pend):
+    for _, pol in (cart, pend):
         rng = np.random.default_rng(0)
         obs = rng.standard_normal((64, pol.spec.obs_dim)) * 0.3
         radius = np.full(pol.spec.obs_dim, 0.2)

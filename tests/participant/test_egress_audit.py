@@ -17,12 +17,15 @@ ROUND = 4
 
 
 def config(holder, **extra) -> ConfigRecord:
-    return ConfigRecord({"round": ROUND, "key-fingerprint": holder.fingerprint, "protocol-version": PROTOCOL_VERSION, **extra})
+    return ConfigRecord(
+        {"round": ROUND, "key-fingerprint": holder.fingerprint, "protocol-version": PROTOCOL_VERSION, **extra}
+    )
 
 
 def update_reply(holder) -> RecordDict:
     update = wire_pb2.ParticipantUpdate(
-        protocol_version=PROTOCOL_VERSION, round=ROUND,
+        protocol_version=PROTOCOL_VERSION,
+        round=ROUND,
         update=to_proto(holder, encrypt_vector(holder, np.ones(30))),
         rollout_stats=to_proto(holder, encrypt_vector(holder, np.array([50.0, 2.0, 100.0]))),
     )
@@ -30,10 +33,12 @@ def update_reply(holder) -> RecordDict:
 
 
 def refresh_reply(holder) -> RecordDict:
-    reply = wire_pb2.RefreshReply(protocol_version=PROTOCOL_VERSION, round=ROUND,
-                                  theta=to_proto(holder, encrypt_vector(holder, np.ones(30))),
-                                  released=wire_pb2.ReleasedMetrics(round=ROUND - 1, mean_return=21.25, episodes=4,
-                                                                    steps=85, valid=True))
+    reply = wire_pb2.RefreshReply(
+        protocol_version=PROTOCOL_VERSION,
+        round=ROUND,
+        theta=to_proto(holder, encrypt_vector(holder, np.ones(30))),
+        released=wire_pb2.ReleasedMetrics(round=ROUND - 1, mean_return=21.25, episodes=4, steps=85, valid=True),
+    )
     reply.state["m"].CopyFrom(to_proto(holder, encrypt_vector(holder, np.ones(30))))
     return RecordDict({messages.CONFIG: config(holder), messages.REFRESH_REPLY: messages.pack(reply)})
 
@@ -64,8 +69,12 @@ def extended_update_class():
     wire_pb2.DESCRIPTOR.CopyToProto(file)
     file.name = "fedhe/v1/wire_extended.proto"
     update = next(m for m in file.message_type if m.name == "ParticipantUpdate")
-    update.field.add(name="local_mean_return", number=15, type=descriptor_pb2.FieldDescriptorProto.TYPE_DOUBLE,
-                     label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    update.field.add(
+        name="local_mean_return",
+        number=15,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_DOUBLE,
+        label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("fedhe.v1.ParticipantUpdate"))
@@ -88,11 +97,14 @@ def test_every_schema_field_of_a_reply_has_a_declared_rule():
         assert {f.name for f in cls.DESCRIPTOR.fields} == set(ALLOWED_FIELDS[cls.DESCRIPTOR.full_name])
 
 
-@pytest.mark.parametrize("change, expected", [
-    (lambda c, h: c[messages.CONFIG].__setitem__("mean-return", 187.3), "not permitted"),
-    (lambda c, h: c[messages.CONFIG].__setitem__("round", ROUND + 1), "allowed value"),
-    (lambda c, h: c.__setitem__("extra", ConfigRecord({"x": 1})), "config records"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda c, h: c[messages.CONFIG].__setitem__("mean-return", 187.3), "not permitted"),
+        (lambda c, h: c[messages.CONFIG].__setitem__("round", ROUND + 1), "allowed value"),
+        (lambda c, h: c.__setitem__("extra", ConfigRecord({"x": 1})), "config records"),
+    ],
+)
 def test_config_keys_and_values_are_checked(small_holder, change, expected):
     content = update_reply(small_holder)
     change(content, small_holder)
@@ -106,8 +118,9 @@ def test_unrounded_release_and_unrounded_norm_sums_fail(small_holder):
     content[messages.REFRESH_REPLY] = messages.pack(reply)
     assert any("mean_return" in p for p in audit_reply(content, ROUND, small_holder))
     norms = norm_reply(small_holder)
-    norms[messages.NORM_REPLY] = messages.pack(wire_pb2.NormReply(protocol_version=PROTOCOL_VERSION, round=ROUND,
-                                                                  masked_sums=[1234.5678]))
+    norms[messages.NORM_REPLY] = messages.pack(
+        wire_pb2.NormReply(protocol_version=PROTOCOL_VERSION, round=ROUND, masked_sums=[1234.5678])
+    )
     assert any("masked_sums" in p for p in audit_reply(norms, ROUND, small_holder))
 
 
@@ -125,8 +138,12 @@ def test_a_plaintext_vector_in_place_of_a_ciphertext_fails(small_holder):
 def test_what_the_key_holder_releases_passes(small_holder):
     """The participant's own norm answer is rounded as the allowlist demands."""
     query = wire_pb2.NormQuery(protocol_version=PROTOCOL_VERSION, round=ROUND)
-    masked = np.random.default_rng(0).uniform(-2.0**15, 2.0**15, small_holder.slots)
+    masked = np.random.default_rng(0).uniform(-(2.0**15), 2.0**15, small_holder.slots)
     query.masked.append(to_proto(small_holder, encrypt_vector(small_holder, masked)))
-    reply = RecordDict({messages.CONFIG: config(small_holder),
-                        messages.NORM_REPLY: messages.pack(answer_norm_query(small_holder, query))})
+    reply = RecordDict(
+        {
+            messages.CONFIG: config(small_holder),
+            messages.NORM_REPLY: messages.pack(answer_norm_query(small_holder, query)),
+        }
+    )
     assert audit_reply(reply, ROUND, small_holder) == []

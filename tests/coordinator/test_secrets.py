@@ -29,7 +29,12 @@ pytestmark = pytest.mark.usefixtures("server_task")
 @pytest.fixture()
 def state_values() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {"theta": rng.normal(0, 0.3, D), "m": rng.normal(0, 0.5, D), "v": 1 + rng.random(D), "w": 0.5 + 0.5 * rng.random(D)}
+    return {
+        "theta": rng.normal(0, 0.3, D),
+        "m": rng.normal(0, 0.5, D),
+        "v": 1 + rng.random(D),
+        "w": 0.5 + 0.5 * rng.random(D),
+    }
 
 
 def coordinator_with_state(backend, holder, values, out) -> HEAdamCoordinator:
@@ -60,14 +65,18 @@ def test_refresher_sees_only_masked_state_of_the_stated_magnitude(coordinator_ba
         assert not np.allclose(seen, state_values[name], atol=1.0)
 
 
-def test_two_coordinators_with_identical_settings_draw_different_masks(coordinator_backend, holder, state_values, tmp_path):
+def test_two_coordinators_with_identical_settings_draw_different_masks(
+    coordinator_backend, holder, state_values, tmp_path
+):
     """Same settings, same checkpoint: the masks still differ (OS entropy, nothing to replay)."""
     first = coordinator_with_state(coordinator_backend, holder, state_values, tmp_path / "a")
     first.out_dir.mkdir()
     first._save()
     second = HEAdamCoordinator(coordinator_backend, HEAdamConfig(), "cartpole", D, tmp_path / "a")
     second.state = load_checkpoint(second.out_dir, coordinator_backend, "cartpole", D, HEAdamConfig().to_json())
-    seen = [decrypt_vector(holder, from_proto(holder, received_refresh(c, 4).masked_state["m"])) for c in (first, second)]
+    seen = [
+        decrypt_vector(holder, from_proto(holder, received_refresh(c, 4).masked_state["m"])) for c in (first, second)
+    ]
     assert abs(np.corrcoef(*seen)[0, 1]) < 0.15
     updates = [first.state.optimizer.theta] * 3
     _, masks_a = first.norm_query(4, updates)
@@ -82,8 +91,9 @@ def test_norm_query_carries_no_raw_update(coordinator_backend, holder, tmp_path)
     encrypted = [decode_vector(coordinator_backend, encode_vector(holder, encrypt_vector(holder, u))) for u in updates]
     coordinator = HEAdamCoordinator(coordinator_backend, HEAdamConfig(), "cartpole", D, tmp_path)
     packed, _ = coordinator.norm_query(2, encrypted)
-    query = messages.unpack(RecordDict({messages.NORM_QUERY: packed}), messages.NORM_QUERY, wire_pb2.NormQuery,
-                            max_bytes=1 << 30)
+    query = messages.unpack(
+        RecordDict({messages.NORM_QUERY: packed}), messages.NORM_QUERY, wire_pb2.NormQuery, max_bytes=1 << 30
+    )
     for vec in query.masked:
         values = decrypt_vector(holder, from_proto(holder, vec))
         assert np.max(np.abs(values)) > MASK_BOUND / 2
@@ -96,7 +106,9 @@ def test_norm_query_carries_no_raw_update(coordinator_backend, holder, tmp_path)
 
 def test_key_holder_answers_each_request_once_per_round(coordinator_backend, holder, state_values, tmp_path):
     coordinator = coordinator_with_state(coordinator_backend, holder, state_values, tmp_path)
-    coordinator.state.pending_stats = decode_vector(coordinator_backend, encode_vector(holder, encrypt_vector(holder, np.ones(3))))
+    coordinator.state.pending_stats = decode_vector(
+        coordinator_backend, encode_vector(holder, encrypt_vector(holder, np.ones(3)))
+    )
     coordinator.state.pending_round = {"round": 3}
     request = received_refresh(coordinator, 4)
     ledger = AnswerLedger()
@@ -117,8 +129,9 @@ def test_norm_query_with_more_ciphertexts_than_participants_is_refused(coordinat
     coordinator = HEAdamCoordinator(coordinator_backend, HEAdamConfig(), "cartpole", D, tmp_path)
     vec = decode_vector(coordinator_backend, encode_vector(holder, encrypt_vector(holder, np.ones(D))))
     packed, _ = coordinator.norm_query(1, [vec] * 4)
-    query = messages.unpack(RecordDict({messages.NORM_QUERY: packed}), messages.NORM_QUERY, wire_pb2.NormQuery,
-                            max_bytes=1 << 30)
+    query = messages.unpack(
+        RecordDict({messages.NORM_QUERY: packed}), messages.NORM_QUERY, wire_pb2.NormQuery, max_bytes=1 << 30
+    )
     with pytest.raises(RequestRefusedError, match="4 ciphertexts for 3 participants"):
         check_norm_query(query, 1, 3, AnswerLedger())
     ledger = AnswerLedger()

@@ -62,10 +62,18 @@ def test_garbage_is_not_a_sealed_file(org, tmp_path):
 
 def test_cli_seal_and_unseal(small_keys, tmp_path):
     fedhe = [sys.executable, "-m", "fedhe.cli", "keys"]
-    run = lambda *a: subprocess.run([*fedhe, *a], capture_output=True, text=True, timeout=120)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*fedhe, *args], capture_output=True, text=True, timeout=120)
+
     assert run("recipient", "--out", str(tmp_path / "org")).returncode == 0
     sealed = tmp_path / "p.sealed"
-    assert run("seal", str(small_keys.participant_key), "--to", str(tmp_path / "org.x25519.pub"), "--out", str(sealed)).returncode == 0
+    assert (
+        run(
+            "seal", str(small_keys.participant_key), "--to", str(tmp_path / "org.x25519.pub"), "--out", str(sealed)
+        ).returncode
+        == 0
+    )
     done = run("unseal", str(sealed), "--key", str(tmp_path / "org.x25519"), "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "participant.ctx").read_bytes() == small_keys.participant_key.read_bytes()

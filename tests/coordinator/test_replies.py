@@ -26,15 +26,25 @@ def coordinator(coordinator_backend, tmp_path):
 
 def reply_from(content: RecordDict, node: int = 7) -> Message:
     """A reply as the coordinator receives it from node ``node``."""
-    metadata = Metadata(run_id=1, message_id="m1", src_node_id=node, dst_node_id=0, reply_to_message_id="q1",
-                        group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+    metadata = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="q1",
+        group_id="1",
+        created_at=0.0,
+        ttl=60.0,
+        message_type="train",
+    )
     return Message(content, metadata=metadata)
 
 
 def update_msg(holder, round_=1, values=None, stats=None) -> wire_pb2.ParticipantUpdate:
     values = np.ones(N) if values is None else values
     return wire_pb2.ParticipantUpdate(
-        protocol_version=PROTOCOL_VERSION, round=round_,
+        protocol_version=PROTOCOL_VERSION,
+        round=round_,
         update=to_proto(holder, encrypt_vector(holder, values)),
         rollout_stats=to_proto(holder, encrypt_vector(holder, np.array([10.0, 2.0, 50.0] if stats is None else stats))),
     )
@@ -59,7 +69,11 @@ def rejected(coordinator: HEAdamCoordinator, reply: Message) -> str:
 def test_valid_updates_are_summed(coordinator, holder):
     sums = RoundSums(coordinator.backend)
     for k in range(3):
-        sums.add(*read_update(coordinator.backend, reply_from(content_of(update_msg(holder, values=np.full(N, k + 1.0)))), 1, N))
+        sums.add(
+            *read_update(
+                coordinator.backend, reply_from(content_of(update_msg(holder, values=np.full(N, k + 1.0)))), 1, N
+            )
+        )
     np.testing.assert_allclose(decrypt_vector(holder, sums.update), np.full(N, 6.0), atol=1e-5)
     np.testing.assert_allclose(decrypt_vector(holder, sums.stats), [30.0, 6.0, 150.0], atol=1e-4)
 

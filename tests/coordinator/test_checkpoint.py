@@ -21,7 +21,10 @@ CONFIG = HEAdamConfig().to_json()
 def saved(tmp_path, coordinator_backend, holder):
     rng = np.random.default_rng(0)
     values = {k: rng.normal(size=D) for k in ("theta", "m", "v", "w")}
-    enc = {k: decode_vector(coordinator_backend, encode_vector(holder, encrypt_vector(holder, v))) for k, v in values.items()}
+    enc = {
+        k: decode_vector(coordinator_backend, encode_vector(holder, encrypt_vector(holder, v)))
+        for k, v in values.items()
+    }
     state = CoordinatorState(round=7, optimizer=HEAdamState(enc["theta"], enc["m"], enc["v"], enc["w"], step=7))
     save_checkpoint(tmp_path, coordinator_backend, "cartpole", CONFIG, state)
     return tmp_path, values

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from coordinator.report import read_metrics
-from participant.audit import audit_recorded, egress_audit_mod
 from fedhe.evaluate import evaluate_run
 from fedhe.simulate import simulate
+from participant.audit import audit_recorded, egress_audit_mod
 from protos import messages
 from protos.codec import from_proto
 from protos.fedhe.v1 import wire_pb2
@@ -28,7 +28,7 @@ def encrypted_run(tmp_path_factory, keys):
     out = tmp_path_factory.mktemp("run")
     audit = tmp_path_factory.mktemp("audit")
     settings = RunSettings(scenario="cartpole", num_server_rounds=3, out_dir=str(out), min_participants=2, seed=0)
-    summary = simulate(load_scenario("cartpole"), settings, 3, keys.directory, client_mods=[egress_audit_mod(audit)])
+    summary = simulate(settings, 3, keys.directory, client_mods=[egress_audit_mod(audit)])
     return settings, out, audit, summary
 
 
@@ -82,7 +82,7 @@ def test_resume_continues_from_the_last_round(encrypted_run, keys, tmp_path):
     copy = tmp_path / "resumed"
     shutil.copytree(out, copy)
     resumed = replace(settings, out_dir=str(copy), resume=True, num_server_rounds=5)
-    summary = simulate(load_scenario("cartpole"), resumed, 3, keys.directory)
+    summary = simulate(resumed, 3, keys.directory)
     assert [r["round"] for r in read_metrics(copy)] == [1, 2, 3, 4, 5]
     assert summary["rounds"] == 5
 
@@ -107,7 +107,9 @@ def test_a_failing_participant_does_not_stop_the_federation(tmp_path, keys):
     path = tmp_path / "flaky.py"
     path.write_text(textwrap.dedent(FAULTY_SCENARIO.format(bad=1)))
     out = tmp_path / "run"
-    settings = RunSettings(scenario=str(path), num_server_rounds=3, out_dir=str(out), min_participants=2, round_timeout=120)
+    settings = RunSettings(
+        scenario=str(path), num_server_rounds=3, out_dir=str(out), min_participants=2, round_timeout=120
+    )
     summary = simulate(settings, 3, keys.directory)
     rows = read_metrics(out)
     assert [r["round"] for r in rows] == [1, 2, 3]
@@ -147,7 +149,7 @@ def hostile_mod(keys_dir: Path, bad_index: int):
 def test_hostile_replies_are_recorded_failures_and_rounds_complete(tmp_path, keys):
     out = tmp_path / "run"
     settings = RunSettings(scenario="cartpole", num_server_rounds=3, out_dir=str(out), min_participants=2, seed=0)
-    summary = simulate(load_scenario("cartpole"), settings, 3, keys.directory, client_mods=[hostile_mod(keys.directory, 1)])
+    summary = simulate(settings, 3, keys.directory, client_mods=[hostile_mod(keys.directory, 1)])
     rows = read_metrics(out)
     assert [r["round"] for r in rows] == [1, 2, 3] and summary["rounds"] == 3
     assert all(r["participants"] == 2 and len(r["failed"]) == 1 for r in rows)

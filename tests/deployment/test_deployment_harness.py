@@ -1,4 +1,4 @@
-"""Tests for ``tests/deployment_harness.py`` with a tiny real Flower app (Message API).
+"""Tests for ``tests/support/deployment_harness.py`` with a tiny real Flower app (Message API).
 
 Starts a real SuperLink and 3 SuperNodes on loopback (no Ray, no network).
 """
@@ -9,21 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-try:  # `tests` is a plain directory (rootdir-relative import) or a package
-    from deployment_harness import (
-        LocalDeployment,
-        build_fab,
-        fab_files,
-        format_config_pairs,
-    )
-except ImportError:  # pragma: no cover
-    from tests.deployment_harness import (
-        LocalDeployment,
-        build_fab,
-        fab_files,
-        format_config_pairs,
-    )
+from support.deployment_harness import LocalDeployment, build_fab, fab_files, format_config_pairs
 
 pytestmark = pytest.mark.deployment
 
@@ -157,7 +143,7 @@ def write_echo_app(root: Path) -> Path:
 
 
 def parse_echo(output: str) -> dict:
-    lines = [l for l in output.splitlines() if ECHO_PREFIX in l]
+    lines = [line for line in output.splitlines() if ECHO_PREFIX in line]
     assert lines, f"no {ECHO_PREFIX!r} line in run output:\n{output[-3000:]}"
     return json.loads(lines[-1].split(ECHO_PREFIX, 1)[1])
 

@@ -10,7 +10,7 @@ Mirrors how separate organizations deploy fedhe-rl (docs/deployment.md):
 * the app is shipped as a FAB built by ``flwr run`` from the repo root; the ServerApp runs on
   the SuperLink host, each ClientApp on its SuperNode.
 
-See ``tests/deployment_harness.py`` for how Flower 1.41 deployments behave (and cost) here.
+See docs/testing.md ("The deployment harness") for how Flower 1.41 deployments behave (and cost) here.
 """
 
 from __future__ import annotations
@@ -20,11 +20,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-try:  # `tests` is a plain directory (rootdir-relative import) or a package
-    from deployment_harness import LocalDeployment, build_fab, fab_files
-except ImportError:  # pragma: no cover
-    from tests.deployment_harness import LocalDeployment, build_fab, fab_files
+from support.deployment_harness import LocalDeployment, build_fab, fab_files
 
 from coordinator.checkpoint import CHECKPOINT_FILE
 from coordinator.report import CURVE_FILE, METRICS_FILE, SUMMARY_FILE
@@ -36,7 +32,7 @@ from protos.keyfile import COORDINATOR_KEY, PARTICIPANT_KEY, inspect_key_file
 
 pytestmark = pytest.mark.deployment
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 NUM_NODES = 3
 ROUNDS = 2
 KEY_SUFFIXES = (".ctx", ".pem", ".key", ".x25519", ".x25519.pub", ".sealed")
@@ -140,7 +136,7 @@ def test_encrypted_federation_on_real_superlink_and_supernodes(tmp_path, federat
     assert isinstance(result.run_id, int)
 
     # metrics.jsonl: one released row per round, every participant's update in each.
-    rows = [json.loads(l) for l in (out_dir / METRICS_FILE).read_text().splitlines() if l.strip()]
+    rows = [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1)), rows
     for row in rows:
         assert row["participants"] == NUM_NODES, row

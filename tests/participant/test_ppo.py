@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from participant.ppo import LocalResult, ParticipantTrainer
-from scenarios.rollout import RolloutCollector, compute_gae, evaluate_policy
 from scenarios import Policy, PPOConfig, Scenario, load_scenario
+from scenarios.rollout import RolloutCollector, compute_gae, evaluate_policy
 
 SMALL = PPOConfig(num_envs=2, steps_per_env=32, epochs=2, minibatches=2)
 

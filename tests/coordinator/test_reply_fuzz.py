@@ -9,7 +9,7 @@ must end as a ``WireError`` (a recorded failure of its sender) or be accepted as
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flwr.app import RecordDict
 
-from coordinator.he_adam import HEAdamState, he_adam_step, initial_optimizer_state, reference_adam
 from coordinator.dp_accounting import effective_noise_multiplier, rdp_epsilon
+from coordinator.he_adam import HEAdamState, he_adam_step, initial_optimizer_state, reference_adam
 from coordinator.robust_aggregation import (
     DefenseError,
     check_profile_supports,
@@ -20,6 +20,8 @@ from coordinator.robust_aggregation import (
     weighted_sum,
 )
 from coordinator.rounds import HEAdamCoordinator
+from fedhe.lab.aggregation_grid import COLUMNS, GridSpec, add_relative_columns, grid_cells, markdown_table
+from participant.keyholder import decrypt_vector, generate_keys, load_keyholder
 from participant.malicious import (
     Behaviour,
     PartyMixError,
@@ -30,13 +32,10 @@ from participant.malicious import (
     parse_party_mix,
     party_mix_for,
 )
-from participant.keyholder import decrypt_vector, generate_keys, load_keyholder
 from participant.node import answer_norm_query
-from protos.dp import dp_clip_and_noise
-from fedhe.lab.aggregation_grid import COLUMNS, GridSpec, add_relative_columns, grid_cells, markdown_table
 from protos import messages
 from protos.codec import encrypt_vector, from_proto, to_proto
-from protos.dp import dp_clip_bound
+from protos.dp import dp_clip_and_noise, dp_clip_bound
 from protos.fedhe.v1 import wire_pb2
 from protos.keyfile import load_evaluation_backend
 from protos.optimizer import HEAdamConfig
@@ -58,8 +57,12 @@ def test_full_participation_epsilon_matches_flowers_accountant():
         SamplingMethod,
     )
 
-    config = PrivacyConfig(target_delta=1e-5, population_size=10, neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                           sampling_method=SamplingMethod.NO_AMPLIFICATION)
+    config = PrivacyConfig(
+        target_delta=1e-5,
+        population_size=10,
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION,
+    )
     flower = RdpAccountant(config)
     flower.compose(GaussianPrivacyEvent(noise_multiplier=1.0, sample_size=10, population_size=10), 100)
     ours = rdp_epsilon([1.0] * 100, 1e-5)
@@ -82,7 +85,8 @@ def test_distributed_noise_sums_to_z_times_c():
     total = sum(dp_clip_and_noise(zero, clip, z, n, rng) for _ in range(n))
     assert np.std(total) == pytest.approx(z * bound, rel=0.03)
     big = dp_clip_and_noise(np.full(100, 10.0), clip, z, n, np.random.default_rng(1)) - dp_clip_and_noise(
-        np.zeros(100), clip, z, n, np.random.default_rng(1))
+        np.zeros(100), clip, z, n, np.random.default_rng(1)
+    )
     assert np.linalg.norm(big) == pytest.approx(bound)  # clipped to C_dp before the noise
 
 
@@ -95,8 +99,9 @@ def test_masked_norm_exchange_hides_norms_and_updates(holder, coordinator_backen
     encrypted = [from_proto(coordinator_backend, to_proto(holder, encrypt_vector(holder, u))) for u in updates]
     coordinator = HEAdamCoordinator(coordinator_backend, HEAdamConfig(), "cartpole", d, tmp_path)
     packed, masks = coordinator.norm_query(1, encrypted)
-    received = messages.unpack(RecordDict({messages.NORM_QUERY: packed}), messages.NORM_QUERY, wire_pb2.NormQuery,
-                               max_bytes=1 << 30)  # all the key holder gets
+    received = messages.unpack(
+        RecordDict({messages.NORM_QUERY: packed}), messages.NORM_QUERY, wire_pb2.NormQuery, max_bytes=1 << 30
+    )  # all the key holder gets
     assert [f.name for f, _ in received.ListFields()] == ["protocol_version", "round", "masked"]
 
     true_sq = np.array([u @ u for u in updates])
@@ -191,7 +196,9 @@ def test_crafted_updates():
     others = [g, 2 * g, 3 * g]
     np.testing.assert_allclose(craft("ipm", colluder_updates=others), -0.1 * 2 * g)
     assert alie_z(10, 3) == pytest.approx(0.5244, abs=1e-3)  # Phi^-1(0.7)
-    np.testing.assert_allclose(craft("alie", colluder_updates=others), 2 * g - alie_z(10, 3) * np.std(others, axis=0, ddof=1))
+    np.testing.assert_allclose(
+        craft("alie", colluder_updates=others), 2 * g - alie_z(10, 3) * np.std(others, axis=0, ddof=1)
+    )
 
 
 def test_data_attacks_wrap_the_environment():
@@ -209,12 +216,32 @@ def test_data_attacks_wrap_the_environment():
 def test_grid_cells_and_relative_columns(tmp_path):
     spec = GridSpec(scenario="cartpole", out=tmp_path, attacks=["sign-flip"], defenses=["median-norm"], seeds=1)
     cells = grid_cells(spec)
-    assert [(c["attack"], c["defense"]) for c in cells] == [("none", "none"), ("none", "median-norm"), ("sign-flip", "median-norm")]
+    assert [(c["attack"], c["defense"]) for c in cells] == [
+        ("none", "none"),
+        ("none", "median-norm"),
+        ("sign-flip", "median-norm"),
+    ]
     rows = [
-        {"scenario": "cartpole", "attack": "none", "defense": "none", "seed": 0, "solved": True, "rounds_to_solve": 20,
-         "final_return": 480.0, "dp_epsilon": None},
-        {"scenario": "cartpole", "attack": "sign-flip", "defense": "median-norm", "seed": 0, "solved": True,
-         "rounds_to_solve": 50, "final_return": 476.0, "dp_epsilon": None},
+        {
+            "scenario": "cartpole",
+            "attack": "none",
+            "defense": "none",
+            "seed": 0,
+            "solved": True,
+            "rounds_to_solve": 20,
+            "final_return": 480.0,
+            "dp_epsilon": None,
+        },
+        {
+            "scenario": "cartpole",
+            "attack": "sign-flip",
+            "defense": "median-norm",
+            "seed": 0,
+            "solved": True,
+            "rounds_to_solve": 50,
+            "final_return": 476.0,
+            "dp_epsilon": None,
+        },
     ]
     add_relative_columns(rows)
     assert rows[1]["slowdown"] == 2.5 and rows[1]["clean_return_pct"] == pytest.approx(99.2)
@@ -228,18 +255,25 @@ def test_grid_cells_and_relative_columns(tmp_path):
 def test_encrypted_federation_with_attacker_median_norm_and_dp(tmp_path_factory):
     """3 participants (one sign-flipper), median-norm on masked norms, distributed DP noise z=1."""
     from coordinator.report import read_metrics
-    from participant.audit import egress_audit_mod
     from fedhe.simulate import simulate
+    from participant.audit import egress_audit_mod
     from protos import messages
     from protos.settings import RunSettings
 
     keys = generate_keys(tmp_path_factory.mktemp("keys-d7"), "n16k-d7")
     out, audit = tmp_path_factory.mktemp("robust-run"), tmp_path_factory.mktemp("robust-audit")
     settings = RunSettings(
-        scenario="cartpole", num_server_rounds=2, out_dir=str(out), min_participants=3, seed=0, he_profile="n16k-d7",
-        party_mix=json.dumps(party_mix_for("sign-flip", 1)), defense="median-norm", dp_noise_multiplier=1.0,
+        scenario="cartpole",
+        num_server_rounds=2,
+        out_dir=str(out),
+        min_participants=3,
+        seed=0,
+        he_profile="n16k-d7",
+        party_mix=json.dumps(party_mix_for("sign-flip", 1)),
+        defense="median-norm",
+        dp_noise_multiplier=1.0,
     )
-    summary = simulate(load_scenario("cartpole"), settings, 3, keys.directory, client_mods=[egress_audit_mod(audit)])
+    summary = simulate(settings, 3, keys.directory, client_mods=[egress_audit_mod(audit)])
     rows = read_metrics(out)
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["defense"] == "median-norm" and r["clipped"] >= 1 for r in rows)
