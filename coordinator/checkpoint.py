@@ -8,6 +8,8 @@ wrong key or scenario fails with a clear message instead of training garbage.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from protos.fedhe.v1 import wire_pb2
 from protos.files import write_atomic
 
 CHECKPOINT_FILE = "checkpoint.pb"
+PREVIOUS_FILE = "checkpoint.previous.pb"  # the generation before the latest
+log = logging.getLogger("fedhe.coordinator")
 
 
 @dataclass
@@ -52,29 +56,45 @@ def save_checkpoint(
     if state.pending_stats is not None:
         msg.pending_stats.CopyFrom(to_proto(backend, state.pending_stats))
     path = Path(directory) / CHECKPOINT_FILE
+    if path.exists():  # keep one previous generation: one unreadable file never loses the run
+        os.replace(path, path.with_name(PREVIOUS_FILE))
     write_atomic(path, msg.SerializeToString())
     return path
 
 
 def read_checkpoint(path: Path) -> wire_pb2.Checkpoint:
-    """Parse a checkpoint file (no key needed); CheckpointError if it is missing or corrupt."""
+    """Parse one checkpoint file (no key needed); CheckpointError if it is missing or corrupt."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; start without --resume")
     try:
         return parse_message(wire_pb2.Checkpoint, path.read_bytes(), max_bytes=1 << 34)
     except WireError as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt ({exc}); remove it to start over") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt ({exc})") from None
 
 
 def load_checkpoint(
     directory: Path, backend: HEBackend, scenario: str, num_params: int, config_json: str | None = None
 ) -> CoordinatorState:
-    """Validate everything before trusting it: key, scenario, every vector.
+    """The latest usable generation, validated: key, scenario, optimizer settings, every vector.
 
     ``config_json``: the optimizer configuration a resume will train with; it must match the
-    checkpoint's (None when only reading the policy).
+    checkpoint's (None when only reading the policy). When the latest file is unreadable, the
+    previous generation is used with a warning (it is one round older).
     """
-    path = Path(directory) / CHECKPOINT_FILE
+    latest, previous = Path(directory) / CHECKPOINT_FILE, Path(directory) / PREVIOUS_FILE
+    try:
+        return _load(latest, backend, scenario, num_params, config_json)
+    except CheckpointError as exc:
+        if not previous.is_file():
+            raise CheckpointError(f"{exc}; there is no previous generation: remove {latest} to start over") from None
+        state = _load(previous, backend, scenario, num_params, config_json)
+        log.warning("%s; resuming from the previous generation %s (round %d)", exc, previous, state.round)
+        return state
+
+
+def _load(
+    path: Path, backend: HEBackend, scenario: str, num_params: int, config_json: str | None
+) -> CoordinatorState:
     msg = read_checkpoint(path)
     if msg.protocol_version != PROTOCOL_VERSION:
         raise CheckpointError(f"checkpoint {path} has version {msg.protocol_version}")
@@ -120,3 +140,15 @@ def check_same_optimizer(path: Path, saved_json: str, current_json: str) -> None
             f"checkpoint {path} was trained with another optimizer configuration ({changes}); "
             "resume with the original settings or start a new run in another --out directory"
         )
+
+
+def check_resumable(directory: Path, config_json: str) -> None:
+    """Without a key: a resume would find a readable generation trained with ``config_json``."""
+    latest, previous = Path(directory) / CHECKPOINT_FILE, Path(directory) / PREVIOUS_FILE
+    try:
+        msg = read_checkpoint(latest)
+    except CheckpointError:
+        if not previous.is_file():
+            raise
+        msg = read_checkpoint(previous)
+    check_same_optimizer(latest, msg.optimizer_config_json, config_json)

@@ -76,8 +76,11 @@ class RoundOutcome:
     extras: dict = field(default_factory=dict)  # defense and DP fields of this round's metrics row
 
     def fail(self, node: int, reason: str) -> None:
-        log.warning("round %d, participant node %s: %s", self.round, node, reason)
-        self.failed.append(f"{node}: {reason}")
+        """One line per failed participant round; participants' own error replies already name
+        themselves and the round ("participant 1, round 3: ...")."""
+        line = reason if reason.startswith("participant ") else f"participant node {node}, round {self.round}: {reason}"
+        log.warning("%s", line)
+        self.failed.append(line)
 
 
 class RoundSums:
@@ -148,6 +151,7 @@ class HEAdamCoordinator:
         self.defense, self.dp_z, self.dp_delta = defense, dp_noise_multiplier, dp_delta
         self.defense_bound = defense_bound if defense_bound > 0 else config.clip_bound  # in update units (C)
         self.dp_history: list[float] = []  # effective noise multiplier per completed round
+        self.failed_rounds: list[dict] = []  # rounds that changed nothing, with every cause
 
     def describe(self) -> None:
         log.info(
@@ -275,6 +279,9 @@ class HEAdamCoordinator:
                 **outcome.extras,
             }
             self._save()
+        else:
+            causes = outcome.failed or [f"round {outcome.round}: only {outcome.answered} participant(s) answered"]
+            self.failed_rounds.append({"round": outcome.round, "failed": causes})
         return outcome
 
     def _save(self) -> None:
@@ -338,7 +345,7 @@ class HEAdamCoordinator:
 
     def summary_fields(self) -> dict:
         """Defense and privacy fields for summary.json."""
-        out: dict = {"defense": self.defense}
+        out: dict = {"defense": self.defense, "failed_rounds": self.failed_rounds}
         if self.dp_z > 0:
             out.update(
                 dp_noise_multiplier=self.dp_z,
@@ -442,7 +449,7 @@ class HEAdamCoordinator:
         for reply in self._stream(grid, outgoing):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                outcome.fail(node, f"error: {reply.error.reason}")
+                outcome.fail(node, reply.error.reason)
                 continue
             outcome.bytes_up += messages.payload_bytes(reply.content)
             value = self._guarded(outcome, node, what, lambda r=reply: read(r))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def simulate(
       fedhe simulate --resume --out runs/c1
       fedhe evaluate runs/c1            # afterwards: decrypt the policy and run it
     """
+    from coordinator.checkpoint import CHECKPOINT_FILE, PREVIOUS_FILE
     from fedhe.simulate import simulate as run
     from protos.settings import RunSettings
     from scenarios import resolve_run
@@ -122,15 +124,16 @@ def simulate(
         if resume:
             fail("--resume needs the run directory: --out DIR")
         out = Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if resume and not (out / "checkpoint.pb").exists():
+    has_checkpoint = any((out / name).exists() for name in (CHECKPOINT_FILE, PREVIOUS_FILE))
+    if resume and not has_checkpoint:
         fail(f"--resume: no checkpoint in {out}; run without --resume first")
-    if not resume and (out / "checkpoint.pb").exists():
+    if not resume and has_checkpoint:
         fail(f"{out} already holds a run; use --resume to continue it or choose another --out")
     n = participants or spec.num_participants
     total = resolved.num_server_rounds
     settings = replace(settings, out_dir=str(out), min_participants=max(1, n - 1))
-    mode = "plaintext baseline" if plaintext else f"encrypted, {resolved.he_profile}"
-    console.print(f"[bold]{spec.name}[/]: {n} participants, up to {total} rounds ({mode}) -> {out}")
+    kind = "plaintext baseline" if plaintext else f"encrypted, {resolved.he_profile}"
+    console.print(f"[bold]{spec.name}[/] ({resolved.mode}): {n} participants, up to {total} rounds ({kind}) -> {out}")
     with progress_bar() as bar:
         task = bar.add_task("rounds", total=total)
 
@@ -145,6 +148,10 @@ def simulate(
         except (WireError, ValueError, RuntimeError) as exc:
             fail(str(exc))
     print_summary(summary, out)
+    if summary["rounds"] == 0:
+        causes = Counter(line.split(": ", 1)[-1] for r in summary.get("failed_rounds", []) for line in r["failed"])
+        said = "; ".join(f"{cause} ({count}x)" for cause, count in causes.most_common(3)) or "see the log above"
+        fail(f"no round completed: {said}. Fix the cause and run again (--verbose shows tracebacks)")
 
 
 @app.command()
@@ -179,6 +186,8 @@ def evaluate(
 def print_summary(summary: dict, out: Path) -> None:
     table = Table(title=f"summary ({out / 'summary.json'})", show_header=False)
     for key, value in summary.items():
+        if key == "failed_rounds":  # the causes are in summary.json and were printed as they happened
+            value = f"{len(value)} (rounds {', '.join(str(r['round']) for r in value)})" if value else "0"
         table.add_row(key, str(value).lower() if isinstance(value, bool) else str(value))
     Console().print(table)
     console.print(f"learning curve: {out / 'learning_curve.png'}   metrics: {out / 'metrics.jsonl'}")

@@ -87,6 +87,10 @@ def bench_federation(
     seeds: int = typer.Option(5, help="Seeds per mode (encrypted and plaintext)."),
     participants: int | None = typer.Option(None, "--participants", "-n"),
     rounds: int | None = typer.Option(None, "--rounds", "-r", help="Fixed rounds per run (default: the scenario's)."),
+    mode: str = typer.Option("local-ppo", "--mode", help="Training mode: local-ppo or encrypted-rollouts."),
+    stop_on_solve: bool = typer.Option(
+        False, "--stop-on-solve", help="End each run once solved (compare rounds_to_solve, wall_per_round_ratio)."
+    ),
     out: Path | None = typer.Option(None, "--out", help="Keep the runs here (default: a temp dir)."),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
@@ -100,7 +104,9 @@ def bench_federation(
             bar.update(task, advance=1, description=f"{mode} seed {seed}: return {run['final_return']}")
 
         try:
-            result = run_federation_bench(scenario, seeds, participants, rounds, out, on_run=on_run)
+            result = run_federation_bench(
+                scenario, seeds, participants, rounds, out, on_run=on_run, mode=mode, stop_on_solve=stop_on_solve
+            )
         except (WireError, ValueError, RuntimeError) as exc:
             fail(str(exc))
     typer.echo(json.dumps(result, indent=None if as_json else 2))

@@ -109,7 +109,14 @@ def keys_seal(
 def keys_unseal(
     sealed: Path = typer.Argument(..., help="A file written by `fedhe keys seal`."),
     key: Path = typer.Option(..., "--key", help="This organization's PREFIX.x25519 private key."),
-    out: Path = typer.Option(..., "--out", help="Output file or directory (the file gets mode 0600)."),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help=(
+            "Output folder (created if missing; the file keeps its original name, e.g. participant.ctx) "
+            "or a file path with a suffix; mode 0600."
+        ),
+    ),
 ) -> None:
     """Recover a sealed key file with this organization's private key (tampering is detected)."""
     from participant.sealing import unseal_file

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flwr.clientapp.typing import Mod
 
-from coordinator.checkpoint import CHECKPOINT_FILE, check_same_optimizer, read_checkpoint
+from coordinator.checkpoint import check_resumable
 from coordinator.rounds import RoundOutcome
 from coordinator.server_app import build_server_app
 from fedhe.run_dir import KEYS_DIR, ensure_keys
@@ -44,9 +44,7 @@ def simulate(
     out_dir.mkdir(parents=True, exist_ok=True)
     scenario, resolved = resolve_run(settings)
     if settings.resume:  # refuse here, with the coordinator's message, before any process starts
-        path = out_dir / CHECKPOINT_FILE
-        check_same_optimizer(path, read_checkpoint(path).optimizer_config_json,
-                             HEAdamConfig.for_scenario(scenario, resolved.mode).to_json())
+        check_resumable(out_dir, HEAdamConfig.for_scenario(scenario, resolved.mode).to_json())
     if not settings.plaintext:
         keys = ensure_keys(key_dir or out_dir / KEYS_DIR, resolved.he_profile).resolve()
         settings = replace(settings, coordinator_key=str(keys / COORDINATOR_KEY), participant_key_dir=str(keys))

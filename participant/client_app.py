@@ -8,23 +8,37 @@ settings (everything runs on one machine there).
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from flwr.common.constant import ErrorCode
 
 from participant.answer_rules import AnswerLedger
 from participant.local_update import NodeIdentity
 from participant.node import handle
+from protos import messages
 from protos.settings import RunSettings
 from scenarios import Scenario, resolve_run
+
+log = logging.getLogger("fedhe.participant")
 
 
 @lru_cache(maxsize=4)
 def resolved(settings: RunSettings) -> tuple[Scenario, RunSettings]:
     """The run's scenario and settings with defaults filled in (loaded once per process)."""
     return resolve_run(settings)
+
+
+def failure_line(msg: Message, context: Context, exc: Exception) -> str:
+    """'participant 1, round 3: the environment returned a non-finite reward (step 7)'."""
+    node = context.node_config
+    who = node.get("participant-index", node.get("partition-id", f"node {context.node_id}"))
+    round_ = msg.content.config_records.get(messages.CONFIG, {}).get("round", "?")
+    cause = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+    return f"participant {who}, round {round_}: {cause}"
 
 
 def identity_from(context: Context, run: RunSettings) -> NodeIdentity:
@@ -46,9 +60,15 @@ def build_client_app(settings: RunSettings | None = None, mods: list[Mod] | None
     app = ClientApp(mods=mods or [])
 
     def respond(msg: Message, context: Context, training: bool) -> Message:
-        scenario, run = resolved(settings or RunSettings.from_run_config(context.run_config))
-        identity = identity_from(context, run)
-        content = handle(msg.content, scenario, identity, context.run_id, training, AnswerLedger.of(context))
+        """A failure becomes one error reply naming this participant, the round and the cause; the
+        traceback stays in this node's own log."""
+        try:
+            scenario, run = resolved(settings or RunSettings.from_run_config(context.run_config))
+            identity = identity_from(context, run)
+            content = handle(msg.content, scenario, identity, context.run_id, training, AnswerLedger.of(context))
+        except Exception as exc:  # every failure is reported to the coordinator, none crashes the node
+            log.debug("message handling failed", exc_info=True)
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, failure_line(msg, context, exc)), reply_to=msg)
         return Message(content, reply_to=msg)
 
     @app.train()

@@ -95,7 +95,11 @@ def seal_file(path: Path, recipient_public: Path, out: Path) -> str:
 
 
 def unseal_file(sealed: Path, private_key: Path, out: Path) -> Path:
-    """Decrypt a sealed file with this organization's private key; the result is mode 0600."""
+    """Decrypt a sealed file with this organization's private key; the result is mode 0600.
+
+    ``out``: an existing folder, or a path without a suffix (a folder, created), gets the file under
+    its original name (e.g. participant.ctx); a path with a suffix is the file itself.
+    """
     try:
         msg = parse_message(wire_pb2.SealedFile, Path(sealed).read_bytes(), max_bytes=MAX_SEALED_BYTES)
     except (OSError, WireError) as exc:
@@ -113,8 +117,10 @@ def unseal_file(sealed: Path, private_key: Path, out: Path) -> Path:
     except (InvalidTag, ValueError):
         raise KeyFileError(f"{sealed} was modified or corrupted in transit (authentication failed)") from None
     target = Path(out)
-    if target.is_dir():
+    if target.is_dir() or (not target.exists() and not target.suffix):  # a folder, created if missing
+        target.mkdir(parents=True, exist_ok=True, mode=0o700)
         target = target / (msg.original_name or "unsealed")
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_atomic(target, data, 0o600)
     return target
 

@@ -28,6 +28,17 @@ class Rollout:
     bootstrap: np.ndarray | None = None  # the scaled truncation bootstrap added into ``rewards``
 
 
+class NonFiniteEnvironmentError(ValueError):
+    """An environment returned NaN or infinity: nothing learned from it may leave the participant."""
+
+
+def check_finite(rewards: np.ndarray, obs: np.ndarray, step: int) -> None:
+    """Checked where it happens, before any learning, so the failure names its cause."""
+    for name, values in (("reward", rewards), ("observation", obs)):
+        if not np.all(np.isfinite(values)):
+            raise NonFiniteEnvironmentError(f"the environment returned a non-finite {name} (step {step})")
+
+
 class RolloutCollector:
     """Steps a same-step-autoreset vector env; episodes continue across ``collect`` calls."""
 
@@ -72,6 +83,7 @@ class RolloutCollector:
             env_actions = actions if self._bounds is None else np.clip(actions, *self._bounds)
             self.obs, rewards, terminated, truncated, info = self.env.step(env_actions)
             raw = np.asarray(rewards, dtype=np.float64)
+            check_finite(raw, np.asarray(self.obs, dtype=np.float64), t + 1)
             if reward_fn is not None:
                 raw = reward_fn(raw)
             raw_buf[t] = raw

@@ -1,7 +1,9 @@
 """`fedhe bench federation`: encrypted vs plaintext federations, same protocol, several seeds.
 
-Both modes run the identical protocol for the same fixed number of rounds (no early stop), so
-`wall_ratio` is the cost of encryption alone and `return_gap` compares converged returns.
+Both run the identical protocol (``--mode`` picks the training mode) for the same fixed number of
+rounds, so `wall_ratio` is the cost of encryption alone and `return_gap` compares final returns.
+With ``--stop-on-solve`` runs end once solved (long modes): then compare `rounds_to_solve` and
+`wall_per_round_ratio`. Every trained policy is also decrypted and run greedily (`greedy_return`).
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from coordinator.report import read_metrics
+from fedhe.evaluate import evaluate_run
 from fedhe.simulate import simulate
 from protos.settings import RunSettings
-from scenarios import load_scenario
+from scenarios import resolve_run
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -36,19 +40,20 @@ def run_federation_bench(
     rounds: int | None = None,
     out_root: Path | None = None,
     on_run: Callable[[str, int, dict], None] | None = None,
+    mode: str = "local-ppo",
+    stop_on_solve: bool = False,
+    greedy_episodes: int = 10,
 ) -> dict:
-    scenario = load_scenario(scenario_ref)
+    scenario, resolved = resolve_run(RunSettings(scenario=scenario_ref, mode=mode, num_server_rounds=rounds or 0))
     n = participants or scenario.num_participants
-    total_rounds = rounds or scenario.rounds
+    total_rounds = resolved.num_server_rounds
     root = Path(out_root or tempfile.mkdtemp(prefix="fedhe-bench-federation-"))
     runs: dict[str, list[dict]] = {"encrypted": [], "plaintext": []}
     for seed in range(seeds):
-        for mode in ("plaintext", "encrypted"):
-            out = root / f"{mode}-seed{seed}"
-            settings = RunSettings(
-                scenario=scenario_ref, num_server_rounds=total_rounds, plaintext=mode == "plaintext",
-                out_dir=str(out), seed=seed, min_participants=n,
-            )
+        for kind in ("plaintext", "encrypted"):
+            out = root / f"{kind}-seed{seed}"
+            settings = replace(resolved, plaintext=kind == "plaintext", out_dir=str(out), seed=seed,
+                               min_participants=n, stop_on_solve=stop_on_solve)
             t0 = time.perf_counter()
             summary = simulate(settings, n)
             rows = read_metrics(out)
@@ -62,29 +67,43 @@ def run_federation_bench(
                 "process_wall_s": round(time.perf_counter() - t0, 2),
                 "he_ms_per_round": summary["he_ms_per_round"],
                 "upload_bytes_per_param": summary["upload_bytes_per_param"],
+                "rounds": summary["rounds"],
+                "wall_per_round_s": round(summary["wall_s"] / max(summary["rounds"], 1), 3),
+                "greedy_return": (evaluate_run(out, episodes=greedy_episodes)["mean_return"]
+                                  if greedy_episodes else None),
             }
-            runs[mode].append(run)
+            runs[kind].append(run)
             if on_run:
-                on_run(mode, seed, run)
+                on_run(kind, seed, run)
 
     def medians(mode: str) -> dict:
         return {
             key: _median([r[key] for r in runs[mode]])
-            for key in ("final_return", "rounds_to_solve", "wall_s", "wall_to_solve_s", "process_wall_s")
+            for key in ("final_return", "rounds_to_solve", "wall_s", "wall_to_solve_s", "process_wall_s",
+                        "wall_per_round_s", "greedy_return")
         } | {"solved": sum(r["solved"] for r in runs[mode]), "runs": len(runs[mode])}
 
     enc, plain = medians("encrypted"), medians("plaintext")
-    gap = None
-    if enc["final_return"] is not None and plain["final_return"]:
-        gap = (plain["final_return"] - enc["final_return"]) / abs(plain["final_return"])
+    def gap(key: str) -> float | None:
+        if enc[key] is None or not plain[key]:
+            return None
+        return (plain[key] - enc[key]) / abs(plain[key])
+
     return {
         "scenario": scenario.name,
+        "mode": mode,
+        "stop_on_solve": stop_on_solve,
         "participants": n,
         "rounds": total_rounds,
         "seeds": seeds,
         "encrypted": {"median": enc, "per_seed": runs["encrypted"]},
         "plaintext": {"median": plain, "per_seed": runs["plaintext"]},
         "wall_ratio": enc["wall_s"] / plain["wall_s"] if plain["wall_s"] else None,
-        "return_gap": gap,
+        "wall_per_round_ratio": (enc["wall_per_round_s"] / plain["wall_per_round_s"]
+                                 if plain["wall_per_round_s"] else None),
+        "return_gap": gap("final_return"),
+        "greedy_return_gap": gap("greedy_return"),
+        "rounds_to_solve_ratio": (enc["rounds_to_solve"] / plain["rounds_to_solve"]
+                                  if enc["rounds_to_solve"] and plain["rounds_to_solve"] else None),
         "out_dir": str(root),
     }

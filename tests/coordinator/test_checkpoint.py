@@ -61,3 +61,17 @@ def test_changed_optimizer_configuration_is_refused_naming_the_fields(saved, coo
     changed = HEAdamConfig(lr=0.02, clip_bound=2.0).to_json()
     with pytest.raises(CheckpointError, match=r"clip_bound 1.0 -> 2.0, lr 0.01 -> 0.02"):
         load_checkpoint(saved[0], coordinator_backend, "cartpole", D, changed)
+
+
+def test_an_unreadable_latest_generation_falls_back_to_the_previous_one(saved, coordinator_backend, holder, caplog):
+    directory, values = saved
+    state = load_checkpoint(directory, coordinator_backend, "cartpole", D, CONFIG)
+    state.round = 8
+    save_checkpoint(directory, coordinator_backend, "cartpole", CONFIG, state)  # round 7 becomes the previous one
+    latest = directory / CHECKPOINT_FILE
+    latest.write_bytes(latest.read_bytes()[:1000])
+    with caplog.at_level("WARNING"):
+        restored = load_checkpoint(directory, coordinator_backend, "cartpole", D, CONFIG)
+    assert restored.round == 7 and "previous generation" in caplog.text
+    back = decode_vector(holder, encode_vector(coordinator_backend, restored.optimizer.theta))
+    np.testing.assert_allclose(decrypt_vector(holder, back), values["theta"], atol=1e-6)

@@ -90,8 +90,9 @@ def federation_keys(tmp_path: Path):
     return ceremony.fingerprint, org_dirs, coord_dir / COORDINATOR_KEY
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(540)
 def test_encrypted_federation_on_real_superlink_and_supernodes(tmp_path, federation_keys):
+    """Both training modes on one deployment: local PPO, then encrypted rollouts (2 rounds each)."""
     fingerprint, org_dirs, coordinator_key = federation_keys
     out_dir = tmp_path / "coordinator" / "run"
     app_dir = app_dir_for(tmp_path)
@@ -129,7 +130,17 @@ def test_encrypted_federation_on_real_superlink_and_supernodes(tmp_path, federat
     ) as dep:
         result = dep.run_app(app_dir, run_config=run_config, timeout=240)
         result.check()  # on failure: status details + tails of every process log
+        rollout_dir = tmp_path / "coordinator" / "rollout-run"
+        rollouts = dep.run_app(
+            app_dir, run_config={**run_config, "mode": "encrypted-rollouts", "out-dir": str(rollout_dir.resolve())},
+            timeout=240,
+        )
+        rollouts.check()
     assert all(p.popen.poll() is not None for p in dep.processes)
+    rollout_rows = [json.loads(line) for line in (rollout_dir / METRICS_FILE).read_text().splitlines()]
+    assert [r["round"] for r in rollout_rows] == list(range(1, ROUNDS + 1))
+    assert all(r["participants"] == NUM_NODES and r["failed"] == [] for r in rollout_rows), rollout_rows
+    assert json.loads((rollout_dir / SUMMARY_FILE).read_text())["mode"] == "encrypted-rollouts"
 
     assert result.returncode == 0
     assert result.status == "finished:completed", result.describe()
@@ -168,7 +179,8 @@ def test_encrypted_federation_on_real_superlink_and_supernodes(tmp_path, federat
     assert not inspect_key_file(coordinator_key).has_secret_key
     # ...and the FAB every node received carried no key files either.
     unpacked = [p for p in deployment_dir.glob("*/home/apps/*") if p.is_dir()]
-    assert len(unpacked) == 1 + NUM_NODES, unpacked  # SuperLink + each SuperNode
+    homes = {p.relative_to(deployment_dir).parts[0] for p in unpacked}
+    assert len(homes) == 1 + NUM_NODES, unpacked  # SuperLink + each SuperNode (one copy per FAB version)
     for app_copy in unpacked:
         assert key_files_under(app_copy) == []
 

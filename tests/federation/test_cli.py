@@ -181,3 +181,37 @@ def test_resume_with_another_optimizer_configuration_is_refused(tmp_path):
     resumed = fedhe("simulate", str(changed), "--plaintext", "--rounds", "3", "--resume", "--out", str(out))
     assert resumed.returncode == 2
     assert "clip_bound 2.0 -> 1.0, lr 0.2 -> 0.05" in resumed.stderr and "Traceback" not in resumed.stderr
+
+
+NAN_SCENARIO = """
+import gymnasium as gym
+from scenarios import Scenario
+
+
+class NaNReward(gym.Wrapper):
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, float("nan"), terminated, truncated, info
+
+
+def make_env(participant_index, seed):
+    return NaNReward(gym.make("CartPole-v1"))
+
+SCENARIO = Scenario(name="nan-cartpole", make_env=make_env, reward_threshold=475.0)
+"""
+
+
+@pytest.mark.slow
+def test_an_environment_returning_nan_gets_one_line_per_failure_and_a_failing_exit(tmp_path):
+    path = tmp_path / "nan_cartpole.py"
+    path.write_text(textwrap.dedent(NAN_SCENARIO))
+    run = fedhe("simulate", str(path), "--rounds", "2", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert run.returncode != 0
+    output = run.stdout + run.stderr
+    assert "Traceback" not in output
+    failures = [line for line in output.splitlines() if "non-finite reward" in line and line.startswith("WARNING")]
+    assert len(failures) == 6  # 3 participants x 2 rounds, one line each
+    assert "participant 0, round 1: the environment returned a non-finite reward (step 1)" in output
+    assert "no round completed: the environment returned a non-finite reward (step 1) (6x)" in run.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds"] == 0 and len(summary["failed_rounds"]) == 2

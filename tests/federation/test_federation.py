@@ -155,3 +155,63 @@ def test_hostile_replies_are_recorded_failures_and_rounds_complete(tmp_path, key
     assert all(r["participants"] == 2 and len(r["failed"]) == 1 for r in rows)
     reasons = [r["failed"][0] for r in rows]
     assert "scale" in reasons[0] and "exceeds the limit" in reasons[1] and "not a valid CKKS ciphertext" in reasons[2]
+
+
+def test_encrypted_rollout_mode_learns_from_encrypted_rollouts_only(tmp_path, keys, coordinator_backend):
+    """The coordinator trains on Enc(states) and Enc(deltas); only allowlisted ciphertexts leave owners."""
+    out, audit = tmp_path / "run", tmp_path / "audit"
+    settings = RunSettings(scenario="cartpole", mode="encrypted-rollouts", num_server_rounds=2, out_dir=str(out),
+                           min_participants=3, seed=0)
+    summary = simulate(settings, 3, keys.directory, client_mods=[egress_audit_mod(audit)])
+    assert summary["mode"] == "encrypted-rollouts" and summary["rounds"] == 2
+    assert json.loads((out / "run.json").read_text())["mode"] == "encrypted-rollouts"
+    rows = read_metrics(out)
+    assert all(r["participants"] == 3 and r["failed"] == [] and r["mean_return"] > 0 for r in rows)
+    replies, problems = audit_recorded(audit, coordinator_backend)
+    assert problems == []
+    manifests = [m for m, _ in _audited_replies(audit)]
+    uploads = [m for m in manifests if messages.ROLLOUT in m["array_records"]]
+    assert len(uploads) == 6 and not any(messages.UPDATE in m["array_records"] for m in manifests)
+    assert sum(messages.GRADIENT_REPLY in m["array_records"] for m in manifests) == 2  # one collapse per round
+    assert evaluate_run(out, keys.directory, episodes=2)["round"] == 2
+
+
+FLAKY_ONCE = """
+import pathlib
+import gymnasium as gym
+from scenarios import Scenario
+
+FLAGS = pathlib.Path({flags!r})
+
+
+class FailsOnce(gym.Wrapper):
+    def __init__(self, env, flag):
+        super().__init__(env)
+        self.flag = flag
+
+    def step(self, action):
+        if not self.flag.exists():
+            self.flag.touch()
+            raise RuntimeError("simulator lost its license server (transient)")
+        return self.env.step(action)
+
+
+def make_env(participant_index, seed):
+    return FailsOnce(gym.make("CartPole-v1"), FLAGS / f"failed-{{participant_index}}")
+
+SCENARIO = Scenario(name="flaky-once", make_env=make_env, reward_threshold=475.0)
+"""
+
+
+def test_a_failed_first_round_changes_nothing_and_later_rounds_complete(tmp_path, keys):
+    """Every participant's environment raises once, in round 1: round 1 fails, rounds 2 and 3 train."""
+    path = tmp_path / "flaky_once.py"
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    path.write_text(textwrap.dedent(FLAKY_ONCE.format(flags=str(flags))))
+    out = tmp_path / "run"
+    settings = RunSettings(scenario=str(path), num_server_rounds=3, out_dir=str(out), min_participants=2)
+    summary = simulate(settings, 3, keys.directory)
+    assert [r["round"] for r in read_metrics(out)] == [2, 3]
+    assert summary["rounds"] == 2 and [r["round"] for r in summary["failed_rounds"]] == [1]
+    assert all("license server" in line for line in summary["failed_rounds"][0]["failed"])

@@ -79,3 +79,15 @@ def test_cli_seal_and_unseal(small_keys, tmp_path):
     assert (tmp_path / "participant.ctx").read_bytes() == small_keys.participant_key.read_bytes()
     wrong = run("unseal", str(sealed), "--key", str(tmp_path / "org.x25519.pub"), "--out", str(tmp_path / "y"))
     assert wrong.returncode == 2 and "private key" in wrong.stderr
+
+
+def test_unseal_into_a_folder_that_does_not_exist_yet(small_keys, tmp_path):
+    from participant.sealing import create_recipient, seal_file, unseal_file
+
+    private, public = create_recipient(tmp_path / "org")
+    sealed = tmp_path / "org.sealed"
+    seal_file(small_keys.participant_key, public, sealed)
+    target = unseal_file(sealed, private, tmp_path / "srv" / "fedhe" / "keys")
+    assert target == tmp_path / "srv" / "fedhe" / "keys" / "participant.ctx"
+    assert target.read_bytes() == small_keys.participant_key.read_bytes()
+    assert oct(target.stat().st_mode & 0o777) == "0o600"
