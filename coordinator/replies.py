@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from flwr.app import Message
 
 from coordinator.he_adam import STATE_NAMES
+from coordinator.unmasking import MaskedRound
 from protos import messages
 from protos.backend import HEBackend
 from protos.codec import EncryptedVector, check_version, from_proto, max_bytes_for
@@ -51,14 +52,37 @@ def _check_round(what: str, version: int, got: int, expected: int) -> None:
 
 
 def read_update(
-    backend: HEBackend, reply: Message, round_: int, num_params: int
+    backend: HEBackend, reply: Message, round_: int, num_params: int, masked: MaskedRound | None = None
 ) -> tuple[EncryptedVector, EncryptedVector]:
-    """The update and rollout-statistics ciphertexts of a train reply."""
+    """The update and rollout-statistics ciphertexts of a train reply.
+
+    ``masked``: this round's pairwise-masking record (None: the run has masking off). A masked
+    update is admitted to it last, once everything else validated.
+    """
     update = messages.unpack(reply.content, messages.UPDATE, wire_pb2.ParticipantUpdate,
                              max_bytes=update_limit(backend, num_params))
     _check_round("update", update.protocol_version, update.round, round_)
+    if update.HasField("masking") != (masked is not None):
+        raise MalformedMessageError(
+            "update carries pairwise masks but this run has masking off" if masked is None else
+            "update carries no pairwise masks but this run uses masking pairwise"
+        )
     vec = from_proto(backend, update.update, expected_length=num_params, fresh=True)
     stats = from_proto(backend, update.rollout_stats, expected_length=messages.STATS_LENGTH, fresh=True)
+    if masked is not None:
+        masked.admit(reply.metadata.src_node_id, update.masking)
+    return vec, stats
+
+
+def read_mask_correction(
+    backend: HEBackend, reply: Message, round_: int, num_params: int
+) -> tuple[EncryptedVector, EncryptedVector]:
+    """A participant's encrypted minus-masks with the round's missing roster members (update, statistics)."""
+    answer = messages.unpack(reply.content, messages.MASK_CORRECTION, wire_pb2.MaskCorrection,
+                             max_bytes=update_limit(backend, num_params))
+    _check_round("mask correction", answer.protocol_version, answer.round, round_)
+    vec = from_proto(backend, answer.update, expected_length=num_params, fresh=True)
+    stats = from_proto(backend, answer.rollout_stats, expected_length=messages.STATS_LENGTH, fresh=True)
     return vec, stats
 
 

@@ -37,7 +37,15 @@ from coordinator.he_adam import (
     mask_state,
     unmask_state,
 )
-from coordinator.replies import RefreshAnswer, read_gradient, read_norms, read_refresh, read_rollout, read_update
+from coordinator.replies import (
+    RefreshAnswer,
+    read_gradient,
+    read_mask_correction,
+    read_norms,
+    read_refresh,
+    read_rollout,
+    read_update,
+)
 from coordinator.report import append_metrics, is_solved, read_metrics, truncate_metrics
 from coordinator.robust_aggregation import (
     DEFENSES,
@@ -50,6 +58,7 @@ from coordinator.robust_aggregation import (
     unmask_squared_norms,
     weighted_sum,
 )
+from coordinator.unmasking import MaskedRound, check_masking
 from protos import messages
 from protos.backend import HEBackend
 from protos.codec import PROTOCOL_VERSION, EncryptedVector, map_chunks, to_proto
@@ -108,6 +117,14 @@ class RoundSums:
         self.stats = new_stats
         self.count += 1
 
+    def correct(self, update: EncryptedVector, stats: EncryptedVector) -> None:
+        """Pairwise masking: add a participant's mask correction to both sums (not an update: no count)."""
+        if self.update is None or self.stats is None:
+            raise WireError("a mask correction arrived for a round without updates")
+        new_update = map_chunks(self.backend.add, self.update, update)
+        self.stats = map_chunks(self.backend.add, self.stats, stats)
+        self.update = new_update
+
 
 class HEAdamCoordinator:
     """Encrypted federated training with HE-Adam; ``run`` drives the whole federation."""
@@ -132,9 +149,11 @@ class HEAdamCoordinator:
         dp_noise_multiplier: float = 0.0,
         dp_delta: float = 1e-5,
         rollouts: RolloutPlan | None = None,
+        masking: str = "off",
     ) -> None:
         """``rollouts``: the encrypted-rollout mode (the coordinator learns from encrypted rollouts);
-        None: local-ppo (participants send updates)."""
+        None: local-ppo (participants send updates). ``masking``: pairwise (participants mask their
+        updates, ``coordinator/unmasking.py``) or off."""
         self.backend, self.config, self.rollouts = backend, config, rollouts
         self.poly = config.validate(backend.profile)
         self.scenario_name, self.num_params = scenario_name, num_params
@@ -149,9 +168,12 @@ class HEAdamCoordinator:
         if defense == "dp" and dp_noise_multiplier <= 0:
             raise DefenseError("defense dp needs a noise multiplier z > 0 (dp-noise-multiplier)")
         self.defense, self.dp_z, self.dp_delta = defense, dp_noise_multiplier, dp_delta
+        check_masking(masking, defense, ROBUST_DEFENSES, rollouts is not None)
+        self.masking = masking
         self.defense_bound = defense_bound if defense_bound > 0 else config.clip_bound  # in update units (C)
         self.dp_history: list[float] = []  # effective noise multiplier per completed round
         self.failed_rounds: list[dict] = []  # rounds that changed nothing, with every cause
+        self.excluded: set[int] = set()  # nodes told once that they hold another federation's key
 
     def describe(self) -> None:
         log.info(
@@ -200,10 +222,11 @@ class HEAdamCoordinator:
         refreshed: tuple[EncryptedVector, dict, EncryptedVector | None] | None = None
         layout = self.rollouts.layout(len(nodes)) if self.rollouts else None
         uploads: list[list[EncryptedVector]] = []
+        masked = MaskedRound() if self.masking == "pairwise" else None
 
         def read_train(reply: Message) -> Message:
             if layout is None:
-                sums.add(*read_update(self.backend, reply, server_round, self.num_params))
+                sums.add(*read_update(self.backend, reply, server_round, self.num_params, masked))
             else:
                 blocks, stats = read_rollout(self.backend, reply, server_round, layout.block_vectors * layout.slots,
                                              self.rollouts.blocks(layout))
@@ -225,6 +248,10 @@ class HEAdamCoordinator:
                 len(nodes),
                 self.min_participants,
             )
+            return self._finish(outcome, t0)
+        if masked is not None and masked.dropped and not self._unmask(grid, server_round, nodes, masked, sums, outcome):
+            log.warning("round %d: a participant did not cancel its masks with the missing; state unchanged",
+                        server_round)
             return self._finish(outcome, t0)
         if refreshed is None:
             refreshed = self._fallback_refresh(grid, server_round, nodes, refresher, outcome)
@@ -312,6 +339,30 @@ class HEAdamCoordinator:
                 return unmask_collapsed(self.backend, dense, masks, layout)
         return None
 
+    # -- pairwise masking -------------------------------------------------------------------------
+    def _unmask(
+        self, grid: Grid, server_round: int, nodes: list[int], masked: MaskedRound, sums: RoundSums,
+        outcome: RoundOutcome,
+    ) -> bool:
+        """The round's set is fixed: every participant in it cancels its masks with the missing ones.
+
+        One message per sender, all at once; the round completes only if every one of them answers.
+        """
+        t0 = time.perf_counter()
+        packed = messages.pack(masked.correction_request(server_round))
+        senders = set(masked.nodes.values())
+        outgoing = [self._message(node, server_round, len(nodes), messages.UNMASK,
+                                  {messages.MASK_CORRECTION_REQUEST: packed}) for node in sorted(senders)]
+        outcome.bytes_down += sum(messages.payload_bytes(m.content) for m in outgoing)
+        read = lambda reply: read_mask_correction(self.backend, reply, server_round, self.num_params)  # noqa: E731
+        corrected: set[int] = set()
+        for node, (update, stats) in self._exchange(grid, outgoing, read, outcome, "mask correction"):
+            if node in senders - corrected:
+                sums.correct(update, stats)
+                corrected.add(node)
+        outcome.extras.update(mask_dropped=masked.dropped, unmask_ms=round((time.perf_counter() - t0) * 1e3, 1))
+        return corrected == senders
+
     # -- robust aggregation -----------------------------------------------------------------------
     def norm_query(self, server_round: int, kept: list[EncryptedVector]) -> tuple[ArrayRecord, NormMasks]:
         """The masked squared norms a key holder sums (coordinator/robust_aggregation.py)."""
@@ -345,7 +396,7 @@ class HEAdamCoordinator:
 
     def summary_fields(self) -> dict:
         """Defense and privacy fields for summary.json."""
-        out: dict = {"defense": self.defense, "failed_rounds": self.failed_rounds}
+        out: dict = {"defense": self.defense, "masking": self.masking, "failed_rounds": self.failed_rounds}
         if self.dp_z > 0:
             out.update(
                 dp_noise_multiplier=self.dp_z,
@@ -359,7 +410,7 @@ class HEAdamCoordinator:
 
     # -- messages ---------------------------------------------------------------------------------
     def _sample(self, node_ids: list[int]) -> list[int]:
-        nodes = sorted(node_ids)
+        nodes = sorted(n for n in node_ids if n not in self.excluded)
         return nodes[: self.participants] if self.participants else nodes
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -428,27 +479,34 @@ class HEAdamCoordinator:
             out.append(self._message(node, server_round, len(nodes), messages.TRAIN, arrays))
         return out, masks
 
-    def _stream(self, grid: Grid, outgoing: list[Message]) -> Iterator[Message]:
-        """Yield replies as they arrive until all are in or the round times out."""
-        pending = {i for i in grid.push_messages(outgoing) if i}
+    def _stream(self, grid: Grid, outgoing: list[Message], outcome: RoundOutcome) -> Iterator[tuple[int, Message]]:
+        """Yield (node, reply) as replies arrive until all are in or the round times out.
+
+        The node is the one the request went to (Flower's error replies for a dead node do not
+        name it); every node that stays silent is recorded as that participant's failure.
+        """
+        ids = grid.push_messages(outgoing)
+        pending = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, outgoing) if mid}
         deadline = time.monotonic() + self.round_timeout
         while pending and time.monotonic() < deadline:
-            replies = list(grid.pull_messages(pending))
+            replies = list(grid.pull_messages(list(pending)))
             for reply in replies:
-                pending.discard(reply.metadata.reply_to_message_id)
-                yield reply
+                node = pending.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                yield node, reply
             if not replies:
                 time.sleep(POLL_SECONDS)
-        if pending:
-            log.warning("%d participant(s) timed out after %.0f s", len(pending), self.round_timeout)
+        for node in pending.values():
+            outcome.fail(node, f"no reply within the round timeout ({self.round_timeout:g} s)")
 
     def _exchange(
         self, grid: Grid, outgoing: list[Message], read: Callable[[Message], T], outcome: RoundOutcome, what: str
     ) -> Iterator[tuple[int, T]]:
         """Push, stream replies, and read each one; every failure is that participant's, never the round's."""
-        for reply in self._stream(grid, outgoing):
-            node = reply.metadata.src_node_id
+        for node, reply in self._stream(grid, outgoing, outcome):
             if reply.has_error():
+                if reply.error.code == messages.WRONG_FEDERATION and node not in self.excluded:
+                    self.excluded.add(node)
+                    log.warning("participant node %s holds another federation's key; left out of this run", node)
                 outcome.fail(node, reply.error.reason)
                 continue
             outcome.bytes_up += messages.payload_bytes(reply.content)

@@ -19,7 +19,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.encrypted_gradient import RolloutPlan
-from coordinator.report import write_summary
+from coordinator.report import read_metrics, write_summary
 from coordinator.rounds import HEAdamCoordinator, RoundOutcome
 from protos.backend import HEBackend, PlainBackend
 from protos.keyfile import load_evaluation_backend
@@ -78,9 +78,10 @@ def run_federation(
         dp_noise_multiplier=settings.dp_noise_multiplier,
         dp_delta=settings.dp_delta,
         rollouts=rollouts,
+        masking=settings.masking,
     )
     coordinator.run(grid, num_rounds=settings.num_server_rounds, resume=settings.resume)
-    participants = settings.participants or len(list(grid.get_node_ids()))
+    participants = max((row["participants"] for row in read_metrics(Path(settings.out_dir))), default=0)
     return write_summary(
         Path(settings.out_dir),
         scenario=scenario.name,
@@ -98,7 +99,8 @@ def write_run_info(out_dir: Path, settings: RunSettings, scenario_name: str, num
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {"scenario_ref": settings.scenario, "scenario": scenario_name, "num_params": num_params,
             "plaintext": settings.plaintext, "seed": settings.seed, "rounds": settings.num_server_rounds,
-            "he_profile": settings.he_profile, "robust_training": settings.robust_training, "mode": settings.mode}
+            "he_profile": settings.he_profile, "robust_training": settings.robust_training, "mode": settings.mode,
+            "masking": settings.masking}
     (out_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 

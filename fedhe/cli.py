@@ -80,8 +80,19 @@ def simulate(
             "(docs/encrypted-rollouts.md)."
         ),
     ),
+    masking: str = typer.Option(
+        "auto",
+        "--masking",
+        help=(
+            "pairwise: participants add pairwise masks that cancel in the sum, so a key holder colluding with the "
+            "coordinator cannot read an individual update (docs/threat-model.md). off: no masks. auto: pairwise "
+            "with 3 or more participants in local-ppo mode without the norm-bound/median-norm defenses."
+        ),
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
-    key_dir: Path | None = typer.Option(None, "--key-dir", help="Existing federation keys (default: create DIR/keys)."),
+    key_dir: Path | None = typer.Option(
+        None, "--key-dir", help="Existing federation keys (default: create DIR/keys; with masking also a roster)."
+    ),
     stop_on_solve: bool = typer.Option(
         True,
         "--stop-on-solve/--no-stop-on-solve",
@@ -112,6 +123,7 @@ def simulate(
         num_server_rounds=rounds or 0,
         plaintext=plaintext,
         mode=mode,
+        masking=masking,
         seed=-1 if seed is None else seed,
         stop_on_solve=stop_on_solve,
         resume=resume,
@@ -130,9 +142,10 @@ def simulate(
     if not resume and has_checkpoint:
         fail(f"{out} already holds a run; use --resume to continue it or choose another --out")
     n = participants or spec.num_participants
+    resolved = resolve_run(settings, n)[1]  # masking auto: decided by the number of organizations
     total = resolved.num_server_rounds
     settings = replace(settings, out_dir=str(out), min_participants=max(1, n - 1))
-    kind = "plaintext baseline" if plaintext else f"encrypted, {resolved.he_profile}"
+    kind = "plaintext baseline" if plaintext else f"encrypted, {resolved.he_profile}, masking {resolved.masking}"
     console.print(f"[bold]{spec.name}[/] ({resolved.mode}): {n} participants, up to {total} rounds ({kind}) -> {out}")
     with progress_bar() as bar:
         task = bar.add_task("rounds", total=total)

@@ -81,6 +81,29 @@ def bench_encrypted_gradient(
     typer.echo(json.dumps(result, indent=None if as_json else 2))
 
 
+@bench_app.command("masking")
+def bench_masking(
+    participants: int = typer.Option(5, "--participants", "-n", help="Participants (3 or more)."),
+    params: int = typer.Option(16384, help="Update length (coordinates)."),
+    dropouts: int = typer.Option(1, help="Participants that never answer in the dropout-recovery part."),
+    profile: str = typer.Option(DEFAULT_PROFILE, "--profile", help=PROFILE_HELP),
+    scenario: str = typer.Option("cartpole", "--scenario", help="Whose HE-Adam configuration sets the update units."),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
+) -> None:
+    """Pairwise masks under CKKS: what a key holder sees of one update, the sum's error, dropout recovery."""
+    from fedhe.bench.masking import run_masking_bench
+
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task("masking", total=4)
+            result = run_masking_bench(participants, params, dropouts, profile, scenario, seed,
+                                       on_step=lambda what: bar.update(task, advance=1, description=what))
+    except (WireError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
 @bench_app.command("federation")
 def bench_federation(
     scenario: str = typer.Option("cartpole", "--scenario", help="Scenario to train."),
@@ -107,6 +130,31 @@ def bench_federation(
             result = run_federation_bench(
                 scenario, seeds, participants, rounds, out, on_run=on_run, mode=mode, stop_on_solve=stop_on_solve
             )
+        except (WireError, ValueError, RuntimeError) as exc:
+            fail(str(exc))
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
+@bench_app.command("soak")
+def bench_soak(
+    rounds: int = typer.Option(200, "--rounds", "-r", help="Rounds to run."),
+    participants: int = typer.Option(10, "--participants", "-n", help="Simulated organizations."),
+    fail_rate: float = typer.Option(0.1, "--fail-rate", help="Probability that a participant fails a round."),
+    scenario: str = typer.Option("cartpole", "--scenario"),
+    plaintext: bool = typer.Option(False, "--plaintext", help="Identical protocol without encryption."),
+    out: Path | None = typer.Option(None, "--out", help="Keep the run here (default: a temp dir)."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
+) -> None:
+    """A long run with random participant failures: every round completes or changes nothing, memory stays flat."""
+    from fedhe.bench.soak import run_soak
+
+    if not 0.0 <= fail_rate < 1.0:
+        fail(f"--fail-rate is a probability in [0, 1), got {fail_rate}")
+    with progress_bar() as bar:
+        task = bar.add_task("rounds", total=rounds)
+        try:
+            result = run_soak(rounds, participants, fail_rate, scenario, plaintext, out=out,
+                              on_round=lambda r: bar.update(task, completed=r))
         except (WireError, ValueError, RuntimeError) as exc:
             fail(str(exc))
     typer.echo(json.dumps(result, indent=None if as_json else 2))

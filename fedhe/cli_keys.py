@@ -19,46 +19,66 @@ keys_app = typer.Typer(help="Inspect federation key files and seal them for orga
 def keygen(
     out: Path = typer.Option(..., "--out", help="Directory for participant.ctx, coordinator.ctx, fingerprint.txt."),
     profile: str = typer.Option(DEFAULT_PROFILE, "--profile", help=PROFILE_HELP),
+    simulated_organizations: int = typer.Option(
+        0,
+        "--simulated-organizations",
+        help=(
+            "Also create N organizations' X25519 key pairs (DIR/organizations/) and their roster, for a "
+            "simulation on one machine (`flwr run` with participant-key-dir=DIR) with pairwise masking."
+        ),
+    ),
 ) -> None:
     """Create a federation key (the key ceremony).
 
     participant.ctx holds the SECRET key (mode 0600): copy it to every participant out of band.
     coordinator.ctx holds only evaluation keys (public + relinearization): give it to the
     coordinator. Both carry the fingerprint in fingerprint.txt; every message is checked
-    against it.
+    against it. For pairwise masking, build the roster next (`fedhe keys roster`).
     """
     from participant.keyholder import generate_keys
+    from participant.roster import simulated_organizations as create_organizations
 
     try:
         keys = generate_keys(out, profile)
+        roster = None
+        if simulated_organizations > 0:
+            roster = create_organizations(out, keys.fingerprint, simulated_organizations)
     except (WireError, ValueError) as exc:
         fail(str(exc))
     console.print(f"federation key [bold]{keys.fingerprint}[/] (profile {keys.profile.name})")
     console.print(f"  secret, for participants : {keys.participant_key}")
     console.print(f"  evaluation, coordinator  : {keys.coordinator_key}")
+    if roster is not None:
+        console.print(f"  roster of {roster.size} simulated organizations (digest {roster.digest}): {out}")
 
 
 @keys_app.command("inspect")
 def keys_inspect(
-    file: Path = typer.Argument(..., help="A participant.ctx or coordinator.ctx file."),
+    file: Path = typer.Argument(..., help="A participant.ctx, coordinator.ctx or roster.json file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Show a key file's profile, fingerprint, whether it holds a secret key, and its size."""
+    """Show a key file's profile, fingerprint, whether it holds a secret key, and its size (or a roster's digest)."""
+    from participant.roster import read_roster
     from protos.keyfile import inspect_key_file
 
     try:
-        info = inspect_key_file(file)
+        if file.suffix == ".json":
+            roster = read_roster(file)
+            data = {"file": str(file), "fingerprint": roster.fingerprint, "participants": roster.size,
+                    "roster_digest": roster.digest}
+        else:
+            info = inspect_key_file(file)
+            data = {
+                "file": str(info.path),
+                "profile": info.profile.name,
+                "fingerprint": info.fingerprint,
+                "secret_key": info.has_secret_key,
+                "relin_keys": info.has_relin_keys,
+                "size_bytes": info.size_bytes,
+                "security_bits": info.profile.security_bits,
+            }
     except WireError as exc:
         fail(str(exc))
-    data = {
-        "file": str(info.path),
-        "profile": info.profile.name,
-        "fingerprint": info.fingerprint,
-        "secret_key": info.has_secret_key,
-        "relin_keys": info.has_relin_keys,
-        "size_bytes": info.size_bytes,
-        "security_bits": info.profile.security_bits,
-    }
     if as_json:
         typer.echo(json.dumps(data))
         return
@@ -85,6 +105,40 @@ def keys_recipient(
     except WireError as exc:
         fail(str(exc))
     console.print(f"private: {private}\npublic (share this): {public}")
+
+
+@keys_app.command("roster")
+def keys_roster(
+    public_keys: list[Path] = typer.Argument(
+        ..., help="The organizations' PREFIX.x25519.pub files in participant-index order: the first is index 0."
+    ),
+    key_dir: Path = typer.Option(
+        ..., "--key-dir", help="The ceremony's key directory (participant.ctx or coordinator.ctx): the federation."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Where to write the roster (default: KEY_DIR/roster.json)."),
+) -> None:
+    """Build the roster pairwise masking needs: participant index -> organization X25519 key.
+
+    Use the same public keys the organizations sent for sealing (`fedhe keys recipient`). Send the
+    roster to every organization with participant.ctx (it is public; seal it or compare the
+    printed digest over a second channel); each puts it in its key directory next to its own
+    private key as org.x25519 (`fedhe keys recipient --out KEYDIR/org` creates it there). The
+    coordinator does not need it.
+    """
+    from participant.roster import ROSTER_FILE, build_roster
+    from protos.keyfile import COORDINATOR_KEY, PARTICIPANT_KEY, inspect_key_file
+
+    target = out or key_dir / ROSTER_FILE
+    if target.exists():
+        fail(f"{target} exists; a federation keeps one roster (remove it to build another)")
+    key_file = key_dir / PARTICIPANT_KEY if (key_dir / PARTICIPANT_KEY).is_file() else key_dir / COORDINATOR_KEY
+    try:
+        roster = build_roster(inspect_key_file(key_file).fingerprint, public_keys)
+        roster.write(target)
+    except (WireError, ValueError) as exc:
+        fail(str(exc))
+    console.print(f"roster of {roster.size} organizations for federation {roster.fingerprint} -> {target}")
+    console.print(f"roster digest [bold]{roster.digest}[/] (every organization must see the same)")
 
 
 @keys_app.command("seal")

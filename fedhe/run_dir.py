@@ -15,6 +15,7 @@ import numpy as np
 from coordinator.checkpoint import load_checkpoint
 from coordinator.server_app import RUN_INFO_FILE
 from participant.keyholder import KeyHolder, PlainKeyHolder, decrypt_vector, generate_keys, load_keyholder
+from participant.roster import simulated_organizations
 from protos.errors import CheckpointError, KeyFileError
 from protos.keyfile import PARTICIPANT_KEY, inspect_key_file
 from protos.profiles import get_profile
@@ -24,18 +25,25 @@ from scenarios import Scenario, resolve_run
 KEYS_DIR = "keys"
 
 
-def ensure_keys(key_dir: Path, profile: str) -> Path:
-    """The federation key in ``key_dir``, created with ``profile`` if there is none yet."""
+def ensure_keys(key_dir: Path, profile: str, organizations: int = 0) -> Path:
+    """The federation key in ``key_dir``, created with ``profile`` if there is none yet.
+
+    ``organizations`` > 0 (pairwise masking): also an X25519 key pair per simulated organization
+    and the roster of indices 0..organizations-1 (an existing roster is extended, never replaced).
+    """
     key_dir = Path(key_dir)
     if not (key_dir / PARTICIPANT_KEY).exists():
-        generate_keys(key_dir, profile)
-        return key_dir
-    existing = inspect_key_file(key_dir / PARTICIPANT_KEY).profile.name
-    if existing != profile:
-        raise KeyFileError(
-            f"the key in {key_dir} uses HE profile {existing}, this run needs {profile}; "
-            f"pass another --key-dir or create one with `fedhe keygen --profile {profile}`"
-        )
+        fingerprint = generate_keys(key_dir, profile).fingerprint
+    else:
+        info = inspect_key_file(key_dir / PARTICIPANT_KEY)
+        if info.profile.name != profile:
+            raise KeyFileError(
+                f"the key in {key_dir} uses HE profile {info.profile.name}, this run needs {profile}; "
+                f"pass another --key-dir or create one with `fedhe keygen --profile {profile}`"
+            )
+        fingerprint = info.fingerprint
+    if organizations > 0:
+        simulated_organizations(key_dir, fingerprint, organizations)
     return key_dir
 
 
@@ -55,7 +63,8 @@ def recorded_settings(run_dir: Path, scenario_ref: str | None = None) -> tuple[S
     info = json.loads(path.read_text())
     settings = RunSettings(scenario=scenario_ref or info["scenario_ref"], plaintext=info["plaintext"],
                            seed=info.get("seed", -1), he_profile=info.get("he_profile", ""),
-                           robust_training=info.get("robust_training", ""), mode=info.get("mode", "local-ppo"))
+                           robust_training=info.get("robust_training", ""), mode=info.get("mode", "local-ppo"),
+                           masking=info.get("masking", "auto"))
     return resolve_run(settings)
 
 

@@ -2,13 +2,15 @@
 
 The ServerApp and ClientApps are the same ones `flwr run` deploys; only the settings are passed
 directly instead of through run config, and every simulated participant reads the same local
-key directory (in a deployment each organization keeps its own copy).
+key directory (in a deployment each organization keeps its own copy), including its own X25519
+key for pairwise masking (``participant.roster``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -36,17 +38,20 @@ def simulate(
 ) -> dict:
     """Run the federation; returns summary.json's content.
 
-    Keys: ``key_dir`` or a fresh federation key in ``OUT/keys`` (the run's HE profile).
+    Keys: ``key_dir`` or a fresh federation key in ``OUT/keys`` (the run's HE profile); with
+    pairwise masking also one X25519 key pair per simulated organization and their roster there.
     """
     from flwr.simulation import run_simulation
 
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scenario, resolved = resolve_run(settings)
+    scenario, resolved = resolve_run(settings, participants=num_participants)
+    settings = replace(settings, masking=resolved.masking)  # auto resolved with the number of organizations
     if settings.resume:  # refuse here, with the coordinator's message, before any process starts
         check_resumable(out_dir, HEAdamConfig.for_scenario(scenario, resolved.mode).to_json())
     if not settings.plaintext:
-        keys = ensure_keys(key_dir or out_dir / KEYS_DIR, resolved.he_profile).resolve()
+        organizations = num_participants if resolved.masking == "pairwise" else 0
+        keys = ensure_keys(key_dir or out_dir / KEYS_DIR, resolved.he_profile, organizations).resolve()
         settings = replace(settings, coordinator_key=str(keys / COORDINATOR_KEY), participant_key_dir=str(keys))
     summary: dict = {}
     quiet_simulation_engine(verbose)
@@ -77,6 +82,11 @@ def quiet_simulation_engine(verbose: bool) -> None:
     logger = logging.getLogger("flwr")
     if not any(isinstance(f, _DropRunSimulationDeprecation) for f in logger.filters):
         logger.addFilter(_DropRunSimulationDeprecation())
+    fedhe_log = logging.getLogger("fedhe")
+    if not fedhe_log.handlers:  # on this machine the coordinator's lines go to stderr: stdout may carry JSON
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        fedhe_log.addHandler(handler)
     if not verbose:
         logger.setLevel(logging.WARNING)
-        logging.getLogger("fedhe").setLevel(logging.WARNING)  # the progress bar tells the story
+        fedhe_log.setLevel(logging.WARNING)  # the progress bar tells the story

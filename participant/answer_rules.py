@@ -6,7 +6,9 @@ that deviates"): a request must name the round of its message and carry exactly 
 protocol defines (masked m, v, w of the model's length; a length-3 statistics vector of an earlier
 round; at most one norm ciphertext per participant of the round), each kind is answered at most
 once per round (statistics once per statistics round), a norm ciphertext must decrypt to values
-that are visibly masked, and only rounded aggregates are released.
+that are visibly masked, and only rounded aggregates are released. With pairwise masking a
+participant masks one update per round and cancels masks only as ``check_mask_correction_request``
+allows.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class AnswerLedger:
                 f"already answered a {kind} request for round {round_}; a key holder answers once"
             )
         self.record["answered"] = answered + [key]
+
+    def has(self, kind: str, round_: int) -> bool:
+        return f"{kind}:{round_}" in list(self.record["answered"])
 
 
 def check_refresh_request(request: wire_pb2.RefreshRequest, round_: int, ledger: AnswerLedger) -> None:
@@ -91,6 +96,39 @@ def check_gradient_query(query: wire_pb2.GradientQuery, round_: int, expected: i
             f"gradient query holds {len(query.masked)} ciphertexts, the layout defines {expected}"
         )
     ledger.claim("gradient", round_)
+
+
+def check_mask_correction_request(
+    request: wire_pb2.MaskCorrectionRequest, round_: int, index: int, roster_size: int, ledger: AnswerLedger
+) -> None:
+    """Pairwise masking: cancel masks only with roster members the coordinator names as missing.
+
+    The request must name the round of its message and distinct roster members other than this
+    participant; this participant must have sent its own masked update in that round; at least two
+    updates must remain in the sum (else the corrected sum would be one participant's update); one
+    request per round. The coordinator's word on who is missing cannot be checked here
+    (docs/threat-model.md, "Pairwise masks").
+    """
+    check_version(request.protocol_version, "mask correction request")
+    if request.round != round_:
+        raise RequestRefusedError(
+            f"mask correction request names round {request.round} inside a round-{round_} message"
+        )
+    dropped = list(request.dropped)
+    if not dropped or len(set(dropped)) != len(dropped):
+        raise RequestRefusedError(f"mask correction request must name distinct missing participants, got {dropped}")
+    if not all(0 <= j < roster_size for j in dropped):
+        raise RequestRefusedError(f"mask correction request names {dropped}, the roster has 0..{roster_size - 1}")
+    if index in dropped:
+        raise RequestRefusedError(f"mask correction request names this participant ({index}) as missing")
+    if roster_size - len(dropped) < 2:
+        raise RequestRefusedError(
+            f"mask correction request leaves {roster_size - len(dropped)} of {roster_size} updates in the sum; "
+            "a corrected sum of one update would be that update"
+        )
+    if not ledger.has("update", round_):
+        raise RequestRefusedError(f"this participant sent no masked update in round {round_}; nothing to correct")
+    ledger.claim("unmask", round_)
 
 
 def require_masked(values: np.ndarray) -> None:

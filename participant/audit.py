@@ -42,6 +42,7 @@ def egress_audit_mod(directory: str | os.PathLike) -> Mod:
         config = msg.content.config_records.get(messages.CONFIG, {})
         manifest: dict[str, Any] = {
             "node_id": context.node_id,
+            "run_id": context.run_id,
             "message_type": msg.metadata.message_type,
             "request_round": config.get("round"),
             "error": reply.has_error(),
@@ -80,6 +81,17 @@ def _significant(value: float, digits: int) -> bool:
 
 ALLOWED_FIELDS: dict[str, dict[str, str | Check]] = {
     "fedhe.v1.ParticipantUpdate": {
+        "protocol_version": lambda v, r: v == PROTOCOL_VERSION,
+        "round": lambda v, r: v == r,
+        "update": "vector",
+        "rollout_stats": "vector",
+        "masking": "message",
+    },
+    "fedhe.v1.PairwiseMasking": {
+        "participant_index": lambda v, r: True,  # public: the coordinator knows who answered
+        "roster_size": lambda v, r: v >= 1,
+    },
+    "fedhe.v1.MaskCorrection": {
         "protocol_version": lambda v, r: v == PROTOCOL_VERSION,
         "round": lambda v, r: v == r,
         "update": "vector",
@@ -124,6 +136,7 @@ ALLOWED_RECORDS: dict[str, type[ProtoMessage]] = {
     messages.NORM_REPLY: wire_pb2.NormReply,
     messages.ROLLOUT: wire_pb2.RolloutUpload,
     messages.GRADIENT_REPLY: wire_pb2.GradientReply,
+    messages.MASK_CORRECTION: wire_pb2.MaskCorrection,
 }
 CONFIG_VALUES: dict[str, Check] = {
     "round": lambda v, r: v == r,

@@ -1,7 +1,8 @@
 """The participant as a Flower ClientApp.
 
-Node config (``flower-supernode --node-config``): ``key-dir`` (directory with participant.ctx),
-``participant-index`` (which organization; picks its env kwargs), optional ``env-variant``.
+Node config (``flower-supernode --node-config``): ``key-dir`` (directory with participant.ctx and,
+with pairwise masking, roster.json and this organization's org.x25519), ``participant-index``
+(which organization: its roster entry and env kwargs), optional ``env-variant``.
 In simulation Flower sets ``partition-id`` instead, and the key directory comes from the run
 settings (everything runs on one machine there).
 """
@@ -20,6 +21,7 @@ from participant.answer_rules import AnswerLedger
 from participant.local_update import NodeIdentity
 from participant.node import handle
 from protos import messages
+from protos.errors import FingerprintMismatchError
 from protos.settings import RunSettings
 from scenarios import Scenario, resolve_run
 
@@ -68,7 +70,9 @@ def build_client_app(settings: RunSettings | None = None, mods: list[Mod] | None
             content = handle(msg.content, scenario, identity, context.run_id, training, AnswerLedger.of(context))
         except Exception as exc:  # every failure is reported to the coordinator, none crashes the node
             log.debug("message handling failed", exc_info=True)
-            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, failure_line(msg, context, exc)), reply_to=msg)
+            wrong_key = isinstance(exc, FingerprintMismatchError)
+            code = messages.WRONG_FEDERATION if wrong_key else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            return Message(Error(code, failure_line(msg, context, exc)), reply_to=msg)
         return Message(content, reply_to=msg)
 
     @app.train()
@@ -85,6 +89,10 @@ def build_client_app(settings: RunSettings | None = None, mods: list[Mod] | None
 
     @app.query("gradient")
     def gradient(msg: Message, context: Context) -> Message:
+        return respond(msg, context, training=False)
+
+    @app.query("unmask")
+    def unmask(msg: Message, context: Context) -> Message:
         return respond(msg, context, training=False)
 
     return app

@@ -1,4 +1,4 @@
-"""One participant's work per message: decrypt theta, refresh or answer if asked, train, encrypt.
+"""One participant's work per message: decrypt theta, refresh or answer if asked, train, mask, encrypt.
 
 Everything that leaves this module is a protobuf of ciphertexts plus the plaintext metadata in
 the egress allowlist (``participant.audit``). Observations, actions, rewards, returns and the
@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, RecordDict
 from participant.answer_rules import (
     AnswerLedger,
     check_gradient_query,
+    check_mask_correction_request,
     check_norm_query,
     check_refresh_request,
     require_masked,
@@ -24,10 +25,11 @@ from participant.answer_rules import (
 from participant.gradient_collapse import collapse_masked
 from participant.keyholder import KeyHolder, PlainKeyHolder, decrypt_vector, load_keyholder, reencrypt
 from participant.local_update import NodeIdentity, local_update
+from participant.pairwise_masks import STATS_STREAM, UPDATE_STREAM, PairwiseMasker, RoundMasks
 from participant.rollout_owner import ROLLOUTS, encrypted_rollout, owner_for, tiled_theta
 from protos import messages
 from protos.codec import PROTOCOL_VERSION, check_version, encrypt_vector, from_proto, max_bytes_for, to_proto
-from protos.errors import ChunkLayoutError, KeyFileError, WireError
+from protos.errors import ChunkLayoutError, FingerprintMismatchError, KeyFileError
 from protos.fedhe.v1 import wire_pb2
 from protos.optimizer import STATE_NAMES
 from protos.profiles import get_profile
@@ -47,6 +49,12 @@ def cached_keyholder(key_dir: str, plaintext: bool, profile: str) -> KeyHolder:
             "'key-dir=\"/path/to/keys\"' (the directory holding participant.ctx)"
         )
     return load_keyholder(Path(key_dir))
+
+
+@lru_cache(maxsize=8)
+def cached_masker(key_dir: str, index: int, fingerprint: str) -> PairwiseMasker:
+    """This participant's roster entry and private key (``participant.pairwise_masks``)."""
+    return PairwiseMasker.load(Path(key_dir), index, fingerprint)
 
 
 def released_metrics(holder: KeyHolder, stats: wire_pb2.EncryptedVector, round_: int) -> wire_pb2.ReleasedMetrics:
@@ -86,7 +94,7 @@ def handle(
     config = messages.config_of(content)
     holder = cached_keyholder(identity.key_dir, identity.run.plaintext, identity.run.he_profile)
     if config.get("key-fingerprint") != holder.fingerprint:
-        raise WireError(
+        raise FingerprintMismatchError(
             f"coordinator uses key {str(config.get('key-fingerprint'))[:12]}…, this participant "
             f"has {holder.fingerprint[:12]}…: the two were given different key sets"
         )
@@ -95,6 +103,9 @@ def handle(
     network = scenario.network(identity.run.mode)
     num_params = network.num_params
     layout = layout_for_round(scenario, holder.slots, participants) if identity.run.mode == ROLLOUTS else None
+    masker = None
+    if identity.run.masking == "pairwise":  # before any work: a missing roster or key is a clear error
+        masker = cached_masker(identity.key_dir, identity.participant_index, holder.fingerprint)
 
     theta = None
     if messages.THETA in content.array_records:
@@ -133,6 +144,14 @@ def handle(
         reply[messages.GRADIENT_REPLY] = messages.pack(
             wire_pb2.GradientReply(protocol_version=PROTOCOL_VERSION, round=round_, gradient=to_proto(holder, dense))
         )
+    if messages.MASK_CORRECTION_REQUEST in content.array_records and masker is not None:
+        request = messages.unpack(content, messages.MASK_CORRECTION_REQUEST, wire_pb2.MaskCorrectionRequest,
+                                  max_bytes=1024 + 8 * masker.size)
+        check_mask_correction_request(request, round_, identity.participant_index, masker.size, ledger)
+        log.info("round %d: the coordinator reports roster members %s missing; cancelling masks with them",
+                 round_, sorted(request.dropped))
+        answer = mask_correction(holder, masker.round(run_id, round_), request, num_params)
+        reply[messages.MASK_CORRECTION] = messages.pack(answer)
     if training:
         if theta is None:
             raise ChunkLayoutError(f"round-{round_} train message carries no theta and no init flag")
@@ -143,18 +162,39 @@ def handle(
             )
         else:
             update, stats = local_update(scenario, identity, run_id, theta, round_, participants)
-            reply[messages.UPDATE] = messages.pack(encrypted_update(holder, round_, update, stats))
+            masks = masker.round(run_id, round_) if masker is not None else None
+            reply[messages.UPDATE] = messages.pack(encrypted_update(holder, round_, update, stats, masks))
+            if masker is not None:  # a round's masks are fixed: never mask two different updates with them
+                ledger.claim("update", round_)
     return reply
 
 
 def encrypted_update(
-    holder: KeyHolder, round_: int, update: np.ndarray, stats: np.ndarray
+    holder: KeyHolder, round_: int, update: np.ndarray, stats: np.ndarray, masks: RoundMasks | None = None
 ) -> wire_pb2.ParticipantUpdate:
-    return wire_pb2.ParticipantUpdate(
+    """The update and statistics ciphertexts, each plus this participant's pairwise mask if masking is on."""
+    msg = wire_pb2.ParticipantUpdate(protocol_version=PROTOCOL_VERSION, round=round_)
+    if masks is not None:
+        update, stats = masks.mask(update, UPDATE_STREAM), masks.mask(stats, STATS_STREAM)
+        masker = masks.masker
+        msg.masking.CopyFrom(wire_pb2.PairwiseMasking(participant_index=masker.index, roster_size=masker.size))
+    msg.update.CopyFrom(to_proto(holder, encrypt_vector(holder, update)))
+    msg.rollout_stats.CopyFrom(to_proto(holder, encrypt_vector(holder, stats)))
+    return msg
+
+
+def mask_correction(
+    holder: KeyHolder, masks: RoundMasks, request: wire_pb2.MaskCorrectionRequest, num_params: int
+) -> wire_pb2.MaskCorrection:
+    """Encrypted minus-masks with the missing roster members, for the update and the statistics."""
+    dropped = sorted(request.dropped)
+    return wire_pb2.MaskCorrection(
         protocol_version=PROTOCOL_VERSION,
-        round=round_,
-        update=to_proto(holder, encrypt_vector(holder, update)),
-        rollout_stats=to_proto(holder, encrypt_vector(holder, stats)),
+        round=masks.round,
+        update=to_proto(holder, encrypt_vector(holder, masks.correction(dropped, UPDATE_STREAM, num_params))),
+        rollout_stats=to_proto(
+            holder, encrypt_vector(holder, masks.correction(dropped, STATS_STREAM, messages.STATS_LENGTH))
+        ),
     )
 
 

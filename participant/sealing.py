@@ -28,12 +28,12 @@ INFO = b"fedhe-rl sealed file v1"
 MAX_SEALED_BYTES = 1 << 30
 
 
-def _raw(public: X25519PublicKey) -> bytes:
+def raw_public_key(public: X25519PublicKey) -> bytes:
     return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def recipient_fingerprint(public: X25519PublicKey) -> str:
-    return hashlib.sha256(_raw(public)).hexdigest()[:32]
+    return hashlib.sha256(raw_public_key(public)).hexdigest()[:32]
 
 
 def create_recipient(out_prefix: Path) -> tuple[Path, Path]:
@@ -52,7 +52,7 @@ def create_recipient(out_prefix: Path) -> tuple[Path, Path]:
     return key_path, pub_path
 
 
-def _load_public(path: Path) -> X25519PublicKey:
+def load_public_key(path: Path) -> X25519PublicKey:
     try:
         key = serialization.load_pem_public_key(Path(path).read_bytes())
     except (OSError, ValueError) as exc:
@@ -62,7 +62,7 @@ def _load_public(path: Path) -> X25519PublicKey:
     return key
 
 
-def _load_private(path: Path) -> X25519PrivateKey:
+def load_private_key(path: Path) -> X25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
@@ -78,9 +78,9 @@ def _derive(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
 
 def seal_file(path: Path, recipient_public: Path, out: Path) -> str:
     """Seal ``path`` for the holder of ``recipient_public``; returns the recipient's fingerprint."""
-    recipient = _load_public(recipient_public)
+    recipient = load_public_key(recipient_public)
     ephemeral = X25519PrivateKey.generate()
-    eph_raw, rec_raw = _raw(ephemeral.public_key()), _raw(recipient)
+    eph_raw, rec_raw = raw_public_key(ephemeral.public_key()), raw_public_key(recipient)
     key = _derive(ephemeral.exchange(recipient), eph_raw, rec_raw)
     nonce = os.urandom(12)
     fingerprint = recipient_fingerprint(recipient)
@@ -104,7 +104,7 @@ def unseal_file(sealed: Path, private_key: Path, out: Path) -> Path:
         msg = parse_message(wire_pb2.SealedFile, Path(sealed).read_bytes(), max_bytes=MAX_SEALED_BYTES)
     except (OSError, WireError) as exc:
         raise KeyFileError(f"{sealed} is not a sealed fedhe file ({exc})") from None
-    private = _load_private(private_key)
+    private = load_private_key(private_key)
     mine = recipient_fingerprint(private.public_key())
     if msg.recipient_fingerprint != mine:
         raise KeyFileError(
@@ -112,7 +112,7 @@ def unseal_file(sealed: Path, private_key: Path, out: Path) -> Path:
         )
     try:
         peer = X25519PublicKey.from_public_bytes(msg.ephemeral_public_key)
-        key = _derive(private.exchange(peer), msg.ephemeral_public_key, _raw(private.public_key()))
+        key = _derive(private.exchange(peer), msg.ephemeral_public_key, raw_public_key(private.public_key()))
         data = AESGCM(key).decrypt(msg.nonce, msg.ciphertext, _aad(msg.recipient_fingerprint, msg.original_name))
     except (InvalidTag, ValueError):
         raise KeyFileError(f"{sealed} was modified or corrupted in transit (authentication failed)") from None

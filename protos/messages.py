@@ -29,12 +29,19 @@ NORM_REPLY = "fedhe.norm-reply"  # key holder -> coordinator: NormReply (rounded
 ROLLOUT = "fedhe.rollout"  # owner -> coordinator (encrypted-rollout mode): RolloutUpload
 GRADIENT_QUERY = "fedhe.gradient-query"  # coordinator -> key holder: GradientQuery (masked per-slot sums)
 GRADIENT_REPLY = "fedhe.gradient-reply"  # key holder -> coordinator: GradientReply (dense, fresh)
+MASK_CORRECTION_REQUEST = "fedhe.mask-correction-request"  # coordinator -> participant: MaskCorrectionRequest
+MASK_CORRECTION = "fedhe.mask-correction"  # participant -> coordinator: MaskCorrection (pairwise masking)
 
 # Message types.
 TRAIN = "train"
 REFRESH = "query.refresh"  # refresh/release only, no training (fallback refresher, last round)
 NORMS = "query.norms"  # robust aggregation: a key holder sums masked squared norms
 GRADIENT = "query.gradient"  # encrypted-rollout mode: a key holder collapses masked per-slot gradients
+UNMASK = "query.unmask"  # pairwise masking, rounds with missing roster members: cancel masks with them
+
+# Flower error code of a participant's reply when it holds another federation's key: the
+# coordinator leaves that node out for the rest of the run instead of asking it every round.
+WRONG_FEDERATION = 1001
 
 # Encrypted rollout statistics: [sum of episode returns, episodes, env steps].
 STATS_LENGTH = 3

@@ -45,6 +45,9 @@ class RunSettings:
     defense_bound: float = 0.0  # norm-bound's L2 bound on an update, in update units (0: the scenario's C)
     dp_noise_multiplier: float = 0.0  # z > 0: participants add distributed Gaussian noise (client-level DP)
     dp_delta: float = 1e-5
+    # Pairwise masks under the ciphertexts (docs/threat-model.md, "Pairwise masks"): pairwise | off |
+    # auto (pairwise with 3+ participants in local-ppo mode without a masked-norm defense, else off).
+    masking: str = "auto"
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:

@@ -45,14 +45,45 @@ def load_scenario(ref: str) -> Scenario:
 
 S = TypeVar("S")
 
+MASKING = ("auto", "pairwise", "off")
+# The robust defenses that clip each update by its own (masked) norm: they need Enc(u_i) per participant.
+MASKED_NORM_DEFENSES = ("norm-bound", "median-norm")
+MIN_MASKING_PARTICIPANTS = 3  # with 2, each one's masks are known to the other: nothing to hide behind
 
-def resolve_run(settings: S) -> tuple[Scenario, S]:
+
+def resolve_masking(settings, participants: int = 0) -> str:
+    """``pairwise`` or ``off`` for a run with ``participants`` organizations (0: not known, all nodes).
+
+    ``auto`` is pairwise unless something rules masks out or 1-2 participants take part. Asking for
+    ``pairwise`` where masks cannot work is an error that says why.
+    """
+    if settings.masking not in MASKING:
+        raise ValueError(f"unknown masking {settings.masking!r}; known: {', '.join(MASKING)}")
+    conflicts = {
+        "mode encrypted-rollouts (the coordinator multiplies each owner's ciphertexts, so masks would not "
+        "cancel)": settings.mode == "encrypted-rollouts",
+        f"defense {settings.defense} (it needs each update's own norm, and under pairwise masks no ciphertext "
+        "holds one participant's update)": settings.defense in MASKED_NORM_DEFENSES,
+        "--plaintext (the baseline has no keys and no roster)": settings.plaintext,
+    }
+    reasons = [reason for reason, on in conflicts.items() if on]
+    if settings.masking == "pairwise" and reasons:
+        raise ValueError(f"masking pairwise does not combine with {'; nor with '.join(reasons)}; use masking off")
+    if settings.masking == "auto":
+        few = 0 < participants < MIN_MASKING_PARTICIPANTS
+        return "off" if reasons or few else "pairwise"
+    return settings.masking
+
+
+def resolve_run(settings: S, participants: int = 0) -> tuple[Scenario, S]:
     """The scenario a run trains and its settings with every scenario default filled in.
 
     One rule for the coordinator, the participants and the tools: ``seed`` -1 becomes the
     scenario's seed, ``num_server_rounds`` 0 its rounds, an empty ``he_profile`` its profile; a
     non-empty ``he_profile`` or ``robust_training`` (JSON of ``RobustConfig`` fields) overrides the
-    scenario. ``settings`` is a ``protos.settings.RunSettings`` (any dataclass with those fields).
+    scenario; ``masking`` auto becomes pairwise or off (``resolve_masking``; ``participants``, else
+    ``settings.participants``, is the number of organizations when the caller knows it).
+    ``settings`` is a ``protos.settings.RunSettings`` (any dataclass with those fields).
     """
     if settings.mode not in MODES:
         raise ValueError(f"unknown mode {settings.mode!r}; known: {', '.join(MODES)}")
@@ -83,6 +114,7 @@ def resolve_run(settings: S) -> tuple[Scenario, S]:
         num_server_rounds=settings.num_server_rounds
         or (scenario.rollout.rounds if settings.mode == "encrypted-rollouts" else scenario.rounds),
         he_profile=scenario.he_profile,
+        masking=resolve_masking(settings, participants or settings.participants),
     )
     return scenario, resolved
 

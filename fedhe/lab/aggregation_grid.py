@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.robust_aggregation import DEFENSES
+from coordinator.robust_aggregation import DEFENSES, ROBUST_DEFENSES
 from fedhe.run_dir import KEYS_DIR, ensure_keys
 from fedhe.simulate import simulate
 from participant.malicious import ATTACKS, party_mix_for
@@ -38,6 +38,7 @@ COLUMNS = [
     "final_return",
     "rounds",
     "dp_epsilon",
+    "masking",
     "clean_return_pct",
     "slowdown",
     "wall_s",
@@ -111,6 +112,8 @@ def cell_settings(spec: GridSpec, cell: dict[str, Any], out: Path) -> RunSetting
         defense_bound=spec.defense_bound,
         dp_noise_multiplier=spec.dp_noise_multiplier if defense == "dp" else 0.0,
         dp_delta=spec.dp_delta,
+        # The masked-norm defenses need each update's own ciphertext, which pairwise masks take away.
+        masking="off" if defense in ROBUST_DEFENSES else "auto",
     )
 
 
@@ -137,6 +140,7 @@ def run_cell(spec: GridSpec, cell: dict[str, Any], key_dir: Path | None) -> dict
         "final_return": summary.get("final_return"),
         "rounds": summary.get("rounds"),
         "dp_epsilon": summary.get("dp_epsilon"),
+        "masking": summary.get("masking", "off"),  # cells run before masking existed had none
         "wall_s": summary.get("wall_s"),
         "run_dir": str(out),
     }
@@ -200,11 +204,13 @@ def markdown_table(rows: list[dict[str, Any]], spec: GridSpec) -> str:
         f"{spec.participants} participants, {spec.malicious} malicious (indices 0..{spec.malicious - 1}), "
         f"{spec.seeds} seed(s), at most {spec.rounds} rounds, {mode}. Medians over seeds; "
         '"solved" counts seeds. % clean and slowdown are relative to the clean run without defense '
-        "(same seed). Returns are the honest participants' federation mean over the last 100 episodes.",
+        "(same seed). Returns are the honest participants' federation mean over the last 100 episodes. "
+        "Cells with norm-bound or median-norm run with pairwise masking off: those defenses need each update's "
+        "own norm.",
         "",
         "| attack | defense | solved | rounds to solve | final return | % clean | slowdown | epsilon (delta "
-        f"{spec.dp_delta:g}) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"{spec.dp_delta:g}) | masking |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (attack, defense), rs in groups.items():
         solved = sum(r["solved"] for r in rs)
@@ -212,7 +218,8 @@ def markdown_table(rows: list[dict[str, Any]], spec: GridSpec) -> str:
         lines.append(
             f"| {attack} | {defense} | {solved}/{len(rs)} | {_fmt(med([r['rounds_to_solve'] for r in rs]))} | "
             f"{_fmt(med([r['final_return'] for r in rs]))} | {_fmt(med([r['clean_return_pct'] for r in rs]))} | "
-            f"{_fmt(med([r['slowdown'] for r in rs]))} | {_fmt(eps)} |"
+            f"{_fmt(med([r['slowdown'] for r in rs]))} | {_fmt(eps)} | "
+            f"{'/'.join(sorted({str(r.get('masking') or '-') for r in rs}))} |"
         )
     return "\n".join(lines) + "\n"
 

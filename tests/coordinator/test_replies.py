@@ -147,3 +147,31 @@ def test_norm_reply_with_nan_is_refused():
     reply = wire_pb2.NormReply(protocol_version=PROTOCOL_VERSION, round=1, masked_sums=[1.0, float("nan")])
     with pytest.raises(WireError, match="NaN"):
         read_norms(reply_from(RecordDict({messages.NORM_REPLY: messages.pack(reply)})), 1, 2)
+
+
+@pytest.mark.parametrize(
+    "masking, expected",
+    [
+        (wire_pb2.PairwiseMasking(participant_index=0, roster_size=3), "already answered this round"),
+        (wire_pb2.PairwiseMasking(participant_index=1, roster_size=4), "participants hold different rosters"),
+        (wire_pb2.PairwiseMasking(participant_index=3, roster_size=3), "roster index 3 of a roster of 3"),
+        (None, "carries no pairwise masks"),
+    ],
+)
+def test_a_masked_round_admits_each_roster_member_once_over_one_roster(coordinator, holder, masking, expected):
+    from coordinator.unmasking import MaskedRound
+
+    masked = MaskedRound()
+    masked.admit(3, wire_pb2.PairwiseMasking(participant_index=0, roster_size=3))
+    update = update_msg(holder)
+    if masking is not None:
+        update.masking.CopyFrom(masking)
+    with pytest.raises(WireError, match=expected):
+        read_update(coordinator.backend, reply_from(content_of(update)), 1, N, masked)
+    assert masked.nodes == {0: 3} and masked.dropped == [1, 2]
+
+
+def test_a_masked_update_in_a_round_without_masking_is_refused(coordinator, holder):
+    update = update_msg(holder)
+    update.masking.CopyFrom(wire_pb2.PairwiseMasking(participant_index=0, roster_size=3))
+    assert "masking off" in rejected(coordinator, reply_from(content_of(update)))

@@ -16,7 +16,8 @@ import pytest
 import tenseal as ts
 from flwr.app import Message, Metadata, RecordDict
 
-from coordinator.replies import read_norms, read_refresh, read_update
+from coordinator.replies import read_mask_correction, read_norms, read_refresh, read_update
+from coordinator.unmasking import MaskedRound
 from participant.keyholder import TensealKeyHolder, load_keyholder
 from protos import messages
 from protos.codec import PROTOCOL_VERSION, chunk_byte_limit, encrypt_vector, to_proto
@@ -146,6 +147,55 @@ def test_update_handler(small_coordinator, valid_update, mutator):
 
     outcomes = fuzz(lambda r: read_update(small_coordinator, r, ROUND, D), make, mutator, 6000)
     assert outcomes["parse"] == 0 and outcomes["project-check"] >= 5000, outcomes
+
+
+def test_masked_update_handler(small_coordinator, valid_update, mutator):
+    """Pairwise masking: the masking metadata is mutated too; a reply admitted to the round is valid."""
+    valid = wire_pb2.ParticipantUpdate()
+    valid.CopyFrom(valid_update)
+    valid.masking.CopyFrom(wire_pb2.PairwiseMasking(participant_index=1, roster_size=3))
+
+    def make(m: Mutator) -> Message:
+        update = wire_pb2.ParticipantUpdate()
+        update.CopyFrom(valid)
+        target = m.rng.integers(0, 5)
+        if target == 0:
+            m.header(update)
+        elif target == 1:
+            update.masking.participant_index = m.pick([0, 1, 2, 3, 2**32 - 1])
+            update.masking.roster_size = m.pick([0, 1, 3, 4, 2**32 - 1])
+        elif target == 2:
+            update.ClearField("masking")
+        else:
+            m.vector(update.update if target == 3 else update.rollout_stats)
+        return as_reply(messages.UPDATE, update)
+
+    def read(reply: Message):
+        masked = MaskedRound()
+        masked.admit(4, wire_pb2.PairwiseMasking(participant_index=0, roster_size=3))  # another node's update
+        read_update(small_coordinator, reply, ROUND, D, masked)
+        assert len(masked.nodes) == 2 and masked.roster_size == 3  # accepted: admitted, consistent with the round
+
+    outcomes = fuzz(read, make, mutator, 2000)
+    assert outcomes["parse"] == 0 and outcomes["project-check"] >= 1500, outcomes
+
+
+def test_mask_correction_handler(small_coordinator, valid_update, mutator):
+    valid = wire_pb2.MaskCorrection(protocol_version=PROTOCOL_VERSION, round=ROUND, update=valid_update.update,
+                                    rollout_stats=valid_update.rollout_stats)
+
+    def make(m: Mutator) -> Message:
+        answer = wire_pb2.MaskCorrection()
+        answer.CopyFrom(valid)
+        target = m.rng.integers(0, 3)
+        if target == 0:
+            m.header(answer)
+        else:
+            m.vector(answer.update if target == 1 else answer.rollout_stats)
+        return as_reply(messages.MASK_CORRECTION, answer)
+
+    outcomes = fuzz(lambda r: read_mask_correction(small_coordinator, r, ROUND, D), make, mutator, 2000)
+    assert outcomes["parse"] == 0 and outcomes["project-check"] >= 1500, outcomes
 
 
 def test_refresh_handler(small_coordinator, small_holder, mutator):

@@ -20,11 +20,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from support.deployment_harness import LocalDeployment, build_fab, fab_files
+from support.deployment_harness import LocalDeployment, build_fab
+from support.federation_setup import REPO_ROOT, distribute_keys, shipped_files, snapshot_app
 
 from coordinator.checkpoint import CHECKPOINT_FILE
 from coordinator.report import CURVE_FILE, METRICS_FILE, SUMMARY_FILE
 from participant.keyholder import generate_keys
+from participant.roster import ROSTER_FILE
 from participant.sealing import create_recipient, seal_file
 from protos.codec import parse_message
 from protos.fedhe.v1 import wire_pb2
@@ -32,41 +34,12 @@ from protos.keyfile import COORDINATOR_KEY, PARTICIPANT_KEY, inspect_key_file
 
 pytestmark = pytest.mark.deployment
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 NUM_NODES = 3
 ROUNDS = 2
 KEY_SUFFIXES = (".ctx", ".pem", ".key", ".x25519", ".x25519.pub", ".sealed")
 FAB_MAX_BYTES = 10 * 1024 * 1024  # Flower's FAB limit
 # Node 2 also exercises the optional `env-variant` node config (a built-in CartPole variant).
 ENV_VARIANTS = {2: "short-pole"}
-
-
-def _valid_app_dir_name(name: str) -> bool:
-    from flwr.cli.utils import is_valid_name
-
-    return bool(is_valid_name(name)[0])
-
-
-def shipped_files(fab: Path) -> list[str]:
-    """FAB members without Flower's own manifest."""
-    return [f for f in fab_files(fab) if f != ".info/CONTENT"]
-
-
-def app_dir_for(tmp_path: Path) -> Path:
-    """The repo root, as `flwr run .` uses it.
-
-    `flwr build/run` require the app directory's basename to be a valid app name (letters,
-    digits, hyphens). For a checkout under e.g. ``fedhe_rl/``, fall back to a copy of exactly
-    the files the repo's FAB ships, in ``tmp_path/fedhe-rl``.
-    """
-    if _valid_app_dir_name(REPO_ROOT.name):
-        return REPO_ROOT
-    fab = build_fab(REPO_ROOT, tmp_path / "fab")
-    app = tmp_path / "fedhe-rl"
-    for rel in shipped_files(fab):
-        (app / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO_ROOT / rel, app / rel)
-    return app
 
 
 def key_files_under(root: Path) -> list[Path]:
@@ -76,18 +49,8 @@ def key_files_under(root: Path) -> list[Path]:
 @pytest.fixture
 def federation_keys(tmp_path: Path):
     """Key ceremony, then distribution as separate organizations would have it."""
-    ceremony = generate_keys(tmp_path / "ceremony")  # default profile (HE-Adam capable)
-    org_dirs = []
-    for i in range(NUM_NODES):
-        d = tmp_path / f"org-{i}" / "keys"
-        d.mkdir(parents=True)
-        shutil.copy2(ceremony.participant_key, d / PARTICIPANT_KEY)
-        org_dirs.append(d)
-    coord_dir = tmp_path / "coordinator" / "keys"
-    coord_dir.mkdir(parents=True)
-    shutil.copy2(ceremony.coordinator_key, coord_dir / COORDINATOR_KEY)
-    shutil.rmtree(ceremony.directory)  # no other copy of the secret key remains
-    return ceremony.fingerprint, org_dirs, coord_dir / COORDINATOR_KEY
+    keys = distribute_keys(tmp_path, NUM_NODES)
+    return keys.fingerprint, keys.org_dirs, keys.coordinator_key
 
 
 @pytest.mark.timeout(540)
@@ -95,15 +58,16 @@ def test_encrypted_federation_on_real_superlink_and_supernodes(tmp_path, federat
     """Both training modes on one deployment: local PPO, then encrypted rollouts (2 rounds each)."""
     fingerprint, org_dirs, coordinator_key = federation_keys
     out_dir = tmp_path / "coordinator" / "run"
-    app_dir = app_dir_for(tmp_path)
+    app_dir = snapshot_app(tmp_path)
 
     # Key distribution: secret key only in the organizations' dirs, nothing else there;
     # the coordinator's dir holds one evaluation-only key file.
     assert sorted(p.name for p in coordinator_key.parent.iterdir()) == [COORDINATOR_KEY]
     coord_info = inspect_key_file(coordinator_key)
     assert not coord_info.has_secret_key and coord_info.fingerprint == fingerprint
-    for d in org_dirs:
-        assert sorted(p.name for p in d.iterdir()) == [PARTICIPANT_KEY]
+    for d in org_dirs:  # the secret key, the roster and this organization's own X25519 pair
+        own = [PARTICIPANT_KEY, ROSTER_FILE, "org.x25519", "org.x25519.pub"]
+        assert sorted(p.name for p in d.iterdir()) == sorted(own)
         assert inspect_key_file(d / PARTICIPANT_KEY).has_secret_key
     secret_copies = sorted(tmp_path.rglob(PARTICIPANT_KEY))
     assert secret_copies == sorted(d / PARTICIPANT_KEY for d in org_dirs)
@@ -156,7 +120,7 @@ def test_encrypted_federation_on_real_superlink_and_supernodes(tmp_path, federat
         assert row["bytes_up"] > 0, row
 
     summary = json.loads((out_dir / SUMMARY_FILE).read_text())
-    assert summary["encrypted"] is True
+    assert summary["encrypted"] is True and summary["masking"] == "pairwise"
     assert summary["rounds"] == ROUNDS
     assert summary["scenario"] == "cartpole"
     assert summary["participants"] == NUM_NODES

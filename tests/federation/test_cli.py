@@ -41,6 +41,12 @@ def test_unknown_scenario_is_a_clear_error(tmp_path):
     assert "no-such-scenario" in run.stderr and "cartpole" in run.stderr
 
 
+def test_masking_where_masks_cannot_cancel_is_a_clear_error(tmp_path):
+    run = fedhe("simulate", "--masking", "pairwise", "--mode", "encrypted-rollouts", "--out", str(tmp_path / "x"))
+    assert run.returncode == 2 and "masks would not cancel" in run.stderr and "masking off" in run.stderr
+    assert "--masking" in fedhe("simulate", "--help").stdout
+
+
 def test_evaluate_on_a_non_run_directory(tmp_path):
     run = fedhe("evaluate", str(tmp_path))
     assert run.returncode == 2 and "not a fedhe run directory" in run.stderr

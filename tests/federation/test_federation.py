@@ -57,16 +57,21 @@ def test_only_ciphertexts_and_permitted_metadata_leave_participants(encrypted_ru
     assert replies == len(kinds) and kinds.count(messages.TRAIN) == 9  # 3 participants x 3 rounds
 
 
-def test_updates_are_clipped_and_prescaled(encrypted_run, holder):
+def test_updates_are_clipped_and_prescaled(encrypted_run, holder, keys):
+    """Under their pairwise masks (on by default with 3 participants; docs/threat-model.md)."""
     from participant.keyholder import decrypt_vector
+    from participant.pairwise_masks import UPDATE_STREAM, PairwiseMasker
     from protos.optimizer import HEAdamConfig
 
     config = HEAdamConfig.for_scenario(load_scenario("cartpole"))
+    assert encrypted_run[3]["masking"] == "pairwise"
     for manifest, folder in _audited_replies(encrypted_run[2]):
         if messages.UPDATE in manifest["array_records"]:
             entry = next(iter(manifest["array_records"][messages.UPDATE].values()))
             update = wire_pb2.ParticipantUpdate.FromString((folder / entry["file"]).read_bytes())
             values = decrypt_vector(holder, from_proto(holder, update.update))
+            masker = PairwiseMasker.load(keys.directory, update.masking.participant_index, holder.fingerprint)
+            values -= masker.mask(np.zeros(values.size), manifest["run_id"], manifest["request_round"], UPDATE_STREAM)
             assert np.linalg.norm(values) <= config.clip_bound * config.update_scale / 3 * (1 + 1e-4)
 
 

@@ -30,6 +30,11 @@ _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 ConfigValue = bool | int | float | str
 
+try:  # imported as `support.deployment_harness` (pytest's pythonpath) or as a plain module
+    from support.credentials import TlsFiles, make_auth_key
+except ImportError:  # pragma: no cover
+    from credentials import TlsFiles, make_auth_key
+
 
 class DeploymentError(RuntimeError):
     """Raised when the deployment cannot be started or queried."""
@@ -159,6 +164,13 @@ def _signal_tree(members: Sequence[tuple[int, str]], sig: int) -> None:
                 pass
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _alive(members: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
     alive = []
     for pid, start in members:
@@ -277,7 +289,11 @@ class LocalDeployment:
         superlink_args: Sequence[str] = (),
         supernode_args: Sequence[str] = (),
         cli_timeout: float = 60.0,
+        tls: TlsFiles | None = None,
+        auth: bool = False,
     ) -> None:
+        """``tls``: serve the SuperLink with these files (else ``--insecure``); ``auth``: SuperNode
+        authentication, with a registered key pair per node (``node_keys``)."""
         if num_nodes < 1:
             raise ValueError("num_nodes must be >= 1")
         if node_configs is not None and len(node_configs) != num_nodes:
@@ -297,6 +313,8 @@ class LocalDeployment:
         self.supernodes: list[ManagedProcess] = []
         self._run_counter = 0
         self.startup_s: float | None = None  # time until all nodes were online
+        self.tls, self.auth = tls, auth
+        self.node_keys: list[tuple[Path, Path]] = []  # (private, public) per node when ``auth``
 
     # ------------------------------------------------------------ environment
     def base_env(self, flwr_home: Path) -> dict[str, str]:
@@ -346,18 +364,37 @@ class LocalDeployment:
         return "\n".join(out)
 
     # -------------------------------------------------------------- lifecycle
-    def start(self) -> LocalDeployment:
+    def start(self, attempts: int = 2) -> LocalDeployment:
+        """Start everything on fresh free ports; a failed start is retried once (a port taken
+        between choosing and binding it, on a shared machine), then raises with every log's tail."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once()
+            except DeploymentError:
+                self.stop()
+                if attempt == attempts:
+                    raise
+                self.superlink, self.supernodes = None, []
+        return self
+
+    def _start_once(self) -> LocalDeployment:
         t0 = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
         ports = free_ports(1 + self.num_nodes)
         self.superlink_port, self.node_ports = ports[0], ports[1:]
         self._write_cli_config()
+        if self.tls is None:
+            transport = ["--insecure"]
+        else:
+            transport = ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
+                         "--ssl-keyfile", str(self.tls.server_key)]
         try:
             self.superlink = self._spawn(
                 "superlink",
                 [
                     _bin("flower-superlink"),
-                    "--insecure",
+                    *transport,
+                    *(["--enable-supernode-auth"] if self.auth else []),
                     "--disable-runtime-dependency-installation",
                     "--host", _HOST,
                     "--port", str(self.superlink_port),
@@ -367,20 +404,12 @@ class LocalDeployment:
             )
             deadline = time.monotonic() + self.startup_timeout
             self._wait(lambda: _port_open(self.superlink_port), deadline, "SuperLink port")
-            for i, (port, cfg) in enumerate(zip(self.node_ports, self.node_configs)):
-                argv = [
-                    _bin("flower-supernode"),
-                    "--insecure",
-                    "--superlink", f"{_HOST}:{self.superlink_port}",
-                    "--host", _HOST,
-                    "--port", str(port),
-                    *self.supernode_args,
-                ]
-                if cfg:
-                    argv += ["--node-config", format_config_pairs(cfg)]
-                self.supernodes.append(
-                    self._spawn(f"supernode-{i}", argv, self.workdir / f"supernode-{i}" / "home")
-                )
+            if self.auth and not self.node_keys:
+                self.node_keys = [make_auth_key(self.workdir / "auth" / f"node-{i}") for i in range(self.num_nodes)]
+            for _, public in self.node_keys:
+                self.register(public)
+            for i in range(self.num_nodes):
+                self.supernodes.append(self.spawn_node(i))
             self._wait(
                 lambda: len(self.online_nodes()) >= self.num_nodes,
                 deadline,
@@ -391,6 +420,53 @@ class LocalDeployment:
             self.stop()
             raise
         return self
+
+    def spawn_node(
+        self, i: int, *, root_certificates: Path | None = None, auth_key: Path | None = None, name: str = ""
+    ) -> ManagedProcess:
+        """Start SuperNode ``i`` (its port, node config and, with ``auth``, its key); the keyword
+        arguments override what it trusts and which key it presents, and a ``name`` starts an extra
+        process on a port of its own (refusal tests, restarts)."""
+        port = self.node_ports[i] if not name else free_ports(1)[0]
+        if self.tls is None:
+            transport = ["--insecure"]
+        else:
+            transport = ["--root-certificates", str(root_certificates or self.tls.ca_cert)]
+        key = auth_key or (self.node_keys[i][0] if self.auth and i < len(self.node_keys) else None)
+        argv = [
+            _bin("flower-supernode"),
+            *transport,
+            *(["--auth-supernode-private-key", str(key)] if key else []),
+            "--superlink", f"{_HOST}:{self.superlink_port}",
+            "--host", _HOST,
+            "--port", str(port),
+            *self.supernode_args,
+        ]
+        cfg = self.node_configs[i] if i < len(self.node_configs) else {}
+        if cfg:
+            argv += ["--node-config", format_config_pairs(cfg)]
+        label = name or f"supernode-{i}"
+        return self._spawn(label, argv, self.workdir / label / "home")
+
+    def kill_node(self, i: int) -> None:
+        """SIGKILL SuperNode ``i`` and everything it started (a crashed machine)."""
+        _signal_tree(_descendants([self.supernodes[i].popen.pid]), signal.SIGKILL)
+        self.supernodes[i].popen.wait(timeout=10)
+
+    def restart_node(self, i: int) -> None:
+        self.supernodes[i] = self.spawn_node(i, name=f"supernode-{i}-restarted")
+
+    def kill_serverapp(self) -> int:
+        """SIGKILL the running ServerApp process (the coordinator dying mid-run); returns how many."""
+        targets = [(pid, start) for pid, start in _descendants([self.superlink.popen.pid])
+                   if "flwr-serverapp" in _cmdline(pid)]
+        _signal_tree(targets, signal.SIGKILL)
+        return len(targets)
+
+    def register(self, public_key: Path) -> None:
+        proc = self.flwr("supernode", "register", str(public_key), CONNECTION_NAME)
+        if proc.returncode != 0:
+            raise DeploymentError(f"registering {public_key} failed: {proc.stdout}{proc.stderr}")
 
     def _wait(self, cond: Any, deadline: float, what: str) -> None:
         while True:
@@ -420,12 +496,12 @@ class LocalDeployment:
     # -------------------------------------------------------------------- CLI
     def _write_cli_config(self) -> None:
         self.cli_home.mkdir(parents=True, exist_ok=True)
+        transport = "insecure = true\n" if self.tls is None else f'root-certificates = "{self.tls.ca_cert.resolve()}"\n'
         (self.cli_home / "config.toml").write_text(
             "[superlink]\n"
             f'default = "{CONNECTION_NAME}"\n\n'
             f"[superlink.{CONNECTION_NAME}]\n"
-            f'address = "{_HOST}:{self.superlink_port}"\n'
-            "insecure = true\n",
+            f'address = "{_HOST}:{self.superlink_port}"\n' + transport,
             encoding="utf-8",
         )
 

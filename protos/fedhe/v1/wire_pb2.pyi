@@ -35,6 +35,38 @@ class EncryptedVector(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., key_fingerprint: _Optional[str] = ..., he_profile: _Optional[str] = ..., length: _Optional[int] = ..., slots_per_chunk: _Optional[int] = ..., chunks: _Optional[_Iterable[bytes]] = ..., encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
 
 class ParticipantUpdate(_message.Message):
+    __slots__ = ("protocol_version", "round", "update", "rollout_stats", "masking")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_STATS_FIELD_NUMBER: _ClassVar[int]
+    MASKING_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    round: int
+    update: EncryptedVector
+    rollout_stats: EncryptedVector
+    masking: PairwiseMasking
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., update: _Optional[_Union[EncryptedVector, _Mapping]] = ..., rollout_stats: _Optional[_Union[EncryptedVector, _Mapping]] = ..., masking: _Optional[_Union[PairwiseMasking, _Mapping]] = ...) -> None: ...
+
+class PairwiseMasking(_message.Message):
+    __slots__ = ("participant_index", "roster_size")
+    PARTICIPANT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_SIZE_FIELD_NUMBER: _ClassVar[int]
+    participant_index: int
+    roster_size: int
+    def __init__(self, participant_index: _Optional[int] = ..., roster_size: _Optional[int] = ...) -> None: ...
+
+class MaskCorrectionRequest(_message.Message):
+    __slots__ = ("protocol_version", "round", "dropped")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    round: int
+    dropped: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., dropped: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class MaskCorrection(_message.Message):
     __slots__ = ("protocol_version", "round", "update", "rollout_stats")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
