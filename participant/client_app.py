@@ -26,6 +26,10 @@ from protos.settings import RunSettings
 from scenarios import Scenario, resolve_run
 
 log = logging.getLogger("fedhe.participant")
+# The "query.<name>" message types a participant answers without training.
+QUERIES = tuple(
+    kind.split(".", 1)[1] for kind in (messages.REFRESH, messages.NORMS, messages.GRADIENT, messages.UNMASK)
+)
 
 
 @lru_cache(maxsize=4)
@@ -79,22 +83,11 @@ def build_client_app(settings: RunSettings | None = None, mods: list[Mod] | None
     def train(msg: Message, context: Context) -> Message:
         return respond(msg, context, training=True)
 
-    @app.query("refresh")
-    def refresh(msg: Message, context: Context) -> Message:
+    def answer(msg: Message, context: Context) -> Message:
         return respond(msg, context, training=False)
 
-    @app.query("norms")
-    def norms(msg: Message, context: Context) -> Message:
-        return respond(msg, context, training=False)
-
-    @app.query("gradient")
-    def gradient(msg: Message, context: Context) -> Message:
-        return respond(msg, context, training=False)
-
-    @app.query("unmask")
-    def unmask(msg: Message, context: Context) -> Message:
-        return respond(msg, context, training=False)
-
+    for query in QUERIES:  # key-holder requests: the message's records say what is asked
+        app.query(query)(answer)
     return app
 
 

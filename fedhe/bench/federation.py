@@ -43,8 +43,10 @@ def run_federation_bench(
     mode: str = "local-ppo",
     stop_on_solve: bool = False,
     greedy_episodes: int = 10,
+    masking: str = "auto",
 ) -> dict:
-    scenario, resolved = resolve_run(RunSettings(scenario=scenario_ref, mode=mode, num_server_rounds=rounds or 0))
+    base = RunSettings(scenario=scenario_ref, mode=mode, num_server_rounds=rounds or 0, masking=masking)
+    scenario, resolved = resolve_run(base)
     n = participants or scenario.num_participants
     total_rounds = resolved.num_server_rounds
     root = Path(out_root or tempfile.mkdtemp(prefix="fedhe-bench-federation-"))
@@ -52,8 +54,9 @@ def run_federation_bench(
     for seed in range(seeds):
         for kind in ("plaintext", "encrypted"):
             out = root / f"{kind}-seed{seed}"
-            settings = replace(resolved, plaintext=kind == "plaintext", out_dir=str(out), seed=seed,
-                               min_participants=n, stop_on_solve=stop_on_solve)
+            settings = replace(base, num_server_rounds=total_rounds, plaintext=kind == "plaintext", out_dir=str(out),
+                               seed=seed, min_participants=n, stop_on_solve=stop_on_solve,
+                               masking="off" if kind == "plaintext" else masking)
             t0 = time.perf_counter()
             summary = simulate(settings, n)
             rows = read_metrics(out)
@@ -92,6 +95,7 @@ def run_federation_bench(
     return {
         "scenario": scenario.name,
         "mode": mode,
+        "masking": resolve_run(replace(base, plaintext=False), n)[1].masking,
         "stop_on_solve": stop_on_solve,
         "participants": n,
         "rounds": total_rounds,
