@@ -41,15 +41,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def current_rss_mb() -> float:
+    """Resident memory now (Linux), to tell a leak from one early peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def run_soak(
     rounds: int = 200, participants: int = 10, fail_rate: float = 0.1, scenario: str = "cartpole",
     plaintext: bool = False, seed: int = 0, out: Path | None = None, on_round: Callable[[int], None] | None = None,
 ) -> dict:
     out = Path(out or tempfile.mkdtemp(prefix="fedhe-soak-"))
     rss: dict[int, float] = {}
+    now: dict[int, float] = {}
 
     def record(outcome, _row) -> None:
         rss[outcome.round] = peak_rss_mb()
+        now[outcome.round] = current_rss_mb()
         if on_round:
             on_round(outcome.round)
 
@@ -69,6 +79,9 @@ def run_soak(
         "rss_mb_round_20": round(early, 1),
         "rss_mb_last": round(last, 1),
         "rss_growth": round(last / early - 1, 4) if early == early and early > 0 else None,
+        "current_rss_mb_round_20": round(now.get(min(20, rounds), float("nan")), 1),
+        "current_rss_mb_last": round(now.get(max(now) if now else rounds, float("nan")), 1),
+        "current_rss_mb_by_round": {r: round(now[r], 1) for r in sorted(now) if r % 20 == 0},
         "final_return": summary["final_return"],
         "wall_s": summary["wall_s"],
         "out_dir": str(out),
