@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.he_adam import _add_plain
+from coordinator.he_adam import add_plain_vector
 from coordinator.secret_random import secret_uniform
 from protos.backend import Chunk, HEBackend
 from protos.codec import EncryptedVector
@@ -168,7 +168,7 @@ def unmask_collapsed(
         raise ChunkLayoutError(f"collapsed gradient has {dense.length} values, layout has {layout.num_params}")
     if len(masks) != layout.gradient_vectors:
         raise ValueError(f"{len(masks)} masks, layout needs {layout.gradient_vectors}")
-    return _add_plain(backend, dense, -layout.collapse(list(masks)))
+    return add_plain_vector(backend, dense, -layout.collapse(list(masks)))
 
 
 def levels_used(backend: HEBackend, per_slot: Sequence[Chunk]) -> int:

@@ -133,7 +133,7 @@ def mask_state(
     for name, vec in state.items():
         mask = secret_uniform(-MASK_BOUND, MASK_BOUND, vec.length)
         masks.values[name] = mask
-        masked[name] = _add_plain(backend, vec, mask)
+        masked[name] = add_plain_vector(backend, vec, mask)
     return masked, masks
 
 
@@ -143,10 +143,11 @@ def unmask_state(
     """Remove the masks from the refresher's fresh, full-depth ciphertexts."""
     if set(refreshed) != set(masks.values):
         raise ValueError(f"refresh returned {sorted(refreshed)}, expected {sorted(masks.values)}")
-    return {name: _add_plain(backend, vec, -masks.values[name]) for name, vec in refreshed.items()}
+    return {name: add_plain_vector(backend, vec, -masks.values[name]) for name, vec in refreshed.items()}
 
 
-def _add_plain(backend: HEBackend, vec: EncryptedVector, values: np.ndarray) -> EncryptedVector:
+def add_plain_vector(backend: HEBackend, vec: EncryptedVector, values: np.ndarray) -> EncryptedVector:
+    """Add a plaintext vector (a mask, or minus one) chunk by chunk; no level is used."""
     slots = backend.slots
     padded = pad_to_chunks(values, slots)
     return EncryptedVector(

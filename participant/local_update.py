@@ -21,13 +21,14 @@ from participant.malicious import (
     craft_update,
 )
 from participant.ppo import ParticipantTrainer
+from protos import messages
 from protos.dp import dp_clip_and_noise
 from protos.optimizer import HEAdamConfig
 from protos.settings import RunSettings
 from protos.update_units import UpdateUnits, clip_l2
 from scenarios import Scenario
 
-STATS_NONE = np.zeros(3)  # malicious participants report no rollout statistics
+STATS_NONE = np.zeros(messages.STATS_LENGTH)  # malicious participants report no rollout statistics
 
 
 @dataclass(frozen=True)
