@@ -117,6 +117,7 @@ def simulate(
     from fedhe.simulate import simulate as run
     from protos.settings import RunSettings
     from scenarios import resolve_run
+    from scenarios.registry import resolve_masking
 
     settings = RunSettings(
         scenario=scenario,
@@ -142,7 +143,7 @@ def simulate(
     if not resume and has_checkpoint:
         fail(f"{out} already holds a run; use --resume to continue it or choose another --out")
     n = participants or spec.num_participants
-    resolved = resolve_run(settings, n)[1]  # masking auto: decided by the number of organizations
+    resolved = replace(resolved, masking=resolve_masking(settings, n))  # auto: decided by the organizations
     total = resolved.num_server_rounds
     settings = replace(settings, out_dir=str(out), min_participants=max(1, n - 1))
     kind = "plaintext baseline" if plaintext else f"encrypted, {resolved.he_profile}, masking {resolved.masking}"

@@ -79,10 +79,15 @@ def _significant(value: float, digits: int) -> bool:
     return value == float(f"{value:.{digits}g}")
 
 
+# Every reply message starts with the protocol version and the round of the request it answers.
+REPLY_HEADER: dict[str, Check] = {
+    "protocol_version": lambda v, r: v == PROTOCOL_VERSION,
+    "round": lambda v, r: v == r,
+}
+
 ALLOWED_FIELDS: dict[str, dict[str, str | Check]] = {
     "fedhe.v1.ParticipantUpdate": {
-        "protocol_version": lambda v, r: v == PROTOCOL_VERSION,
-        "round": lambda v, r: v == r,
+        **REPLY_HEADER,
         "update": "vector",
         "rollout_stats": "vector",
         "masking": "message",
@@ -92,28 +97,24 @@ ALLOWED_FIELDS: dict[str, dict[str, str | Check]] = {
         "roster_size": lambda v, r: v >= 1,
     },
     "fedhe.v1.MaskCorrection": {
-        "protocol_version": lambda v, r: v == PROTOCOL_VERSION,
-        "round": lambda v, r: v == r,
+        **REPLY_HEADER,
         "update": "vector",
         "rollout_stats": "vector",
     },
     "fedhe.v1.RefreshReply": {
-        "protocol_version": lambda v, r: v == PROTOCOL_VERSION,
-        "round": lambda v, r: v == r,
+        **REPLY_HEADER,
         "theta": "vector",
         "state": "vector-map",
         "released": "message",
         "theta_tiled": "vector",
     },
     "fedhe.v1.RolloutUpload": {
-        "protocol_version": lambda v, r: v == PROTOCOL_VERSION,
-        "round": lambda v, r: v == r,
+        **REPLY_HEADER,
         "blocks": "vector-list",
         "rollout_stats": "vector",
     },
     "fedhe.v1.GradientReply": {
-        "protocol_version": lambda v, r: v == PROTOCOL_VERSION,
-        "round": lambda v, r: v == r,
+        **REPLY_HEADER,
         "gradient": "vector",
     },
     "fedhe.v1.ReleasedMetrics": {
@@ -124,8 +125,7 @@ ALLOWED_FIELDS: dict[str, dict[str, str | Check]] = {
         "valid": lambda v, r: True,
     },
     "fedhe.v1.NormReply": {
-        "protocol_version": lambda v, r: v == PROTOCOL_VERSION,
-        "round": lambda v, r: v == r,
+        **REPLY_HEADER,
         "masked_sums": lambda v, r: all(_significant(x, 4) for x in v),
     },
 }
