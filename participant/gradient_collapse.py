@@ -19,12 +19,13 @@ Why round: an exact CKKS decryption carries the decryption error, a function of 
 (Li and Micciancio, Eurocrypt 2021), and whatever the key holder re-encrypts here flows into theta,
 which participants decrypt and a run finally releases. So the key holder rounds the collapsed
 (still masked) values to a fixed absolute grid, ``COLLAPSE_GRID = 2^-24`` (6e-8) by default, and
-re-encrypts only the rounded values. The key-dependent part of the error is far below the grid: in
-``fedhe bench encrypted-gradient`` (3 x 2048 transitions, n16k-d6, ``delta_scale`` 4096) two
-encryptions of the same rollouts give collapsed values that differ by a standard deviation of
-about 1e-10 (maximum 3e-10). Since the secret mask sums place the grid at a uniformly random
+re-encrypts only the rounded values. The key-dependent part of the error is far below the grid: at
+a run's ``delta_scale`` (4096 for 3 owners x 2048 transitions) two encryptions of the same rollouts
+give collapsed values that differ by a standard deviation of about 3e-10 (maximum about 2e-9 over
+the coordinates; ``tests/coordinator/test_encrypted_gradient.py`` checks both with a 4x margin).
+Since the secret mask sums place the grid at a uniformly random
 offset, a rounded coordinate depends on that error only with probability about ``2 |err| / grid``,
-about 0.2% (2^-30 would give about 15%). Rounding is not noise
+about 1% of the coordinates (2^-30 would give most of them). Rounding is not noise
 flooding: it makes the leak rare, it does not prove it away. The grid's own error (at most half a
 grid step, 3e-8) is negligible against HE-Adam's input ``u = s G`` with ``|u| <= sqrt(B - 1)``
 and against CKKS's deterministic rescaling error (about 1e-5 relative).
