@@ -133,13 +133,13 @@ class TensealBackend(HEBackend):
         return vec
 
     def add(self, a: ts.CKKSVector, b: ts.CKKSVector) -> ts.CKKSVector:
-        return a + b
+        return a + _spare(a, b)
 
     def sub(self, a: ts.CKKSVector, b: ts.CKKSVector) -> ts.CKKSVector:
-        return a - b
+        return a - _spare(a, b)
 
     def mul(self, a: ts.CKKSVector, b: ts.CKKSVector) -> ts.CKKSVector:
-        return a * b
+        return a * _spare(a, b)
 
     def mul_scalar(self, a: ts.CKKSVector, c: float) -> ts.CKKSVector:
         return a * float(c)
@@ -151,8 +151,19 @@ class TensealBackend(HEBackend):
         return a + np.asarray(values, dtype=np.float64).tolist()
 
     def levels_left(self, chunk: ts.CKKSVector) -> int:
-        (ct,) = chunk.ciphertext()
-        return ct.coeff_modulus_size() - 1
+        return _primes(chunk) - 1
+
+
+def _primes(chunk: ts.CKKSVector) -> int:
+    (ct,) = chunk.ciphertext()
+    return ct.coeff_modulus_size()
+
+
+def _spare(a: ts.CKKSVector, b: ts.CKKSVector) -> ts.CKKSVector:
+    """``b``, or a copy of it when it sits at a higher level than ``a``: TenSEAL's automatic
+    modulus switching lowers the right operand *in place*, which would silently degrade a
+    ciphertext the caller still holds (a kept optimizer state after a failed round)."""
+    return b.copy() if _primes(b) > _primes(a) else b
 
 
 class PlainBackend(HEBackend):

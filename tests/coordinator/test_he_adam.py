@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -95,6 +97,28 @@ def test_ciphertext_adam_matches_numpy_adam(holder, coordinator_backend):
         assert np.max(np.abs(w / ref - 1)) < 1e-3
     lo, hi = config.validate().interval
     assert all(lo <= x.min() and x.max() <= hi for x in xs)
+
+
+def test_a_step_leaves_its_inputs_untouched_and_frees_everything(coordinator_backend):
+    """TenSEAL lowers a higher-level right operand in place, and a recursive closure would keep every
+    ciphertext of a polynomial evaluation alive until a full garbage collection (gigabytes over a
+    200-round soak). Both would break keeping the old state after a failed round."""
+    config = HEAdamConfig(lr=0.05, clip_bound=1.0)
+    poly, n = config.validate(coordinator_backend.profile), 100
+    theta = encrypt_vector(coordinator_backend, np.zeros(n))
+    state = HEAdamState(theta, **initial_optimizer_state(coordinator_backend, n))
+    aggregate = encrypt_vector(coordinator_backend, np.full(n, 0.1))
+    inputs = [state.theta, state.m, state.v, state.w, aggregate]
+    full = coordinator_backend.profile.levels
+    gc.collect()
+    gc.disable()
+    try:
+        he_adam_step(coordinator_backend, state, aggregate, config, poly)
+        cycles = gc.collect()
+    finally:
+        gc.enable()
+    assert cycles == 0
+    assert [coordinator_backend.levels_left(v.chunks[0]) for v in inputs] == [full] * 5
 
 
 def test_plaintext_backend_runs_the_identical_algorithm():
