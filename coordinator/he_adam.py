@@ -98,26 +98,36 @@ def he_adam_step(
     poly: InverseSqrtPolynomial,
 ) -> StepResult:
     """One HE-Adam step on the summed, pre-scaled updates ``aggregate`` (= s * G)."""
-    b1, b2, gain = config.beta1, config.beta2, config.step_gain
-
-    def step(theta: Chunk, m: Chunk, z: Chunk, w: Chunk, u: Chunk) -> tuple[Chunk, ...]:
-        m_new = backend.add(backend.mul_scalar(m, b1), backend.mul_scalar(u, 1 - b1))
-        km = backend.add(backend.mul_scalar(m, gain * b1), backend.mul_scalar(u, gain * (1 - b1)))
-        z_new = backend.add_scalar(backend.add(backend.mul_scalar(z, b2), backend.mul(u, u)), 1 - b2)
-        x = backend.mul(z_new, backend.mul(w, w))
-        p = evaluate_polynomial(backend, backend.add_scalar(x, -poly.center), poly.coefficients)
-        w_new = backend.mul(w, p)
-        theta_new = backend.sub(theta, backend.mul(backend.mul(km, w), p))
-        return theta_new, m_new, z_new, w_new, x
-
     parts = [
-        step(*chunks)
-        for chunks in zip(
-            state.theta.chunks, state.m.chunks, state.v.chunks, state.w.chunks, aggregate.chunks
-        )
+        step_chunk(backend, m, z, w, u, config, poly)
+        for m, z, w, u in zip(state.m.chunks, state.v.chunks, state.w.chunks, aggregate.chunks)
     ]
-    n = aggregate.length
-    theta, m, v, w, x = (EncryptedVector([p[i] for p in parts], n) for i in range(5))
+    return assemble_step(backend, state, parts, aggregate.length)
+
+
+def step_chunk(
+    backend: HEBackend, m: Chunk, z: Chunk, w: Chunk, u: Chunk, config: HEAdamConfig, poly: InverseSqrtPolynomial
+) -> tuple[Chunk, Chunk, Chunk, Chunk, Chunk]:
+    """The step on one chunk: ``(delta, m~_t, z_t, w~_t, x)`` with ``theta_t = theta - delta``.
+
+    theta itself is only needed for that last subtraction, so it never has to travel to a worker
+    process (``coordinator.parallel_step``).
+    """
+    b1, b2, gain = config.beta1, config.beta2, config.step_gain
+    m_new = backend.add(backend.mul_scalar(m, b1), backend.mul_scalar(u, 1 - b1))
+    km = backend.add(backend.mul_scalar(m, gain * b1), backend.mul_scalar(u, gain * (1 - b1)))
+    z_new = backend.add_scalar(backend.add(backend.mul_scalar(z, b2), backend.mul(u, u)), 1 - b2)
+    x = backend.mul(z_new, backend.mul(w, w))
+    p = evaluate_polynomial(backend, backend.add_scalar(x, -poly.center), poly.coefficients)
+    w_new = backend.mul(w, p)
+    delta = backend.mul(backend.mul(km, w), p)
+    return delta, m_new, z_new, w_new, x
+
+
+def assemble_step(backend: HEBackend, state: HEAdamState, parts: list[tuple], length: int) -> StepResult:
+    """Subtract each chunk's ``delta`` from theta and gather the per-chunk results into vectors."""
+    theta = EncryptedVector([backend.sub(t, p[0]) for t, p in zip(state.theta.chunks, parts)], length)
+    m, v, w, x = (EncryptedVector([p[i] for p in parts], length) for i in range(1, 5))
     return StepResult(HEAdamState(theta, m, v, w, state.step + 1), x)
 
 
@@ -196,9 +206,11 @@ __all__ = [
     "NumpyAdam",
     "STATE_NAMES",
     "evaluate_polynomial",
+    "assemble_step",
     "he_adam_step",
     "initial_optimizer_state",
     "mask_state",
     "reference_adam",
+    "step_chunk",
     "unmask_state",
 ]

@@ -88,20 +88,23 @@ def read_mask_correction(
 
 def read_refresh(
     backend: HEBackend, reply: Message, round_: int, num_params: int, state_names: tuple[str, ...],
-    tiled_length: int = 0,
+    tiled_length: int = 0, want_theta: bool = False,
 ) -> RefreshAnswer:
-    """Fresh theta (if asked for), the still-masked optimizer state ``state_names`` and, in the
-    encrypted-rollout mode (``tiled_length`` > 0), theta in the block layout."""
+    """Fresh theta (``want_theta``: only before round 1, when the coordinator holds none), the
+    still-masked optimizer state ``state_names`` and, in the encrypted-rollout mode
+    (``tiled_length`` > 0), theta in the block layout."""
     answer = messages.unpack(reply.content, messages.REFRESH_REPLY, wire_pb2.RefreshReply,
                              max_bytes=refresh_limit(backend, num_params, tiled_length))
     _check_round("refresh reply", answer.protocol_version, answer.round, round_)
     if set(answer.state) != set(state_names):
         raise MalformedMessageError(f"refresh reply holds state {sorted(answer.state)}, expected {sorted(state_names)}")
-    theta = (from_proto(backend, answer.theta, expected_length=num_params, fresh=True)
-             if answer.HasField("theta") else None)
+    if answer.HasField("theta") != want_theta:
+        raise MalformedMessageError("refresh reply lacks theta" if want_theta else
+                                    "refresh reply carries a theta the coordinator did not ask for")
+    theta = from_proto(backend, answer.theta, expected_length=num_params, fresh=True) if want_theta else None
     state = {k: from_proto(backend, v, expected_length=num_params, fresh=True) for k, v in answer.state.items()}
     tiled = None
-    if tiled_length and answer.HasField("theta"):
+    if tiled_length:
         if not answer.HasField("theta_tiled"):
             raise MalformedMessageError("refresh reply lacks the tiled theta this mode needs")
         tiled = from_proto(backend, answer.theta_tiled, expected_length=tiled_length, fresh=True)

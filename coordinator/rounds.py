@@ -64,6 +64,7 @@ from protos.backend import HEBackend
 from protos.codec import PROTOCOL_VERSION, EncryptedVector, map_chunks, to_proto
 from protos.errors import WireError
 from protos.fedhe.v1 import wire_pb2
+from protos.phase_timer import PhaseTimer
 from protos.rollout_layout import BlockLayout
 from protos.update_units import UpdateUnits
 
@@ -83,6 +84,7 @@ class RoundOutcome:
     bytes_down: int = 0
     wall_s: float = 0.0
     extras: dict = field(default_factory=dict)  # defense and DP fields of this round's metrics row
+    timer: PhaseTimer = field(default_factory=PhaseTimer)  # the coordinator's own costs, per phase
 
     def fail(self, node: int, reason: str) -> None:
         """One line per failed participant round; participants' own error replies already name
@@ -216,7 +218,8 @@ class HEAdamCoordinator:
         outcome = RoundOutcome(server_round)
         nodes = self._wait_for_nodes(grid)
         refresher = nodes[(server_round - 1) % len(nodes)]
-        outgoing, masks = self.train_messages(server_round, nodes, refresher)
+        with outcome.timer.phase("messages_out"):
+            outgoing, masks = self.train_messages(server_round, nodes, refresher)
         outcome.bytes_down = sum(messages.payload_bytes(m.content) for m in outgoing)
         sums = RoundSums(self.backend, keep=self.defense in ROBUST_DEFENSES)
         refreshed: tuple[EncryptedVector, dict, EncryptedVector | None] | None = None
@@ -226,7 +229,10 @@ class HEAdamCoordinator:
 
         def read_train(reply: Message) -> Message:
             if layout is None:
-                sums.add(*read_update(self.backend, reply, server_round, self.num_params, masked))
+                with outcome.timer.phase("read_updates"):
+                    update = read_update(self.backend, reply, server_round, self.num_params, masked)
+                with outcome.timer.phase("sum"):
+                    sums.add(*update)
             else:
                 blocks, stats = read_rollout(self.backend, reply, server_round, layout.block_vectors * layout.slots,
                                              self.rollouts.blocks(layout))
@@ -236,9 +242,10 @@ class HEAdamCoordinator:
 
         for node, reply in self._exchange(grid, outgoing, read_train, outcome, "update"):
             if node == refresher:
-                refreshed = self._guarded(
-                    outcome, node, "refresh", lambda r=reply: self._take_refresh(r, masks, server_round)
-                )
+                with outcome.timer.phase("refresh_in"):
+                    refreshed = self._guarded(
+                        outcome, node, "refresh", lambda r=reply: self._take_refresh(r, masks, server_round)
+                    )
         outcome.answered = sums.count
         if sums.count < self.min_participants:
             log.warning(
@@ -272,9 +279,10 @@ class HEAdamCoordinator:
             if aggregate is None:
                 log.warning("round %d: no key holder answered the norm query; state unchanged", server_round)
                 return self._finish(outcome, t0)
-        step = he_adam_step(
-            self.backend, HEAdamState(theta, **state, step=self._steps()), aggregate, self.config, self.poly
-        )
+        with outcome.timer.phase("he_adam"):
+            step = he_adam_step(
+                self.backend, HEAdamState(theta, **state, step=self._steps()), aggregate, self.config, self.poly
+            )
         outcome.he_ms = (time.perf_counter() - t_he) * 1e3
         if self.dp_z > 0:
             z_eff = effective_noise_multiplier(self.dp_z, sums.count, len(nodes))
@@ -305,7 +313,9 @@ class HEAdamCoordinator:
                 "failed": outcome.failed,
                 **outcome.extras,
             }
-            self._save()
+            with outcome.timer.phase("checkpoint"):
+                self._save()
+            self.state.pending_round["phases_ms"] = outcome.timer.rounded()  # for the row, incl. checkpointing
         else:
             causes = outcome.failed or [f"round {outcome.round}: only {outcome.answered} participant(s) answered"]
             self.failed_rounds.append({"round": outcome.round, "failed": causes})
@@ -485,16 +495,18 @@ class HEAdamCoordinator:
         The node is the one the request went to (Flower's error replies for a dead node do not
         name it); every node that stays silent is recorded as that participant's failure.
         """
-        ids = grid.push_messages(outgoing)
+        with outcome.timer.phase("push"):
+            ids = grid.push_messages(outgoing)
         pending = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, outgoing) if mid}
         deadline = time.monotonic() + self.round_timeout
         while pending and time.monotonic() < deadline:
-            replies = list(grid.pull_messages(list(pending)))
+            with outcome.timer.phase("wait"):
+                replies = list(grid.pull_messages(list(pending)))
+                if not replies:
+                    time.sleep(POLL_SECONDS)
             for reply in replies:
                 node = pending.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
                 yield node, reply
-            if not replies:
-                time.sleep(POLL_SECONDS)
         for node in pending.values():
             outcome.fail(node, f"no reply within the round timeout ({self.round_timeout:g} s)")
 
@@ -527,11 +539,13 @@ class HEAdamCoordinator:
     # -- refresh ----------------------------------------------------------------------------------
     def _take_refresh(self, reply: Message, masks: Masks | None, server_round: int):
         tiled_length = self.rollouts.tiled_length() if self.rollouts else 0
+        current = self.state.optimizer
         answer: RefreshAnswer = read_refresh(
-            self.backend, reply, server_round, self.num_params, STATE_NAMES if masks else (), tiled_length
+            self.backend, reply, server_round, self.num_params, STATE_NAMES if masks else (), tiled_length,
+            want_theta=current is None,
         )
-        if answer.theta is None:
-            raise WireError("refresh reply lacks theta")
+        # theta is never refreshed: HE-Adam only subtracts from it, which needs no level.
+        theta = answer.theta if current is None else current.theta
         state = (
             unmask_state(self.backend, answer.state, masks)
             if masks
@@ -539,7 +553,7 @@ class HEAdamCoordinator:
         )
         if answer.released is not None:
             self._record_release(answer.released)
-        return answer.theta, state, answer.theta_tiled
+        return theta, state, answer.theta_tiled
 
     def _fallback_refresh(self, grid: Grid, server_round: int, nodes: list[int], refresher: int, outcome: RoundOutcome):
         for node in [n for n in nodes if n != refresher]:

@@ -137,6 +137,34 @@ def bench_federation(
     typer.echo(json.dumps(result, indent=None if as_json else 2))
 
 
+@bench_app.command("round")
+def bench_round(
+    scenario: str = typer.Option("cartpole", "--scenario", help="Scenario to profile."),
+    rounds: int = typer.Option(8, "--rounds", "-r", help="Rounds per run (the first is warm-up, left out)."),
+    participants: int | None = typer.Option(None, "--participants", "-n"),
+    seed: int = typer.Option(0),
+    out: Path | None = typer.Option(None, "--out", help="Keep the runs here (default: a temp dir)."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
+) -> None:
+    """Where a round's time goes: per-phase medians on each side, encrypted next to plaintext.
+
+    Coordinator phases: messages_out (mask the state, serialize), push, wait (transport and the
+    participants' work), read_updates (parse and validate), sum, refresh_in, he_adam, checkpoint.
+    Participant phases: decrypt_theta, refresh (the refresher's re-encryption), train,
+    mask_encrypt. Example: fedhe bench round --scenario cartpole --json
+    """
+    from fedhe.bench.round_profile import run_round_profile
+
+    with progress_bar() as bar:
+        task = bar.add_task("federations", total=2)
+        try:
+            result = run_round_profile(scenario, rounds, participants, seed, out,
+                                       on_run=lambda kind: bar.update(task, advance=1, description=f"{kind} done"))
+        except (WireError, ValueError, RuntimeError) as exc:
+            fail(str(exc))
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
 @bench_app.command("soak")
 def bench_soak(
     rounds: int = typer.Option(200, "--rounds", "-r", help="Rounds to run."),

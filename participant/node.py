@@ -32,6 +32,7 @@ from protos.codec import PROTOCOL_VERSION, check_version, encrypt_vector, from_p
 from protos.errors import ChunkLayoutError, FingerprintMismatchError, KeyFileError
 from protos.fedhe.v1 import wire_pb2
 from protos.optimizer import STATE_NAMES
+from protos.phase_timer import PhaseTimer, append_local_profile
 from protos.profiles import get_profile
 from protos.rollout_layout import layout_for_round
 from scenarios import Scenario
@@ -71,7 +72,8 @@ def released_metrics(holder: KeyHolder, stats: wire_pb2.EncryptedVector, round_:
 def refresh(
     holder: KeyHolder, request: wire_pb2.RefreshRequest, theta: np.ndarray | None, num_params: int
 ) -> wire_pb2.RefreshReply:
-    """Client-aided bootstrapping: fresh ciphertexts of theta and of the still-masked state."""
+    """Client-aided bootstrapping: fresh ciphertexts of the still-masked state (and of theta, given only
+    before round 1, when the coordinator holds none: HE-Adam only subtracts from theta, which needs no level)."""
     reply = wire_pb2.RefreshReply(protocol_version=PROTOCOL_VERSION, round=request.round)
     if theta is not None:
         reply.theta.CopyFrom(to_proto(holder, encrypt_vector(holder, theta)))
@@ -107,12 +109,13 @@ def handle(
     if identity.run.masking == "pairwise":  # before any work: a missing roster or key is a clear error
         masker = cached_masker(identity.key_dir, identity.participant_index, holder.fingerprint)
 
-    theta = None
+    theta, timer = None, PhaseTimer()
     if messages.THETA in content.array_records:
         msg = messages.unpack(
             content, messages.THETA, wire_pb2.EncryptedVector, max_bytes=max_bytes_for(holder, num_params)
         )
-        theta = decrypt_vector(holder, from_proto(holder, msg, expected_length=num_params))
+        with timer.phase("decrypt_theta"):
+            theta = decrypt_vector(holder, from_proto(holder, msg, expected_length=num_params))
     elif bool(config.get("init", False)):
         theta = network.init(identity.run.seed)
     reply = RecordDict(
@@ -126,7 +129,10 @@ def handle(
         limit = max_bytes_for(holder, num_params, len(STATE_NAMES)) + max_bytes_for(holder, messages.STATS_LENGTH)
         request = messages.unpack(content, messages.REFRESH_REQUEST, wire_pb2.RefreshRequest, max_bytes=limit)
         check_refresh_request(request, round_, ledger)
-        answer = refresh(holder, request, theta, num_params)
+        with timer.phase("refresh"):
+            # theta goes back only when the coordinator holds none yet (it sent none): before round 1
+            fresh_theta = None if messages.THETA in content.array_records else theta
+            answer = refresh(holder, request, fresh_theta, num_params)
         if layout is not None and theta is not None:
             answer.theta_tiled.CopyFrom(tiled_theta(holder, theta, layout))
         reply[messages.REFRESH_REPLY] = messages.pack(answer)
@@ -161,11 +167,14 @@ def handle(
                 encrypted_rollout(holder, round_, owner.contribute(theta, participants, layout))
             )
         else:
-            update, stats = local_update(scenario, identity, run_id, theta, round_, participants)
-            masks = masker.round(run_id, round_) if masker is not None else None
-            reply[messages.UPDATE] = messages.pack(encrypted_update(holder, round_, update, stats, masks))
+            with timer.phase("train"):
+                update, stats = local_update(scenario, identity, run_id, theta, round_, participants)
+            with timer.phase("mask_encrypt"):
+                masks = masker.round(run_id, round_) if masker is not None else None
+                reply[messages.UPDATE] = messages.pack(encrypted_update(holder, round_, update, stats, masks))
             if masker is not None:  # a round's masks are fixed: never mask two different updates with them
                 ledger.claim("update", round_)
+    append_local_profile(identity.participant_index, round_, timer)
     return reply
 
 

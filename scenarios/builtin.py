@@ -5,6 +5,7 @@ states only what differs (tuned with benchmarks/plain_federated_rl.py)."""
 from __future__ import annotations
 
 import gymnasium as gym
+import numpy as np
 
 from scenarios.scenario import PPOConfig, RolloutConfig, Scenario
 
@@ -17,6 +18,20 @@ def make_cartpole(participant_index: int, seed: int, length: float = 0.5) -> gym
     physics.length = float(length)
     physics.polemass_length = physics.masspole * physics.length
     return env
+
+
+def make_normalized(participant_index: int, seed: int, env_id: str, obs_clip: float = 10.0, **kwargs) -> gym.Env:
+    """``env_id`` with CleanRL's observation pipeline for MuJoCo: running mean/std normalization, then clipping.
+
+    The statistics live in this environment object, so they stay with the participant and are not part of
+    theta (a fresh environment, e.g. for evaluation, starts them again). Rewards are scaled by
+    ``ppo.reward_scale`` instead of a reward wrapper: the vector env records returns after these wrappers,
+    and released returns must stay raw.
+    """
+    del participant_index, seed  # episodes are seeded at reset
+    env = gym.wrappers.NormalizeObservation(gym.make(env_id, **kwargs))
+    bounds = gym.spaces.Box(-obs_clip, obs_clip, env.observation_space.shape, env.observation_space.dtype)
+    return gym.wrappers.TransformObservation(env, lambda obs: np.clip(obs, -obs_clip, obs_clip), bounds)
 
 
 CARTPOLE = Scenario(
@@ -57,4 +72,17 @@ PENDULUM = Scenario(
     ppo=PPOConfig(gamma=0.9, reward_scale=0.1),
 )
 
-BUILTIN_SCENARIOS: dict[str, Scenario] = {s.name: s for s in (CARTPOLE, ACROBOT, LUNARLANDER, PENDULUM)}
+HALFCHEETAH = Scenario(
+    name="halfcheetah",
+    description="HalfCheetah-v5 (MuJoCo), 64x64 Gaussian policy, normalized observations",
+    make_env=make_normalized,
+    env_kwargs={"env_id": "HalfCheetah-v5"},
+    reward_threshold=gym.spec("HalfCheetah-v5").reward_threshold,
+    hidden=(64, 64),
+    rounds=160,
+    ppo=PPOConfig(num_envs=4, steps_per_env=512, minibatches=32, lr=3e-4, reward_scale=0.1),
+)
+
+BUILTIN_SCENARIOS: dict[str, Scenario] = {
+    s.name: s for s in (CARTPOLE, ACROBOT, LUNARLANDER, PENDULUM, HALFCHEETAH)
+}

@@ -218,7 +218,8 @@ def test_refresh_handler(small_coordinator, small_holder, mutator):
             m.vector(reply.theta if target == 3 else reply.state[str(m.rng.choice(STATE_NAMES))])
         return as_reply(messages.REFRESH_REPLY, reply)
 
-    outcomes = fuzz(lambda r: read_refresh(small_coordinator, r, ROUND, D, STATE_NAMES), make, mutator, 3000)
+    outcomes = fuzz(lambda r: read_refresh(small_coordinator, r, ROUND, D, STATE_NAMES, want_theta=True), make,
+                    mutator, 3000)
     assert outcomes["parse"] == 0 and outcomes["project-check"] >= 2500, outcomes
 
 

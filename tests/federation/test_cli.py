@@ -221,3 +221,18 @@ def test_an_environment_returning_nan_gets_one_line_per_failure_and_a_failing_ex
     assert "no round completed: the environment returned a non-finite reward (step 1) (6x)" in run.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["rounds"] == 0 and len(summary["failed_rounds"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_round_profiles_both_sides_and_keeps_participant_timings_local(tmp_path):
+    """Phases come from the coordinator's metrics and the participants' local files, never from replies."""
+    run = fedhe("bench", "round", "--rounds", "3", "--participants", "2", "--out", str(tmp_path), "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    enc, plain = result["encrypted"], result["plaintext"]
+    assert enc["rounds"] == plain["rounds"] == 2  # round 1 is warm-up
+    assert {"he_adam", "read_updates", "checkpoint", "wait"} <= set(enc["coordinator_ms"])
+    assert {"train", "mask_encrypt", "decrypt_theta", "refresh"} <= set(enc["participant_ms"])
+    assert enc["coordinator_ms"]["he_adam"] > plain["coordinator_ms"]["he_adam"]
+    assert result["wall_per_round_ratio"] > 0
+    assert len(list((tmp_path / "encrypted" / "participant-profiles").glob("participant-*.jsonl"))) == 2

@@ -75,6 +75,21 @@ def test_updates_are_clipped_and_prescaled(encrypted_run, holder, keys):
             assert np.linalg.norm(values) <= config.clip_bound * config.update_scale / 3 * (1 + 1e-4)
 
 
+def test_theta_is_encrypted_once_and_never_refreshed(encrypted_run, coordinator_backend):
+    """HE-Adam only subtracts from theta: the refresher sends it once, before round 1, and it stays at the
+    last level (a 4x smaller download) while the rest of the state is refreshed every round."""
+    refreshes = []
+    for manifest, folder in _audited_replies(encrypted_run[2]):
+        if messages.REFRESH_REPLY in manifest["array_records"]:
+            entry = next(iter(manifest["array_records"][messages.REFRESH_REPLY].values()))
+            reply = wire_pb2.RefreshReply.FromString((folder / entry["file"]).read_bytes())
+            refreshes.append((manifest["request_round"], reply.HasField("theta"), sorted(reply.state)))
+    state = ["m", "v", "w"]  # round 4: the final release of round 3's statistics, no state
+    assert sorted(refreshes) == [(1, True, []), (2, False, state), (3, False, state), (4, False, [])]
+    checkpoint = wire_pb2.Checkpoint.FromString((encrypted_run[1] / "checkpoint.pb").read_bytes())
+    assert coordinator_backend.levels_left(from_proto(coordinator_backend, checkpoint.theta).chunks[0]) == 0
+
+
 def test_evaluate_decrypts_the_checkpoint(encrypted_run, keys):
     result = evaluate_run(encrypted_run[1], keys.directory, episodes=2)
     assert result["round"] == 3 and result["episodes"] == 2 and result["mean_return"] > 0
