@@ -19,6 +19,7 @@ from protos.codec import PROTOCOL_VERSION, EncryptedVector, from_proto, parse_me
 from protos.errors import CheckpointError, WireError
 from protos.fedhe.v1 import wire_pb2
 from protos.files import write_atomic
+from protos.messages import detached
 
 CHECKPOINT_FILE = "checkpoint.pb"
 PREVIOUS_FILE = "checkpoint.previous.pb"  # the generation before the latest
@@ -107,7 +108,7 @@ def _load(
         raise CheckpointError(f"checkpoint {path} is for scenario {msg.scenario!r}, not {scenario!r}")
     if config_json is not None:
         check_same_optimizer(path, msg.optimizer_config_json, config_json)
-    state = CoordinatorState(round=msg.round, history=list(msg.history))
+    state = CoordinatorState(round=msg.round, history=[detached(h) for h in msg.history])
     try:
         if msg.HasField("theta"):
             if set(msg.state) != set(STATE_NAMES):

@@ -108,7 +108,8 @@ def read_refresh(
         if not answer.HasField("theta_tiled"):
             raise MalformedMessageError("refresh reply lacks the tiled theta this mode needs")
         tiled = from_proto(backend, answer.theta_tiled, expected_length=tiled_length, fresh=True)
-    return RefreshAnswer(theta, state, answer.released if answer.HasField("released") else None, tiled)
+    return RefreshAnswer(theta, state, messages.detached(answer.released) if answer.HasField("released") else None,
+                         tiled)
 
 
 def read_rollout(

@@ -70,6 +70,18 @@ def unpack(content: RecordDict, record: str, cls: type[P], *, max_bytes: int) ->
     return parse_message(cls, array.data, max_bytes=max_bytes)
 
 
+def detached(part: P) -> P:
+    """A copy of a parsed message's part that owns its memory.
+
+    A part of a parsed protobuf message keeps the whole parsed message alive (upb allocates them
+    in one arena): keeping a refresh reply's few-byte ``released`` record for the run's history
+    kept its megabytes of ciphertexts too, and memory grew every round.
+    """
+    copy = type(part)()
+    copy.CopyFrom(part)
+    return copy
+
+
 def config_of(content: RecordDict) -> ConfigRecord:
     if CONFIG not in content.config_records:
         raise MalformedMessageError(f"message has no {CONFIG!r} record")
