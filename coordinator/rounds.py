@@ -32,11 +32,11 @@ from coordinator.he_adam import (
     HEAdamConfig,
     HEAdamState,
     Masks,
-    he_adam_step,
     initial_optimizer_state,
     mask_state,
     unmask_state,
 )
+from coordinator.parallel_step import parallel_he_adam_step
 from coordinator.replies import (
     RefreshAnswer,
     read_gradient,
@@ -61,6 +61,7 @@ from coordinator.robust_aggregation import (
 from coordinator.unmasking import MaskedRound, check_masking
 from protos import messages
 from protos.backend import HEBackend
+from protos.chunk_workers import ChunkWorkers
 from protos.codec import PROTOCOL_VERSION, EncryptedVector, map_chunks, to_proto
 from protos.errors import WireError
 from protos.fedhe.v1 import wire_pb2
@@ -157,6 +158,7 @@ class HEAdamCoordinator:
         None: local-ppo (participants send updates). ``masking``: pairwise (participants mask their
         updates, ``coordinator/unmasking.py``) or off."""
         self.backend, self.config, self.rollouts = backend, config, rollouts
+        self.workers = ChunkWorkers(backend)  # processes start only for a multi-chunk model
         self.poly = config.validate(backend.profile)
         self.scenario_name, self.num_params = scenario_name, num_params
         self.out_dir = Path(out_dir)
@@ -202,15 +204,18 @@ class HEAdamCoordinator:
             truncate_metrics(self.out_dir, max((h.round for h in self.state.history), default=0))
             self.dp_history = [r["dp_z"] for r in read_metrics(self.out_dir) if r.get("dp_z")]
             log.info("resumed from round %d", self.state.round)
-        for server_round in range(self.state.round + 1, num_rounds + 1):
-            outcome = self.run_round(grid, server_round)
-            rows = read_metrics(self.out_dir)
-            if self.on_round:
-                self.on_round(outcome, rows[-1] if rows else None)
-            if self.stop_on_solve and is_solved(rows, self.threshold):
-                log.info("solved at round %d: stopping", server_round)
-                break
-        self._final_release(grid)
+        try:
+            for server_round in range(self.state.round + 1, num_rounds + 1):
+                outcome = self.run_round(grid, server_round)
+                rows = read_metrics(self.out_dir)
+                if self.on_round:
+                    self.on_round(outcome, rows[-1] if rows else None)
+                if self.stop_on_solve and is_solved(rows, self.threshold):
+                    log.info("solved at round %d: stopping", server_round)
+                    break
+            self._final_release(grid)
+        finally:
+            self.workers.close()
 
     # -- one round --------------------------------------------------------------------------------
     def run_round(self, grid: Grid, server_round: int) -> RoundOutcome:
@@ -280,8 +285,8 @@ class HEAdamCoordinator:
                 log.warning("round %d: no key holder answered the norm query; state unchanged", server_round)
                 return self._finish(outcome, t0)
         with outcome.timer.phase("he_adam"):
-            step = he_adam_step(
-                self.backend, HEAdamState(theta, **state, step=self._steps()), aggregate, self.config, self.poly
+            step = parallel_he_adam_step(
+                self.workers, HEAdamState(theta, **state, step=self._steps()), aggregate, self.config, self.poly
             )
         outcome.he_ms = (time.perf_counter() - t_he) * 1e3
         if self.dp_z > 0:

@@ -22,6 +22,10 @@ def bench_he_adam(
     degree: int = typer.Option(7, help="Degree of the x^-1/2 polynomial (3, 7 or 15)."),
     interval_upper: float = typer.Option(4.0, "--interval-upper", help="B: P is fitted on [beta2, B]."),
     seed: int = typer.Option(0),
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, help="Worker processes per side (default: FEDHE_WORKERS or the cores); "
+        "above 1, every step and refresh also runs in-process on the same inputs, for a paired 1-vs-N timing."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
     """HE-Adam on ciphertexts vs the same Adam in NumPy (gradient scale jumps 10x halfway)."""
@@ -32,7 +36,8 @@ def bench_he_adam(
     try:
         with progress_bar() as bar:
             task = bar.add_task("HE-Adam steps", total=steps)
-            result = run_he_adam_bench(steps, params, profile, config, seed, on_step=lambda _: bar.advance(task))
+            result = run_he_adam_bench(steps, params, profile, config, seed, on_step=lambda _: bar.advance(task),
+                                       workers=workers)
     except (HEAdamConfigError, WireError) as exc:
         fail(str(exc))
     typer.echo(json.dumps(result, indent=None if as_json else 2))
@@ -185,6 +190,49 @@ def bench_soak(
         try:
             result = run_soak(rounds, participants, fail_rate, scenario, plaintext, out=out,
                               on_round=lambda r: bar.update(task, completed=r))
+        except (WireError, ValueError, RuntimeError) as exc:
+            fail(str(exc))
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(float(part)) for part in text.split(",") if part.strip()]
+    except ValueError:
+        fail(f"{what} takes comma-separated whole numbers, e.g. 1000,10000; got {text!r}")
+    if not values or min(values) < 1:
+        fail(f"{what} needs at least one positive value, got {text!r}")
+    return values
+
+
+@bench_app.command("scale")
+def bench_scale(
+    params: str = typer.Option("1000,10000,100000,1000000", "--params", help="Model sizes, comma-separated."),
+    participants: str = typer.Option("3,10,30", "--participants", "-n", help="Federation sizes, comma-separated."),
+    profile: str = typer.Option(DEFAULT_PROFILE, "--profile", help=PROFILE_HELP),
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, help="Worker processes per side (default: FEDHE_WORKERS or the cores)."
+    ),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
+) -> None:
+    """One round's HE work per model size and participant count (real HE, synthetic updates), plus a linear fit.
+
+    Each row runs in a fresh process: coordinator_ms, participant_ms, bytes_up, bytes_down, peak_rss_mb.
+    Quick run: fedhe bench scale --params 1000,10000 --participants 3,10 --json
+    """
+    from fedhe.bench.scale import run_scale_bench
+
+    sizes, counts = _int_list(params, "--params"), _int_list(participants, "--participants")
+    with progress_bar() as bar:
+        task = bar.add_task("rows", total=len(sizes) * len(counts))
+
+        def on_row(row: dict) -> None:
+            bar.update(task, advance=1, description=f"{row['params']} params x {row['participants']}: "
+                                                    f"{row['coordinator_ms']:.0f} ms")
+
+        try:
+            result = run_scale_bench(sizes, counts, profile, workers, seed, on_row=on_row)
         except (WireError, ValueError, RuntimeError) as exc:
             fail(str(exc))
     typer.echo(json.dumps(result, indent=None if as_json else 2))

@@ -106,7 +106,11 @@ def load_keyholder(path: Path) -> TensealKeyHolder:
 
 def decrypt_vector(holder: KeyHolder, vector: EncryptedVector) -> np.ndarray:
     """Concatenate decrypted chunks; reject non-finite results (a corrupted or foreign input)."""
-    values = np.concatenate([holder.decrypt(c) for c in vector.chunks])[: vector.length]
+    return finite_decryption(np.concatenate([holder.decrypt(c) for c in vector.chunks])[: vector.length])
+
+
+def finite_decryption(values: np.ndarray) -> np.ndarray:
+    """``values``, unless a decryption produced NaN/inf (a corrupted or foreign ciphertext)."""
     if not np.all(np.isfinite(values)):
         raise NonFiniteValueError("decryption produced NaN/inf: the ciphertext is corrupt")
     return values

@@ -85,13 +85,18 @@ def map_chunks(fn: Callable[..., Chunk], *vectors: EncryptedVector) -> Encrypted
 
 
 def to_proto(backend: HEBackend, vector: EncryptedVector) -> wire_pb2.EncryptedVector:
+    return proto_of_chunks(backend, [backend.serialize(c) for c in vector.chunks], vector.length)
+
+
+def proto_of_chunks(backend: HEBackend, chunks: list[bytes], length: int) -> wire_pb2.EncryptedVector:
+    """The wire message around already serialized chunks (e.g. serialized by worker processes)."""
     return wire_pb2.EncryptedVector(
         protocol_version=PROTOCOL_VERSION,
         key_fingerprint=backend.fingerprint,
         he_profile=backend.profile.name,
-        length=vector.length,
+        length=length,
         slots_per_chunk=backend.slots,
-        chunks=[backend.serialize(c) for c in vector.chunks],
+        chunks=chunks,
         encoding=backend.encoding,
     )
 
@@ -112,6 +117,17 @@ def from_proto(
     fresh: bool = False,
 ) -> EncryptedVector:
     """Validate the header and layout, then every chunk."""
+    check_header(backend, msg, expected_length=expected_length)
+    chunks = [backend.deserialize(data, backend.slots, fresh=fresh) for data in msg.chunks]
+    return EncryptedVector(chunks, int(msg.length))
+
+
+def check_header(backend: HEBackend, msg: wire_pb2.EncryptedVector, *, expected_length: int | None = None) -> None:
+    """Everything but the chunks' ciphertexts: version, key, profile, layout and chunk sizes.
+
+    ``from_proto`` checks the chunks next; callers that hand the chunks to worker processes
+    (``protos.chunk_workers``) have each worker check its own.
+    """
     check_version(msg.protocol_version, "encrypted vector")
     if msg.key_fingerprint != backend.fingerprint:
         raise FingerprintMismatchError(
@@ -144,8 +160,6 @@ def from_proto(
     limit = chunk_byte_limit(backend)
     if any(len(data) > limit for data in msg.chunks):
         raise PayloadTooLargeError(f"a chunk exceeds the {limit} bytes a ciphertext of this profile can take")
-    chunks = [backend.deserialize(data, backend.slots, fresh=fresh) for data in msg.chunks]
-    return EncryptedVector(chunks, int(msg.length))
 
 
 def chunk_byte_limit(backend: HEBackend) -> int:

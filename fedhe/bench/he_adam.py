@@ -2,8 +2,17 @@
 
 It plays every role in one process, but through the real wire format: a participant encrypts
 the pre-scaled gradient, the coordinator (evaluation-only context) steps, masks its state, a
-refresher decrypts and re-encrypts, the coordinator unmasks. Only the coordinator's step is
-timed as ``ms_per_step``; refresh cost is reported separately.
+refresher decrypts and re-encrypts it, the coordinator unmasks. theta is encrypted once and never
+refreshed (HE-Adam only subtracts from it). ``ms_per_step`` times the coordinator's unmasking and
+step (unmasking runs in the step's workers, ``parallel_unmask_step``); ``refresh_ms`` the rest of
+the refresh, both sides (``refresh_key_holder_ms`` the refresher's part).
+
+With ``workers`` > 1 every step and refresh runs twice on the same inputs, in-process and over
+that many worker processes per side (``protos.chunk_workers``), so the two timings are paired
+(same machine load) and the two steps are checked to give the same ciphertexts byte for byte.
+``step_cpu_ms``, ``refresh_cpu_ms`` and their ``_workers`` twins are CPU time, the workers' included:
+on a shared machine the wall times depend on the other jobs, the CPU time shows what the workers
+add (serializing chunks in and out), and CPU time over cores is the best wall time idle cores give.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +29,30 @@ import numpy as np
 from coordinator.he_adam import (
     HEAdamConfig,
     HEAdamState,
+    Masks,
     he_adam_step,
     initial_optimizer_state,
     mask_state,
     reference_adam,
     unmask_state,
 )
-from participant.keyholder import decrypt_vector, generate_keys, load_keyholder, reencrypt
+from coordinator.parallel_step import parallel_he_adam_step, parallel_unmask_step
+from fedhe.bench.proc_stats import cpu_seconds
+from participant.keyholder import decrypt_vector, generate_keys, load_keyholder
+from participant.parallel_keyholder import keyholder_workers, reencrypt_message
 from protos.backend import HEBackend
-from protos.codec import EncryptedVector, chunk_count, decode_vector, encode_vector, encrypt_vector
+from protos.chunk_workers import ChunkWorkers, default_workers
+from protos.codec import (
+    EncryptedVector,
+    chunk_count,
+    decode_vector,
+    encode_vector,
+    encrypt_vector,
+    from_proto,
+    parse_message,
+    to_proto,
+)
+from protos.fedhe.v1 import wire_pb2
 from protos.keyfile import load_evaluation_backend
 from protos.profiles import DEFAULT_PROFILE
 
@@ -45,6 +70,51 @@ def gradient_sequence(steps: int, params: int, clip: float, seed: int) -> list[n
     return grads
 
 
+@dataclass
+class Refreshed:
+    """The refresher's reply as the coordinator read it: still masked, each vector also as on the wire."""
+
+    wire: dict[str, wire_pb2.EncryptedVector]
+    fresh: dict[str, EncryptedVector]
+    masks: Masks
+    coordinator_ms: float
+    key_holder_ms: float
+    request_bytes: int
+    reply_bytes: int
+
+
+def refresh_roundtrip(
+    coordinator: HEBackend, holder_workers: ChunkWorkers, state: dict[str, EncryptedVector]
+) -> Refreshed:
+    """The refresh of the optimizer state as a round runs it, through the wire format, up to unmasking.
+
+    The coordinator masks and serializes (``coordinator_ms``), the refresher re-encrypts from the
+    wire message to the wire message (``key_holder_ms``, over ``holder_workers``), the coordinator
+    checks the fresh ciphertexts (``coordinator_ms`` again). Unmasking is left to the caller:
+    ``unmask_state`` in-process, or in the step's workers (``parallel_unmask_step``).
+    """
+    t0 = time.perf_counter()
+    masked, masks = mask_state(coordinator, state)
+    request = {name: to_proto(coordinator, vec).SerializeToString() for name, vec in masked.items()}
+    t1 = time.perf_counter()
+    reply = reencrypt_request(holder_workers, request, next(iter(state.values())).length)
+    t2 = time.perf_counter()
+    wire = {name: parse_message(wire_pb2.EncryptedVector, data) for name, data in reply.items()}
+    fresh = {name: from_proto(coordinator, msg, expected_length=msg.length, fresh=True) for name, msg in wire.items()}
+    t3 = time.perf_counter()
+    return Refreshed(wire, fresh, masks, (t1 - t0 + t3 - t2) * 1e3, (t2 - t1) * 1e3,
+                     sum(len(data) for data in request.values()), sum(len(data) for data in reply.values()))
+
+
+def reencrypt_request(holder_workers: ChunkWorkers, request: dict[str, bytes], length: int) -> dict[str, bytes]:
+    """The refresher's side: every masked vector re-encrypted, wire bytes in and out."""
+    return {
+        name: reencrypt_message(holder_workers, parse_message(wire_pb2.EncryptedVector, data),
+                                expected_length=length).SerializeToString()
+        for name, data in request.items()
+    }
+
+
 def run_he_adam_bench(
     steps: int = 200,
     params: int = 10_000,
@@ -52,8 +122,10 @@ def run_he_adam_bench(
     config: HEAdamConfig | None = None,
     seed: int = 0,
     on_step: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> dict:
     config = config or HEAdamConfig(lr=0.01, clip_bound=1.0)
+    workers = default_workers() if workers is None else max(1, workers)
     with tempfile.TemporaryDirectory(prefix="fedhe-bench-") as tmp:
         keys = generate_keys(Path(tmp), profile)
         coordinator = load_evaluation_backend(keys.coordinator_key)
@@ -74,35 +146,66 @@ def run_he_adam_bench(
         send(holder, coordinator, encrypt_vector(holder, theta0)),
         **initial_optimizer_state(coordinator, params),
     )
-    step_ms, refresh_ms, x_min, x_max, w_err = [], [], np.inf, -np.inf, 0.0
+    phases = ("step", "refresh", "refresh_key_holder", "step_cpu", "refresh_cpu")
+    timings: dict[str, list[float]] = {key: [] for key in phases}
+    paired: dict[str, list[float]] = {key: [] for key in timings}
+    x_min, x_max, w_err, identical = np.inf, -np.inf, 0.0, True
     upload = encode_vector(holder, encrypt_vector(holder, grads[0] * config.update_scale))
-    for t, g in enumerate(grads):
-        aggregate = send(holder, coordinator, encrypt_vector(holder, g * config.update_scale))
-        t0 = time.perf_counter()
-        result = he_adam_step(coordinator, state, aggregate, config, poly)
-        step_ms.append((time.perf_counter() - t0) * 1e3)
+    in_process = keyholder_workers(holder, workers=1)
+    refreshed: Refreshed | None = None
+    with ChunkWorkers(coordinator, workers) as step_workers, keyholder_workers(holder, workers) as refresh_workers:
+        step_workers.warm()
+        refresh_workers.warm()
+        for t, g in enumerate(grads):
+            aggregate = send(holder, coordinator, encrypt_vector(holder, g * config.update_scale))
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            if refreshed is not None:
+                state = HEAdamState(state.theta, **unmask_state(coordinator, refreshed.fresh, refreshed.masks), step=t)
+            result = he_adam_step(coordinator, state, aggregate, config, poly)
+            timings["step"].append((time.perf_counter() - t0) * 1e3)
+            timings["step_cpu"].append((time.process_time() - cpu0) * 1e3)
+            if workers > 1:
+                t0, cpu0 = time.perf_counter(), cpu_seconds(step_workers.pids())
+                if refreshed is None:
+                    parallel = parallel_he_adam_step(step_workers, state, aggregate, config, poly)
+                else:
+                    parallel = parallel_unmask_step(step_workers, state.theta, refreshed.wire, refreshed.masks,
+                                                    aggregate, t, config, poly)
+                paired["step"].append((time.perf_counter() - t0) * 1e3)
+                paired["step_cpu"].append((cpu_seconds(step_workers.pids()) - cpu0) * 1e3)
+                identical = identical and _same_bytes(result.state.theta, parallel.state.theta)
+                identical = identical and _same_bytes(result.state.w, parallel.state.w)
+                result = parallel
+            state = result.state
 
-        x = decrypt_vector(holder, send(coordinator, holder, result.x))
-        x_min, x_max = min(x_min, float(x.min())), max(x_max, float(x.max()))
-        t0 = time.perf_counter()
-        masked, masks = mask_state(coordinator, result.state.named())
-        fresh = {
-            name: send(holder, coordinator, reencrypt(holder, send(coordinator, holder, vec)))
-            for name, vec in masked.items()
-        }
-        theta = send(holder, coordinator, reencrypt(holder, send(coordinator, holder, result.state.theta)))
-        state = HEAdamState(theta, **unmask_state(coordinator, fresh, masks), step=t + 1)
-        refresh_ms.append((time.perf_counter() - t0) * 1e3)
+            x = decrypt_vector(holder, send(coordinator, holder, result.x))
+            x_min, x_max = min(x_min, float(x.min())), max(x_max, float(x.max()))
+            cpu0 = time.process_time()
+            refreshed = refresh_roundtrip(coordinator, in_process, state.named())
+            timings["refresh_cpu"].append((time.process_time() - cpu0) * 1e3)
+            timings["refresh"].append(refreshed.coordinator_ms + refreshed.key_holder_ms)
+            timings["refresh_key_holder"].append(refreshed.key_holder_ms)
+            if workers > 1:  # the same state refreshed again, re-encrypted over the workers; the run goes on from it
+                cpu0 = cpu_seconds(refresh_workers.pids())
+                again = refresh_roundtrip(coordinator, refresh_workers, state.named())
+                paired["refresh"].append(again.coordinator_ms + again.key_holder_ms)
+                paired["refresh_key_holder"].append(again.key_holder_ms)
+                paired["refresh_cpu"].append((cpu_seconds(refresh_workers.pids()) - cpu0) * 1e3)
+                refreshed = again
 
-        w = decrypt_vector(holder, send(coordinator, holder, state.w)) / np.sqrt(config.tau_value)
-        w_err = max(w_err, float(np.max(np.abs(w / w_ref[t] - 1))))
-        if on_step:
-            on_step(t + 1)
+            w = (decrypt_vector(holder, send(coordinator, holder, refreshed.fresh["w"]))
+                 - refreshed.masks.values["w"]) / np.sqrt(config.tau_value)
+            w_err = max(w_err, float(np.max(np.abs(w / w_ref[t] - 1))))
+            if on_step:
+                on_step(t + 1)
 
     theta_he = decrypt_vector(holder, send(coordinator, holder, state.theta))
     movement = float(np.max(np.abs(theta_ref - theta0)))
     chunks = chunk_count(params, coordinator.slots)
-    median_step = statistics.median(step_ms)
+    median = {key: statistics.median(values) for key, values in timings.items()}
+    with_workers = {key: statistics.median(values) for key, values in paired.items()} if workers > 1 else median
+    he_ms = median["step"] + median["refresh"]
+    he_ms_workers = with_workers["step"] + with_workers["refresh"]
     return {
         "profile": coordinator.profile.name,
         "params": params,
@@ -117,11 +220,31 @@ def run_he_adam_bench(
         "poly_degree": config.degree,
         "poly_rel_err": poly.max_rel_error,
         "tau": config.tau_value,
-        "ms_per_step": median_step,
-        "ms_per_step_per_8192_params": median_step / chunks * 8192 / coordinator.slots,
-        "refresh_ms": statistics.median(refresh_ms),
+        "ms_per_step": median["step"],
+        "ms_per_step_per_8192_params": median["step"] / chunks * 8192 / coordinator.slots,
+        "refresh_ms": median["refresh"],
+        "refresh_key_holder_ms": median["refresh_key_holder"],
+        "he_ms_per_100k_params": he_ms / params * 100_000,
+        "workers": workers,
+        "ms_per_step_workers": with_workers["step"],
+        "refresh_ms_workers": with_workers["refresh"],
+        "refresh_key_holder_ms_workers": with_workers["refresh_key_holder"],
+        "he_ms_per_100k_params_workers": he_ms_workers / params * 100_000,
+        "step_cpu_ms": median["step_cpu"],
+        "step_cpu_ms_workers": with_workers["step_cpu"],
+        "refresh_cpu_ms": median["refresh_cpu"],
+        "refresh_cpu_ms_workers": with_workers["refresh_cpu"],
+        "step_speedup": median["step"] / with_workers["step"],
+        "refresh_speedup": median["refresh"] / with_workers["refresh"],
+        "he_speedup": he_ms / he_ms_workers,
+        "steps_identical": identical,
         "numpy_ms_per_step": numpy_ms,
-        "slowdown_vs_numpy": median_step / numpy_ms if numpy_ms > 0 else None,
+        "slowdown_vs_numpy": median["step"] / numpy_ms if numpy_ms > 0 else None,
         "upload_bytes_per_param": len(upload) / params,
         "upload_bytes_per_slot": len(upload) / (chunks * coordinator.slots),
     }
+
+
+def _same_bytes(a: EncryptedVector, b: EncryptedVector) -> bool:
+    """Ciphertexts at the last level serialize in well under a millisecond: a cheap exact check."""
+    return [c.serialize() for c in a.chunks] == [c.serialize() for c in b.chunks]

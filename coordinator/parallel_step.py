@@ -1,0 +1,91 @@
+"""The HE-Adam step with its chunks spread over worker processes (``protos.chunk_workers``).
+
+Each chunk's step is independent (``he_adam.step_chunk``), so a model of k chunks runs k tasks.
+Two things keep the process boundary cheap (a full-depth chunk costs ~10 ms to serialize):
+
+* theta stays in this process: a worker returns ``delta`` and the subtraction, which needs no
+  level, happens here;
+* ``parallel_unmask_step`` takes the refresher's still-masked state as the wire message it came
+  in, so its chunks go to the workers as the bytes they already are, and each worker removes the
+  masks itself (``unmask_state`` and ``he_adam_step`` in one pass).
+
+Both return the same ciphertexts, byte for byte, as ``he_adam_step`` (after ``unmask_state``):
+serialization is lossless and every operation is deterministic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from coordinator.he_adam import HEAdamState, Masks, StepResult, assemble_step, step_chunk
+from protos.backend import Chunk, HEBackend
+from protos.chunk_workers import ChunkWorkers
+from protos.codec import EncryptedVector, check_header, pad_to_chunks
+from protos.fedhe.v1 import wire_pb2
+from protos.optimizer import STATE_NAMES, HEAdamConfig, InverseSqrtPolynomial
+
+
+def parallel_he_adam_step(
+    workers: ChunkWorkers,
+    state: HEAdamState,
+    aggregate: EncryptedVector,
+    config: HEAdamConfig,
+    poly: InverseSqrtPolynomial,
+) -> StepResult:
+    """``he_adam_step(workers.backend, ...)`` with one task per chunk; in-process for one chunk."""
+    groups = list(zip(state.m.chunks, state.v.chunks, state.w.chunks, aggregate.chunks))
+    parts = workers.map(step_chunk, groups, config, poly)
+    return assemble_step(workers.backend, state, parts, aggregate.length)
+
+
+def parallel_unmask_step(
+    workers: ChunkWorkers,
+    theta: EncryptedVector,
+    masked: dict[str, wire_pb2.EncryptedVector],
+    masks: Masks,
+    aggregate: EncryptedVector,
+    step: int,
+    config: HEAdamConfig,
+    poly: InverseSqrtPolynomial,
+) -> StepResult:
+    """``he_adam_step`` on ``unmask_state`` of the refresher's reply, straight from its wire vectors.
+
+    ``masked``: the reply's ``state`` map (fresh, still masked; each chunk is checked again as a
+    fresh ciphertext where it is loaded). ``step``: the number of steps taken so far.
+    """
+    backend = workers.backend
+    if set(masked) != set(STATE_NAMES) or set(masks.values) != set(STATE_NAMES):
+        raise ValueError(f"unmasking needs the state {sorted(STATE_NAMES)}, got {sorted(masked)}")
+    slots, length = backend.slots, aggregate.length
+    for msg in masked.values():
+        check_header(backend, msg, expected_length=length)
+    minus = {name: pad_to_chunks(-masks.values[name], slots) for name in STATE_NAMES}
+    groups = [
+        (*(masked[name].chunks[i] for name in STATE_NAMES),
+         *(minus[name][i * slots : (i + 1) * slots] for name in STATE_NAMES), u)
+        for i, u in enumerate(aggregate.chunks)
+    ]
+    parts = workers.map(unmask_step_chunk, groups, config, poly)
+    placeholder = EncryptedVector([None] * len(aggregate.chunks), length)  # m, v, w come from the parts
+    state = HEAdamState(theta, placeholder, placeholder, placeholder, step)
+    return assemble_step(backend, state, parts, length)
+
+
+def unmask_step_chunk(
+    backend: HEBackend,
+    m_data: bytes,
+    v_data: bytes,
+    w_data: bytes,
+    m_minus: np.ndarray,
+    v_minus: np.ndarray,
+    w_minus: np.ndarray,
+    u: Chunk,
+    config: HEAdamConfig,
+    poly: InverseSqrtPolynomial,
+) -> tuple[Chunk, ...]:
+    """One chunk: load the masked fresh state, add the minus-masks (as ``unmask_state``), step."""
+    m, v, w = (
+        backend.add_plain(backend.deserialize(data, backend.slots, fresh=True), minus)
+        for data, minus in ((m_data, m_minus), (v_data, v_minus), (w_data, w_minus))
+    )
+    return step_chunk(backend, m, v, w, u, config, poly)
