@@ -62,14 +62,20 @@ def pad_to_chunks(values: np.ndarray, slots: int) -> np.ndarray:
     return padded
 
 
-def encrypt_vector(backend: HEBackend, values: np.ndarray) -> EncryptedVector:
-    """Encrypt a flat vector of any length as ceil(length / slots) chunks."""
+def encryptable(values: np.ndarray) -> np.ndarray:
+    """``values`` as a flat float64 vector, refused if empty, not flat or not finite."""
     flat = np.asarray(values, dtype=np.float64)
     if flat.ndim != 1 or flat.size == 0:
         raise ChunkLayoutError(f"expected a non-empty flat vector, got shape {flat.shape}")
     if not np.all(np.isfinite(flat)):
         bad = int(np.count_nonzero(~np.isfinite(flat)))
         raise NonFiniteValueError(f"refusing to encrypt a vector with {bad} NaN/inf values")
+    return flat
+
+
+def encrypt_vector(backend: HEBackend, values: np.ndarray) -> EncryptedVector:
+    """Encrypt a flat vector of any length as ceil(length / slots) chunks."""
+    flat = encryptable(values)
     slots = backend.slots
     padded = pad_to_chunks(flat, slots)
     chunks = [backend.encrypt(padded[i : i + slots]) for i in range(0, padded.size, slots)]

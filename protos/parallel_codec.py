@@ -11,8 +11,7 @@ import numpy as np
 
 from protos.backend import HEBackend
 from protos.chunk_workers import ChunkWorkers
-from protos.codec import chunk_count, pad_to_chunks, proto_of_chunks
-from protos.errors import ChunkLayoutError, NonFiniteValueError
+from protos.codec import chunk_count, encryptable, pad_to_chunks, proto_of_chunks
 from protos.fedhe.v1 import wire_pb2
 
 
@@ -24,12 +23,7 @@ def encrypt_chunk(backend: HEBackend, values: np.ndarray) -> tuple[bytes]:
 def encrypt_message(workers: ChunkWorkers, values: np.ndarray) -> wire_pb2.EncryptedVector:
     """``to_proto(backend, encrypt_vector(backend, values))`` with the chunks spread over ``workers``."""
     backend = workers.backend
-    flat = np.asarray(values, dtype=np.float64)
-    if flat.ndim != 1 or flat.size == 0:
-        raise ChunkLayoutError(f"expected a non-empty flat vector, got shape {flat.shape}")
-    if not np.all(np.isfinite(flat)):
-        bad = int(np.count_nonzero(~np.isfinite(flat)))
-        raise NonFiniteValueError(f"refusing to encrypt a vector with {bad} NaN/inf values")
+    flat = encryptable(values)
     slots = backend.slots
     padded = pad_to_chunks(flat, slots)
     groups = [(padded[i * slots : (i + 1) * slots],) for i in range(chunk_count(flat.size, slots))]
