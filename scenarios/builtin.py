@@ -20,18 +20,38 @@ def make_cartpole(participant_index: int, seed: int, length: float = 0.5) -> gym
     return env
 
 
-def make_normalized(participant_index: int, seed: int, env_id: str, obs_clip: float = 10.0, **kwargs) -> gym.Env:
-    """``env_id`` with CleanRL's observation pipeline for MuJoCo: running mean/std normalization, then clipping.
+def make_normalized(
+    participant_index: int,
+    seed: int,
+    env_id: str,
+    obs_mean: tuple[float, ...],
+    obs_std: tuple[float, ...],
+    obs_clip: float = 10.0,
+    **kwargs,
+) -> gym.Env:
+    """``env_id`` with observations standardized by fixed statistics and clipped to +-``obs_clip``.
 
-    The statistics live in this environment object, so they stay with the participant and are not part of
-    theta (a fresh environment, e.g. for evaluation, starts them again). Rewards are scaled by
-    ``ppo.reward_scale`` instead of a reward wrapper: the vector env records returns after these wrappers,
-    and released returns must stay raw.
+    Fixed, not running statistics (CleanRL's NormalizeObservation): running ones would be participant-local
+    state outside theta, so the decrypted policy would see other inputs in a fresh environment (evaluation, a
+    deployed SuperNode restarting every round). Rewards are scaled by ``ppo.reward_scale``, not by a wrapper:
+    the vector env records returns after these wrappers, and released returns must stay raw.
     """
     del participant_index, seed  # episodes are seeded at reset
-    env = gym.wrappers.NormalizeObservation(gym.make(env_id, **kwargs))
-    bounds = gym.spaces.Box(-obs_clip, obs_clip, env.observation_space.shape, env.observation_space.dtype)
-    return gym.wrappers.TransformObservation(env, lambda obs: np.clip(obs, -obs_clip, obs_clip), bounds)
+    env = gym.make(env_id, **kwargs)
+    shape = env.observation_space.shape
+    mean, std = np.asarray(obs_mean, dtype=np.float64), np.asarray(obs_std, dtype=np.float64)
+    if mean.shape != shape or std.shape != shape or not np.all(std > 0):
+        raise ValueError(f"{env_id}: obs_mean and obs_std need {shape} entries (std > 0)")
+    space = gym.spaces.Box(-obs_clip, obs_clip, shape, np.float64)
+    return gym.wrappers.TransformObservation(env, lambda obs: np.clip((obs - mean) / std, -obs_clip, obs_clip), space)
+
+
+# Per-dimension mean and std of HalfCheetah's observations: the running statistics (CleanRL-style) of one
+# participant's environment over a 160-round plaintext federation (seed 0, 82k observations), rounded
+# (docs/continuous-control.md).
+HALFCHEETAH_OBS_MEAN = (-0.07, 0.46, 0.05, 0.04, 0.03, 0.34, 0.28, -0.01, 2.25, -0.03, -0.08, 0.34, -0.33, 0.06, 0.07,
+                        0.18, 0.06)
+HALFCHEETAH_OBS_STD = (0.19, 1.1, 0.44, 0.35, 0.37, 0.36, 0.3, 0.28, 1.8, 1.0, 1.8, 12.0, 9.4, 10.0, 8.1, 7.5, 7.9)
 
 
 CARTPOLE = Scenario(
@@ -74,13 +94,14 @@ PENDULUM = Scenario(
 
 HALFCHEETAH = Scenario(
     name="halfcheetah",
-    description="HalfCheetah-v5 (MuJoCo), 64x64 Gaussian policy, normalized observations",
+    description="HalfCheetah-v5 (MuJoCo), 64x64 Gaussian policy, 160 rounds (~1M steps)",
     make_env=make_normalized,
-    env_kwargs={"env_id": "HalfCheetah-v5"},
+    env_kwargs={"env_id": "HalfCheetah-v5", "obs_mean": HALFCHEETAH_OBS_MEAN, "obs_std": HALFCHEETAH_OBS_STD},
     reward_threshold=gym.spec("HalfCheetah-v5").reward_threshold,
     hidden=(64, 64),
     rounds=160,
     ppo=PPOConfig(num_envs=4, steps_per_env=512, minibatches=32, lr=3e-4, reward_scale=0.1),
+    server_lr=0.35,
 )
 
 BUILTIN_SCENARIOS: dict[str, Scenario] = {

@@ -4,6 +4,8 @@ Both run the identical protocol (``--mode`` picks the training mode) for the sam
 rounds, so `wall_ratio` is the cost of encryption alone and `return_gap` compares final returns.
 With ``--stop-on-solve`` runs end once solved (long modes): then compare `rounds_to_solve` and
 `wall_per_round_ratio`. Every trained policy is also decrypted and run greedily (`greedy_return`).
+`learning_curves.png` in the output directory shows every run against environment steps, beside the
+scenario's published single-machine curve if `fedhe/bench/references/` has one (`reference` in the result).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from coordinator.report import read_metrics
+from fedhe.bench.federation_plot import CURVES_FILE, plot_federation_curves
+from fedhe.bench.reference import reference_summary
 from fedhe.evaluate import evaluate_run
 from fedhe.simulate import simulate
 from protos.settings import RunSettings
@@ -62,6 +66,8 @@ def run_federation_bench(
             rows = read_metrics(out)
             run = {
                 "seed": seed,
+                "out": str(out),
+                "env_steps": sum(r.get("steps") or 0 for r in rows),
                 "final_return": summary["final_return"],
                 "solved": summary["solved"],
                 "rounds_to_solve": summary["rounds_to_solve"],
@@ -96,7 +102,7 @@ def run_federation_bench(
             return None
         return (plain[key] - enc[key]) / abs(plain[key])
 
-    return {
+    result = {
         "scenario": scenario.name,
         "mode": mode,
         "masking": resolve_run(replace(base, plaintext=False), n)[1].masking,
@@ -113,5 +119,8 @@ def run_federation_bench(
         "greedy_return_gap": gap("greedy_return"),
         "rounds_to_solve_ratio": (enc["rounds_to_solve"] / plain["rounds_to_solve"]
                                   if enc["rounds_to_solve"] and plain["rounds_to_solve"] else None),
+        "reference": reference_summary(scenario.name, _median([r["env_steps"] for r in runs["encrypted"]])),
         "out_dir": str(root),
     }
+    result["curves_png"] = str(plot_federation_curves(result, root / CURVES_FILE))
+    return result

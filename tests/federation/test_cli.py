@@ -31,7 +31,7 @@ def test_help_teaches_the_commands():
 
 def test_scenarios_lists_builtins():
     out = fedhe("scenarios").stdout
-    for name in ("cartpole", "acrobot", "lunarlander", "pendulum"):
+    for name in ("cartpole", "acrobot", "lunarlander", "pendulum", "halfcheetah"):
         assert name in out
 
 
