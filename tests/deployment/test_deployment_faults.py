@@ -68,7 +68,8 @@ def test_tls_and_supernode_authentication(tmp_path):
 def test_a_supernode_killed_mid_round_is_left_out_and_rejoins(tmp_path):
     keys = distribute_keys(tmp_path, 3)
     out = tmp_path / "run"
-    config = run_config(keys, out, 5, **{"min-participants": 2, "round-timeout": 25.0})
+    # 8 rounds: after the restart (at round 3 or 4) a loaded machine needs a few rounds to start the node
+    config = run_config(keys, out, 8, **{"min-participants": 2, "round-timeout": 25.0})
     with LocalDeployment(3, tmp_path / "dep", node_configs(keys)) as dep:
         outcome: dict = {}
         runner = threading.Thread(target=lambda: outcome.update(result=dep.run_app(
@@ -81,7 +82,7 @@ def test_a_supernode_killed_mid_round_is_left_out_and_rejoins(tmp_path):
         runner.join(timeout=420)
         outcome["result"].check()
     rows = rows_of(out)
-    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["round"] for r in rows] == list(range(1, 9))
     assert rows[0]["participants"] == 3
     assert any(r["participants"] == 2 for r in rows[1:4])  # the round it died in completed with the others
     silent = [line for r in rows for line in r["failed"]]

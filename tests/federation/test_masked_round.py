@@ -93,13 +93,13 @@ def federation(key_dir, coordinator_backend, server_task, monkeypatch, tmp_path)
     monkeypatch.setattr(node, "local_update", lambda scenario, identity, *args: (
         truth[identity.participant_index], np.array([100.0, 2.0, 200.0])))
     aggregates = []
-    real_step = rounds.he_adam_step
+    real_step = rounds.parallel_he_adam_step
 
-    def capture(backend, state, aggregate, *args):
+    def capture(workers, state, aggregate, *args):
         aggregates.append(aggregate)
-        return real_step(backend, state, aggregate, *args)
+        return real_step(workers, state, aggregate, *args)
 
-    monkeypatch.setattr(rounds, "he_adam_step", capture)
+    monkeypatch.setattr(rounds, "parallel_he_adam_step", capture)
     ledgers = {FIRST_NODE + i: AnswerLedger() for i in range(ORGS)}
 
     def participant(i: int):
