@@ -132,14 +132,17 @@ class TensealBackend(HEBackend):
             raise InvalidCiphertextError(f"ciphertext scale 2^{np.log2(scale):.1f} is off-profile")
         return vec
 
+    # TenSEAL's automatic modulus switching lowers a higher-level *right* operand in place, which
+    # would silently degrade a ciphertext the caller still holds (the kept state after a failed
+    # round). So the higher-level operand always goes on the left: TenSEAL copies the left one.
     def add(self, a: ts.CKKSVector, b: ts.CKKSVector) -> ts.CKKSVector:
-        return a + _spare(a, b)
+        return b + a if _primes(b) > _primes(a) else a + b
 
     def sub(self, a: ts.CKKSVector, b: ts.CKKSVector) -> ts.CKKSVector:
-        return a - _spare(a, b)
+        return -(b - a) if _primes(b) > _primes(a) else a - b
 
     def mul(self, a: ts.CKKSVector, b: ts.CKKSVector) -> ts.CKKSVector:
-        return a * _spare(a, b)
+        return b * a if _primes(b) > _primes(a) else a * b
 
     def mul_scalar(self, a: ts.CKKSVector, c: float) -> ts.CKKSVector:
         return a * float(c)
@@ -157,13 +160,6 @@ class TensealBackend(HEBackend):
 def _primes(chunk: ts.CKKSVector) -> int:
     (ct,) = chunk.ciphertext()
     return ct.coeff_modulus_size()
-
-
-def _spare(a: ts.CKKSVector, b: ts.CKKSVector) -> ts.CKKSVector:
-    """``b``, or a copy of it when it sits at a higher level than ``a``: TenSEAL's automatic
-    modulus switching lowers the right operand *in place*, which would silently degrade a
-    ciphertext the caller still holds (a kept optimizer state after a failed round)."""
-    return b.copy() if _primes(b) > _primes(a) else b
 
 
 class PlainBackend(HEBackend):
