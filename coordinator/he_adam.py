@@ -115,7 +115,7 @@ def step_chunk(
     """
     b1, b2, gain = config.beta1, config.beta2, config.step_gain
     m_new = backend.add(backend.mul_scalar(m, b1), backend.mul_scalar(u, 1 - b1))
-    km = backend.add(backend.mul_scalar(m, gain * b1), backend.mul_scalar(u, gain * (1 - b1)))
+    km = backend.mul_scalar(m_new, gain)  # level 2; km * w (3) still meets P(x) (5) in time
     z_new = backend.add_scalar(backend.add(backend.mul_scalar(z, b2), backend.mul(u, u)), 1 - b2)
     x = backend.mul(z_new, backend.mul(w, w))
     p = evaluate_polynomial(backend, backend.add_scalar(x, -poly.center), poly.coefficients)

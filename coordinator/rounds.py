@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from coordinator.checkpoint import CoordinatorState, load_checkpoint, save_checkpoint
+from coordinator.checkpoint import CheckpointWriter, CoordinatorState, load_checkpoint
 from coordinator.dp_accounting import effective_noise_multiplier, rdp_epsilon
 from coordinator.encrypted_gradient import GradientSum, RolloutPlan, mask_for_collapse, unmask_collapsed
 from coordinator.he_adam import (
@@ -178,6 +178,7 @@ class HEAdamCoordinator:
         self.dp_history: list[float] = []  # effective noise multiplier per completed round
         self.failed_rounds: list[dict] = []  # rounds that changed nothing, with every cause
         self.excluded: set[int] = set()  # nodes told once that they hold another federation's key
+        self.checkpoints = CheckpointWriter(self.out_dir, backend, scenario_name, config.to_json())
 
     def describe(self) -> None:
         log.info(
@@ -215,7 +216,10 @@ class HEAdamCoordinator:
                     break
             self._final_release(grid)
         finally:
-            self.workers.close()
+            try:
+                self.checkpoints.close()  # the last round's write completes even on the way out
+            finally:
+                self.workers.close()
 
     # -- one round --------------------------------------------------------------------------------
     def run_round(self, grid: Grid, server_round: int) -> RoundOutcome:
@@ -226,6 +230,7 @@ class HEAdamCoordinator:
         with outcome.timer.phase("messages_out"):
             outgoing, masks = self.train_messages(server_round, nodes, refresher)
         outcome.bytes_down = sum(messages.payload_bytes(m.content) for m in outgoing)
+        self.checkpoints.start()  # last round's checkpoint, written while participants train
         sums = RoundSums(self.backend, keep=self.defense in ROBUST_DEFENSES)
         refreshed: tuple[EncryptedVector, dict, EncryptedVector | None] | None = None
         layout = self.rollouts.layout(len(nodes)) if self.rollouts else None
@@ -318,16 +323,16 @@ class HEAdamCoordinator:
                 "failed": outcome.failed,
                 **outcome.extras,
             }
-            with outcome.timer.phase("checkpoint"):
-                self._save()
+            with outcome.timer.phase("checkpoint"):  # a snapshot: the write overlaps the next round's wait
+                self._save(defer=True)
             self.state.pending_round["phases_ms"] = outcome.timer.rounded()  # for the row, incl. checkpointing
         else:
             causes = outcome.failed or [f"round {outcome.round}: only {outcome.answered} participant(s) answered"]
             self.failed_rounds.append({"round": outcome.round, "failed": causes})
         return outcome
 
-    def _save(self) -> None:
-        save_checkpoint(self.out_dir, self.backend, self.scenario_name, self.config.to_json(), self.state)
+    def _save(self, *, defer: bool = False) -> None:
+        self.checkpoints.save(self.state, defer=defer)
 
     # -- encrypted rollouts -----------------------------------------------------------------------
     def _rollout_gradient(
@@ -438,6 +443,7 @@ class HEAdamCoordinator:
                 if len(nodes) >= self.min_participants:
                     return nodes
                 raise TimeoutError(f"only {len(nodes)} participants connected; need {self.min_participants}")
+            self.checkpoints.start()  # no round starts soon: write the last one now
             time.sleep(0.5)
 
     def _message(

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.checkpoint import CHECKPOINT_FILE, CoordinatorState, load_checkpoint, save_checkpoint
+from coordinator.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointWriter,
+    CoordinatorState,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from coordinator.he_adam import HEAdamState
 from participant.keyholder import decrypt_vector
 from protos.codec import decode_vector, encode_vector, encrypt_vector
@@ -75,3 +82,27 @@ def test_an_unreadable_latest_generation_falls_back_to_the_previous_one(saved, c
     assert restored.round == 7 and "previous generation" in caplog.text
     back = decode_vector(holder, encode_vector(coordinator_backend, restored.optimizer.theta))
     np.testing.assert_allclose(decrypt_vector(holder, back), values["theta"], atol=1e-6)
+
+
+def test_a_deferred_checkpoint_holds_the_state_as_it_was_saved(tmp_path, coordinator_backend):
+    """The round loop changes its history and pending row after deferring the write."""
+    writer = CheckpointWriter(tmp_path, coordinator_backend, "cartpole", CONFIG)
+    state = CoordinatorState(round=3, pending_round={"round": 3})
+    writer.save(state, defer=True)
+    state.round, state.pending_round["round"] = 4, 4
+    state.history.append(object())  # not a ReleasedMetrics: would fail the write if it were seen
+    writer.close()
+    written = read_checkpoint(tmp_path / CHECKPOINT_FILE)
+    assert written.round == 3 and '"round": 3' in written.pending_round_json and not written.history
+
+
+def test_a_failed_background_write_is_raised_at_the_next_save(tmp_path, coordinator_backend):
+    """A write error stops the run a round later; the file on disk stays the previous generation."""
+    writer = CheckpointWriter(tmp_path, coordinator_backend, "cartpole", CONFIG)
+    writer.save(CoordinatorState(round=1))
+    writer.save(CoordinatorState(round=2, history=[object()]), defer=True)  # not a ReleasedMetrics: the write fails
+    writer.start()
+    with pytest.raises(TypeError):
+        writer.save(CoordinatorState(round=3), defer=True)
+    writer.close()
+    assert read_checkpoint(tmp_path / CHECKPOINT_FILE).round == 1
