@@ -87,7 +87,7 @@ def initial_optimizer_state(backend: HEBackend, length: int) -> dict[str, Encryp
 @dataclass
 class StepResult:
     state: HEAdamState
-    x: EncryptedVector  # the polynomial's input, kept for interval checks by key holders
+    x: EncryptedVector | None  # the polynomial's input, for the benchmarks' interval check (in-process only)
 
 
 def he_adam_step(
@@ -106,12 +106,20 @@ def he_adam_step(
 
 
 def step_chunk(
-    backend: HEBackend, m: Chunk, z: Chunk, w: Chunk, u: Chunk, config: HEAdamConfig, poly: InverseSqrtPolynomial
-) -> tuple[Chunk, Chunk, Chunk, Chunk, Chunk]:
+    backend: HEBackend,
+    m: Chunk,
+    z: Chunk,
+    w: Chunk,
+    u: Chunk,
+    config: HEAdamConfig,
+    poly: InverseSqrtPolynomial,
+    with_x: bool = True,
+) -> tuple[Chunk, Chunk, Chunk, Chunk, Chunk | None]:
     """The step on one chunk: ``(delta, m~_t, z_t, w~_t, x)`` with ``theta_t = theta - delta``.
 
     theta itself is only needed for that last subtraction, so it never has to travel to a worker
-    process (``coordinator.parallel_step``).
+    process (``coordinator.parallel_step``); nor does ``x`` (``with_x=False``), which only the
+    benchmarks decrypt.
     """
     b1, b2, gain = config.beta1, config.beta2, config.step_gain
     m_new = backend.add(backend.mul_scalar(m, b1), backend.mul_scalar(u, 1 - b1))
@@ -121,13 +129,14 @@ def step_chunk(
     p = evaluate_polynomial(backend, backend.add_scalar(x, -poly.center), poly.coefficients)
     w_new = backend.mul(w, p)
     delta = backend.mul(backend.mul(km, w), p)
-    return delta, m_new, z_new, w_new, x
+    return delta, m_new, z_new, w_new, x if with_x else None
 
 
 def assemble_step(backend: HEBackend, state: HEAdamState, parts: list[tuple], length: int) -> StepResult:
     """Subtract each chunk's ``delta`` from theta and gather the per-chunk results into vectors."""
     theta = EncryptedVector([backend.sub(t, p[0]) for t, p in zip(state.theta.chunks, parts)], length)
-    m, v, w, x = (EncryptedVector([p[i] for p in parts], length) for i in range(1, 5))
+    m, v, w = (EncryptedVector([p[i] for p in parts], length) for i in range(1, 4))
+    x = EncryptedVector([p[4] for p in parts], length) if parts[0][4] is not None else None
     return StepResult(HEAdamState(theta, m, v, w, state.step + 1), x)
 
 

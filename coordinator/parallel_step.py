@@ -34,7 +34,7 @@ def parallel_he_adam_step(
 ) -> StepResult:
     """``he_adam_step(workers.backend, ...)`` with one task per chunk; in-process for one chunk."""
     groups = list(zip(state.m.chunks, state.v.chunks, state.w.chunks, aggregate.chunks))
-    parts = workers.map(step_chunk, groups, config, poly)
+    parts = workers.map(step_chunk, groups, config, poly, not workers.parallel)
     return assemble_step(workers.backend, state, parts, aggregate.length)
 
 
@@ -65,7 +65,7 @@ def parallel_unmask_step(
          *(minus[name][i * slots : (i + 1) * slots] for name in STATE_NAMES), u)
         for i, u in enumerate(aggregate.chunks)
     ]
-    parts = workers.map(unmask_step_chunk, groups, config, poly)
+    parts = workers.map(unmask_step_chunk, groups, config, poly, not workers.parallel)
     placeholder = EncryptedVector([None] * len(aggregate.chunks), length)  # m, v, w come from the parts
     state = HEAdamState(theta, placeholder, placeholder, placeholder, step)
     return assemble_step(backend, state, parts, length)
@@ -82,10 +82,11 @@ def unmask_step_chunk(
     u: Chunk,
     config: HEAdamConfig,
     poly: InverseSqrtPolynomial,
-) -> tuple[Chunk, ...]:
+    with_x: bool,
+) -> tuple[Chunk | None, ...]:
     """One chunk: load the masked fresh state, add the minus-masks (as ``unmask_state``), step."""
     m, v, w = (
         backend.add_plain(backend.deserialize(data, backend.slots, fresh=True), minus)
         for data, minus in ((m_data, m_minus), (v_data, v_minus), (w_data, w_minus))
     )
-    return step_chunk(backend, m, v, w, u, config, poly)
+    return step_chunk(backend, m, v, w, u, config, poly, with_x)

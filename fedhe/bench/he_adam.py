@@ -164,6 +164,8 @@ def run_he_adam_bench(
             result = he_adam_step(coordinator, state, aggregate, config, poly)
             timings["step"].append((time.perf_counter() - t0) * 1e3)
             timings["step_cpu"].append((time.process_time() - cpu0) * 1e3)
+            x = decrypt_vector(holder, send(coordinator, holder, result.x))  # workers do not return x
+            x_min, x_max = min(x_min, float(x.min())), max(x_max, float(x.max()))
             if workers > 1:
                 t0, cpu0 = time.perf_counter(), cpu_seconds(step_workers.pids())
                 if refreshed is None:
@@ -177,9 +179,6 @@ def run_he_adam_bench(
                 identical = identical and _same_bytes(result.state.w, parallel.state.w)
                 result = parallel
             state = result.state
-
-            x = decrypt_vector(holder, send(coordinator, holder, result.x))
-            x_min, x_max = min(x_min, float(x.min())), max(x_max, float(x.max()))
             cpu0 = time.process_time()
             refreshed = refresh_roundtrip(coordinator, in_process, state.named())
             timings["refresh_cpu"].append((time.process_time() - cpu0) * 1e3)

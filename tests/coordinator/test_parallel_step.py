@@ -30,7 +30,7 @@ def _state(backend, length: int, seed: int = 0) -> tuple[HEAdamState, EncryptedV
 
 def _vectors(result) -> list[EncryptedVector]:
     state = result.state
-    return [state.theta, state.m, state.v, state.w, result.x]
+    return [state.theta, state.m, state.v, state.w]
 
 
 def test_parallel_step_is_the_sequential_step_byte_for_byte(coordinator_backend, holder):
