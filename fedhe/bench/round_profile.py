@@ -5,6 +5,14 @@ The coordinator's phases come from ``metrics.jsonl`` (``phases_ms``); each parti
 local profile file (``FEDHE_PROFILE_DIR``), which never leaves the participant. Every number is a
 median over rounds (participants: over participants and rounds); round 1 is left out (warm-up).
 Per phase, ``encrypted_minus_plaintext_ms`` is what encryption costs there.
+
+``work_ms_per_round`` adds up the busy phases of a round: every participant's decryption,
+training and encryption, the refresher's re-encryption, and the coordinator's phases except
+``push`` and ``wait`` (the background checkpoint write is not counted). In simulation all of it
+shares the machine's cores, so ``work_ms / cores`` is a floor under the round's wall time, and
+``wall - work / cores`` is what the runtime (message passing, scheduling) adds on top.
+``wall_ratio_floor`` is the ratio the encrypted protocol would reach if its work packed the cores
+perfectly and the runtime added no more than in the plaintext run.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from protos.settings import RunSettings
 from scenarios import resolve_run
 
 WARMUP_ROUNDS = 1
+IDLE_PHASES = ("push", "wait")  # the coordinator waiting on the runtime and the participants
 
 
 def _phase_medians(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -55,14 +64,28 @@ def _profile_one(settings: RunSettings, participants: int, profile_dir: Path) ->
     rows = [r for r in read_metrics(Path(settings.out_dir)) if r["round"] > WARMUP_ROUNDS]
     if not rows:
         raise RuntimeError(f"no completed round after the warm-up in {settings.out_dir}; run more --rounds")
+    coordinator_ms = _phase_medians([r.get("phases_ms", {}) for r in rows])
+    participant_ms = _phase_medians(_participant_rows(profile_dir))
     return {
         "rounds": len(rows),
         "wall_s_per_round": round(statistics.median(r["wall_s"] for r in rows), 3),
         "bytes_up_per_round": int(statistics.median(r["bytes_up"] for r in rows)),
         "bytes_down_per_round": int(statistics.median(r["bytes_down"] for r in rows)),
-        "coordinator_ms": _phase_medians([r.get("phases_ms", {}) for r in rows]),
-        "participant_ms": _phase_medians(_participant_rows(profile_dir)),
+        "coordinator_ms": coordinator_ms,
+        "participant_ms": participant_ms,
+        "work_ms_per_round": _work_ms(coordinator_ms, participant_ms, participants),
     }
+
+
+def _work_ms(coordinator_ms: dict[str, float], participant_ms: dict[str, float], participants: int) -> dict:
+    """Busy time per round on each side; the refresh is one participant's, the rest everyone's."""
+    everyone = sum(ms for name, ms in participant_ms.items() if name != "refresh")
+    work = {
+        "coordinator": round(sum(ms for name, ms in coordinator_ms.items() if name not in IDLE_PHASES), 1),
+        "participants": round(participants * everyone + participant_ms.get("refresh", 0.0), 1),
+    }
+    work["total"] = round(work["coordinator"] + work["participants"], 1)
+    return work
 
 
 def _difference(encrypted: dict[str, float], plaintext: dict[str, float]) -> dict[str, float]:
@@ -93,6 +116,11 @@ def run_round_profile(
     enc, plain = result["encrypted"], result["plaintext"]
     result["masking"] = resolve_run(replace(base, plaintext=False), n)[1].masking
     result["wall_per_round_ratio"] = round(enc["wall_s_per_round"] / plain["wall_s_per_round"], 3)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    runtime_s = plain["wall_s_per_round"] - plain["work_ms_per_round"]["total"] / 1e3 / cores
+    floor_s = enc["work_ms_per_round"]["total"] / 1e3 / cores + max(runtime_s, 0.0)
+    result.update(cores=cores, plaintext_runtime_s_per_round=round(runtime_s, 3),
+                  wall_ratio_floor=round(floor_s / plain["wall_s_per_round"], 3))
     result["encrypted_minus_plaintext_ms"] = {
         "coordinator": _difference(enc["coordinator_ms"], plain["coordinator_ms"]),
         "participant": _difference(enc["participant_ms"], plain["participant_ms"]),

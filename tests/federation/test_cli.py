@@ -235,4 +235,11 @@ def test_bench_round_profiles_both_sides_and_keeps_participant_timings_local(tmp
     assert {"train", "mask_encrypt", "decrypt_theta", "refresh"} <= set(enc["participant_ms"])
     assert enc["coordinator_ms"]["he_adam"] > plain["coordinator_ms"]["he_adam"]
     assert result["wall_per_round_ratio"] > 0
+    for side in (enc, plain):  # the busy time adds up the phases: participants' for both of them
+        work, phases = side["work_ms_per_round"], side["participant_ms"]
+        everyone = sum(ms for name, ms in phases.items() if name != "refresh")
+        assert work["participants"] == pytest.approx(2 * everyone + phases.get("refresh", 0.0), abs=0.2)
+        assert work["total"] == pytest.approx(work["coordinator"] + work["participants"], abs=0.2)
+    assert enc["work_ms_per_round"]["total"] > plain["work_ms_per_round"]["total"]
+    assert 0 < result["wall_ratio_floor"] and result["cores"] >= 1
     assert len(list((tmp_path / "encrypted" / "participant-profiles").glob("participant-*.jsonl"))) == 2
