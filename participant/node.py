@@ -8,11 +8,15 @@ update itself stay here; only rounded federation-level aggregates are ever relea
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
+from google.protobuf.message import Message as ProtoMessage
 
 from participant.answer_rules import (
     AnswerLedger,
@@ -34,10 +38,11 @@ from protos.fedhe.v1 import wire_pb2
 from protos.optimizer import STATE_NAMES
 from protos.phase_timer import PhaseTimer, append_local_profile
 from protos.profiles import get_profile
-from protos.rollout_layout import layout_for_round
+from protos.rollout_layout import BlockLayout, layout_for_round
 from scenarios import Scenario
 
 log = logging.getLogger(__name__)
+P = TypeVar("P", bound=ProtoMessage)
 
 
 @lru_cache(maxsize=4)
@@ -85,6 +90,32 @@ def refresh(
     return reply
 
 
+@dataclass
+class Exchange:
+    """One coordinator message being answered: who answers, for which round, and the reply so far."""
+
+    content: RecordDict
+    scenario: Scenario
+    identity: NodeIdentity
+    run_id: int
+    ledger: AnswerLedger
+    holder: KeyHolder
+    round: int
+    participants: int
+    num_params: int
+    layout: BlockLayout | None  # encrypted-rollout mode only
+    masker: PairwiseMasker | None  # pairwise masking only
+    reply: RecordDict
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+    theta: np.ndarray | None = None
+
+    def has(self, record: str) -> bool:
+        return record in self.content.array_records
+
+    def unpack(self, record: str, cls: type[P], max_bytes: int) -> P:
+        return messages.unpack(self.content, record, cls, max_bytes=max_bytes)
+
+
 def handle(
     content: RecordDict, scenario: Scenario, identity: NodeIdentity, run_id: int, training: bool, ledger: AnswerLedger
 ) -> RecordDict:
@@ -93,6 +124,21 @@ def handle(
     Requests are checked against the round's protocol before anything is decrypted
     (``participant.answer_rules``); every envelope is size-checked before parsing.
     """
+    exchange = open_exchange(content, scenario, identity, run_id, ledger)
+    exchange.theta = read_theta(exchange)
+    for record, reply in REPLIES:
+        if exchange.has(record):
+            reply(exchange)
+    if training:
+        train(exchange)
+    append_local_profile(identity.participant_index, exchange.round, exchange.timer)
+    return exchange.reply
+
+
+def open_exchange(
+    content: RecordDict, scenario: Scenario, identity: NodeIdentity, run_id: int, ledger: AnswerLedger
+) -> Exchange:
+    """Check the key fingerprint and protocol version, and load this participant's keys."""
     config = messages.config_of(content)
     holder = cached_keyholder(identity.key_dir, identity.run.plaintext, identity.run.he_profile)
     if config.get("key-fingerprint") != holder.fingerprint:
@@ -102,80 +148,117 @@ def handle(
         )
     check_version(int(config.get("protocol-version", 0)), "coordinator message")
     round_, participants = int(config["round"]), max(1, int(config["participants"]))
-    network = scenario.network(identity.run.mode)
-    num_params = network.num_params
-    layout = layout_for_round(scenario, holder.slots, participants) if identity.run.mode == ROLLOUTS else None
     masker = None
     if identity.run.masking == "pairwise":  # before any work: a missing roster or key is a clear error
         masker = cached_masker(identity.key_dir, identity.participant_index, holder.fingerprint)
-
-    theta, timer = None, PhaseTimer()
-    if messages.THETA in content.array_records:
-        msg = messages.unpack(
-            content, messages.THETA, wire_pb2.EncryptedVector, max_bytes=max_bytes_for(holder, num_params)
-        )
-        with timer.phase("decrypt_theta"):
-            theta = decrypt_vector(holder, from_proto(holder, msg, expected_length=num_params))
-    elif bool(config.get("init", False)):
-        theta = network.init(identity.run.seed)
-    reply = RecordDict(
-        {
-            messages.CONFIG: ConfigRecord(
-                {"round": round_, "key-fingerprint": holder.fingerprint, "protocol-version": PROTOCOL_VERSION}
-            )
-        }
+    reply_config = ConfigRecord(
+        {"round": round_, "key-fingerprint": holder.fingerprint, "protocol-version": PROTOCOL_VERSION}
     )
-    if messages.REFRESH_REQUEST in content.array_records:
-        limit = max_bytes_for(holder, num_params, len(STATE_NAMES)) + max_bytes_for(holder, messages.STATS_LENGTH)
-        request = messages.unpack(content, messages.REFRESH_REQUEST, wire_pb2.RefreshRequest, max_bytes=limit)
-        check_refresh_request(request, round_, ledger)
-        with timer.phase("refresh"):
-            # theta goes back only when the coordinator holds none yet (it sent none): before round 1
-            fresh_theta = None if messages.THETA in content.array_records else theta
-            answer = refresh(holder, request, fresh_theta, num_params)
-        if layout is not None and theta is not None:
-            answer.theta_tiled.CopyFrom(tiled_theta(holder, theta, layout))
-        reply[messages.REFRESH_REPLY] = messages.pack(answer)
-    if messages.NORM_QUERY in content.array_records:
-        limit = max_bytes_for(holder, holder.slots, participants)
-        query = messages.unpack(content, messages.NORM_QUERY, wire_pb2.NormQuery, max_bytes=limit)
-        check_norm_query(query, round_, participants, ledger)
-        reply[messages.NORM_REPLY] = messages.pack(answer_norm_query(holder, query))
-    if messages.GRADIENT_QUERY in content.array_records and layout is not None:
-        limit = max_bytes_for(holder, holder.slots, layout.gradient_vectors)
-        query = messages.unpack(content, messages.GRADIENT_QUERY, wire_pb2.GradientQuery, max_bytes=limit)
-        check_gradient_query(query, round_, layout.gradient_vectors, ledger)
-        masked = [from_proto(holder, vec, expected_length=holder.slots) for vec in query.masked]
-        dense = collapse_masked(holder, masked, layout)
-        reply[messages.GRADIENT_REPLY] = messages.pack(
-            wire_pb2.GradientReply(protocol_version=PROTOCOL_VERSION, round=round_, gradient=to_proto(holder, dense))
+    return Exchange(
+        content=content,
+        scenario=scenario,
+        identity=identity,
+        run_id=run_id,
+        ledger=ledger,
+        holder=holder,
+        round=round_,
+        participants=participants,
+        num_params=scenario.network(identity.run.mode).num_params,
+        layout=layout_for_round(scenario, holder.slots, participants) if identity.run.mode == ROLLOUTS else None,
+        masker=masker,
+        reply=RecordDict({messages.CONFIG: reply_config}),
+    )
+
+
+def read_theta(exchange: Exchange) -> np.ndarray | None:
+    """The decrypted policy; before round 1 (``init``) the scenario's initial one; else None."""
+    holder = exchange.holder
+    if exchange.has(messages.THETA):
+        msg = exchange.unpack(messages.THETA, wire_pb2.EncryptedVector, max_bytes_for(holder, exchange.num_params))
+        with exchange.timer.phase("decrypt_theta"):
+            return decrypt_vector(holder, from_proto(holder, msg, expected_length=exchange.num_params))
+    if bool(messages.config_of(exchange.content).get("init", False)):
+        return exchange.scenario.network(exchange.identity.run.mode).init(exchange.identity.run.seed)
+    return None
+
+
+def reply_refresh(exchange: Exchange) -> None:
+    holder, num_params = exchange.holder, exchange.num_params
+    limit = max_bytes_for(holder, num_params, len(STATE_NAMES)) + max_bytes_for(holder, messages.STATS_LENGTH)
+    request = exchange.unpack(messages.REFRESH_REQUEST, wire_pb2.RefreshRequest, limit)
+    check_refresh_request(request, exchange.round, exchange.ledger)
+    with exchange.timer.phase("refresh"):
+        # theta goes back only when the coordinator holds none yet (it sent none): before round 1
+        fresh_theta = None if exchange.has(messages.THETA) else exchange.theta
+        answer = refresh(holder, request, fresh_theta, num_params)
+    if exchange.layout is not None and exchange.theta is not None:
+        answer.theta_tiled.CopyFrom(tiled_theta(holder, exchange.theta, exchange.layout))
+    exchange.reply[messages.REFRESH_REPLY] = messages.pack(answer)
+
+
+def reply_norm_query(exchange: Exchange) -> None:
+    limit = max_bytes_for(exchange.holder, exchange.holder.slots, exchange.participants)
+    query = exchange.unpack(messages.NORM_QUERY, wire_pb2.NormQuery, limit)
+    check_norm_query(query, exchange.round, exchange.participants, exchange.ledger)
+    exchange.reply[messages.NORM_REPLY] = messages.pack(answer_norm_query(exchange.holder, query))
+
+
+def reply_gradient_query(exchange: Exchange) -> None:
+    holder, layout = exchange.holder, exchange.layout
+    if layout is None:  # local-ppo: there is no encrypted gradient to collapse
+        return
+    query = exchange.unpack(messages.GRADIENT_QUERY, wire_pb2.GradientQuery,
+                            max_bytes_for(holder, holder.slots, layout.gradient_vectors))
+    check_gradient_query(query, exchange.round, layout.gradient_vectors, exchange.ledger)
+    masked = [from_proto(holder, vec, expected_length=holder.slots) for vec in query.masked]
+    dense = collapse_masked(holder, masked, layout)
+    reply = wire_pb2.GradientReply(protocol_version=PROTOCOL_VERSION, round=exchange.round,
+                                   gradient=to_proto(holder, dense))
+    exchange.reply[messages.GRADIENT_REPLY] = messages.pack(reply)
+
+
+def reply_mask_correction(exchange: Exchange) -> None:
+    masker = exchange.masker
+    if masker is None:  # masking is off: nothing to cancel
+        return
+    request = exchange.unpack(messages.MASK_CORRECTION_REQUEST, wire_pb2.MaskCorrectionRequest, 1024 + 8 * masker.size)
+    check_mask_correction_request(request, exchange.round, exchange.identity.participant_index, masker.size,
+                                  exchange.ledger)
+    log.info("round %d: the coordinator reports roster members %s missing; cancelling masks with them",
+             exchange.round, sorted(request.dropped))
+    answer = mask_correction(exchange.holder, masker.round(exchange.run_id, exchange.round), request,
+                             exchange.num_params)
+    exchange.reply[messages.MASK_CORRECTION] = messages.pack(answer)
+
+
+# What a message may ask besides training, in the order answered.
+REPLIES: tuple[tuple[str, Callable[[Exchange], None]], ...] = (
+    (messages.REFRESH_REQUEST, reply_refresh),
+    (messages.NORM_QUERY, reply_norm_query),
+    (messages.GRADIENT_QUERY, reply_gradient_query),
+    (messages.MASK_CORRECTION_REQUEST, reply_mask_correction),
+)
+
+
+def train(exchange: Exchange) -> None:
+    """Local training from theta: an encrypted update (local-ppo) or encrypted rollouts."""
+    theta, round_, identity = exchange.theta, exchange.round, exchange.identity
+    if theta is None:
+        raise ChunkLayoutError(f"round-{round_} train message carries no theta and no init flag")
+    holder, scenario, run_id = exchange.holder, exchange.scenario, exchange.run_id
+    if exchange.layout is not None:
+        owner = owner_for(scenario, identity.participant_index, identity.variant, identity.run.seed, run_id, round_)
+        exchange.reply[messages.ROLLOUT] = messages.pack(
+            encrypted_rollout(holder, round_, owner.contribute(theta, exchange.participants, exchange.layout))
         )
-    if messages.MASK_CORRECTION_REQUEST in content.array_records and masker is not None:
-        request = messages.unpack(content, messages.MASK_CORRECTION_REQUEST, wire_pb2.MaskCorrectionRequest,
-                                  max_bytes=1024 + 8 * masker.size)
-        check_mask_correction_request(request, round_, identity.participant_index, masker.size, ledger)
-        log.info("round %d: the coordinator reports roster members %s missing; cancelling masks with them",
-                 round_, sorted(request.dropped))
-        answer = mask_correction(holder, masker.round(run_id, round_), request, num_params)
-        reply[messages.MASK_CORRECTION] = messages.pack(answer)
-    if training:
-        if theta is None:
-            raise ChunkLayoutError(f"round-{round_} train message carries no theta and no init flag")
-        if layout is not None:
-            owner = owner_for(scenario, identity.participant_index, identity.variant, identity.run.seed, run_id, round_)
-            reply[messages.ROLLOUT] = messages.pack(
-                encrypted_rollout(holder, round_, owner.contribute(theta, participants, layout))
-            )
-        else:
-            with timer.phase("train"):
-                update, stats = local_update(scenario, identity, run_id, theta, round_, participants)
-            with timer.phase("mask_encrypt"):
-                masks = masker.round(run_id, round_) if masker is not None else None
-                reply[messages.UPDATE] = messages.pack(encrypted_update(holder, round_, update, stats, masks))
-            if masker is not None:  # a round's masks are fixed: never mask two different updates with them
-                ledger.claim("update", round_)
-    append_local_profile(identity.participant_index, round_, timer)
-    return reply
+        return
+    with exchange.timer.phase("train"):
+        update, stats = local_update(scenario, identity, run_id, theta, round_, exchange.participants)
+    with exchange.timer.phase("mask_encrypt"):
+        masks = exchange.masker.round(run_id, round_) if exchange.masker is not None else None
+        exchange.reply[messages.UPDATE] = messages.pack(encrypted_update(holder, round_, update, stats, masks))
+    if masks is not None:  # a round's masks are fixed: never mask two different updates with them
+        exchange.ledger.claim("update", round_)
 
 
 def encrypted_update(
