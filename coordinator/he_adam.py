@@ -24,6 +24,7 @@ is refreshed by a key holder (``mask_state``/``unmask_state``, docs/threat-model
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -140,6 +141,54 @@ def assemble_step(backend: HEBackend, state: HEAdamState, parts: list[tuple], le
     return StepResult(HEAdamState(theta, m, v, w, state.step + 1), x)
 
 
+class LevelCount:
+    """Stands in for a backend in a dry run of the step: a chunk is the number of levels it used.
+
+    Mirrors TenSEAL's CKKS arithmetic: a product (with a ciphertext or a scalar) is rescaled and
+    uses one level beyond its deeper operand; a sum is as deep as its deeper operand.
+    """
+
+    def add(self, a: int, b: int) -> int:
+        return max(a, b)
+
+    def mul(self, a: int, b: int) -> int:
+        return max(a, b) + 1
+
+    def mul_scalar(self, a: int, c: float) -> int:
+        return a + 1
+
+    def add_scalar(self, a: int, c: float) -> int:
+        return a
+
+
+def step_levels(start: dict[str, int], aggregate_level: int, config: HEAdamConfig,
+                poly: InverseSqrtPolynomial) -> tuple[dict[str, int], int]:
+    """Levels each state vector has used after a step from ``start`` levels, and the deepest value's."""
+    delta, m, z, w, x = step_chunk(LevelCount(), start["m"], start["v"], start["w"], aggregate_level, config, poly)
+    return {"m": m, "v": z, "w": w}, max(delta, m, z, w, x)
+
+
+def refresh_due(
+    levels_used: dict[str, int],
+    aggregate_level: int,
+    profile_levels: int,
+    config: HEAdamConfig,
+    poly: InverseSqrtPolynomial,
+) -> tuple[str, ...]:
+    """The state vectors the next step needs fresh: the fewest re-encryptions that let it fit.
+
+    ``levels_used``: each state vector's levels used now. At the default profile ``z`` and ``w~``
+    need every level of the step, but ``m~`` only enters through ``K m~_t w~``, which waits for
+    ``P(x)``: it can start two levels down, so it is re-encrypted every third round only.
+    """
+    for size in range(len(STATE_NAMES) + 1):
+        for due in itertools.combinations(STATE_NAMES, size):
+            start = {name: 0 if name in due else levels_used[name] for name in STATE_NAMES}
+            if step_levels(start, aggregate_level, config, poly)[1] <= profile_levels:
+                return due
+    raise HEAdamConfigError(f"one HE-Adam step needs more than the profile's {profile_levels} levels")
+
+
 @dataclass
 class Masks:
     """The coordinator's secret additive masks for one refresh."""
@@ -220,6 +269,8 @@ __all__ = [
     "initial_optimizer_state",
     "mask_state",
     "reference_adam",
+    "refresh_due",
+    "step_levels",
     "step_chunk",
     "unmask_state",
 ]

@@ -34,6 +34,8 @@ from coordinator.he_adam import (
     Masks,
     initial_optimizer_state,
     mask_state,
+    refresh_due,
+    step_levels,
     unmask_state,
 )
 from coordinator.parallel_step import parallel_he_adam_step
@@ -179,6 +181,9 @@ class HEAdamCoordinator:
         self.failed_rounds: list[dict] = []  # rounds that changed nothing, with every cause
         self.excluded: set[int] = set()  # nodes told once that they hold another federation's key
         self.checkpoints = CheckpointWriter(self.out_dir, backend, scenario_name, config.to_json())
+        # levels each state vector has used, tracked by a dry run of every step (the same for the
+        # plaintext baseline); None until the first step or after a resume: then all are refreshed
+        self.levels: dict[str, int] | None = None
 
     def describe(self) -> None:
         log.info(
@@ -232,7 +237,7 @@ class HEAdamCoordinator:
         outcome.bytes_down = sum(messages.payload_bytes(m.content) for m in outgoing)
         self.checkpoints.start()  # last round's checkpoint, written while participants train
         sums = RoundSums(self.backend, keep=self.defense in ROBUST_DEFENSES)
-        refreshed: tuple[EncryptedVector, dict, EncryptedVector | None] | None = None
+        refreshed: tuple[EncryptedVector, dict, EncryptedVector | None, dict[str, int]] | None = None
         layout = self.rollouts.layout(len(nodes)) if self.rollouts else None
         uploads: list[list[EncryptedVector]] = []
         masked = MaskedRound() if self.masking == "pairwise" else None
@@ -275,7 +280,7 @@ class HEAdamCoordinator:
             if refreshed is None:
                 log.warning("round %d: no participant could refresh the state; state unchanged", server_round)
                 return self._finish(outcome, t0)
-        theta, state, theta_tiled = refreshed
+        theta, state, theta_tiled, start_levels = refreshed
         t_he = time.perf_counter()
         aggregate = sums.update
         if layout is not None:
@@ -294,6 +299,7 @@ class HEAdamCoordinator:
                 self.workers, HEAdamState(theta, **state, step=self._steps()), aggregate, self.config, self.poly
             )
         outcome.he_ms = (time.perf_counter() - t_he) * 1e3
+        self.levels = step_levels(start_levels, self._aggregate_level(), self.config, self.poly)[0]
         if self.dp_z > 0:
             z_eff = effective_noise_multiplier(self.dp_z, sums.count, len(nodes))
             self.dp_history.append(z_eff)
@@ -469,14 +475,25 @@ class HEAdamCoordinator:
         content = RecordDict({messages.CONFIG: config, **arrays})
         return Message(content, dst_node_id=node, message_type=kind, group_id=group or str(server_round))
 
+    def refresh_due(self) -> tuple[str, ...]:
+        """The state vectors the next step needs fresh (``he_adam.refresh_due``): v and w every round."""
+        if self.levels is None:
+            return STATE_NAMES
+        return refresh_due(self.levels, self._aggregate_level(), self.backend.profile.levels, self.config, self.poly)
+
+    def _aggregate_level(self) -> int:
+        """Levels the summed update has used when the step starts: one for the robust defenses' factors."""
+        return 1 if self.defense in ROBUST_DEFENSES else 0
+
     def refresh_request(
         self, server_round: int, with_state: bool = True
     ) -> tuple[wire_pb2.RefreshRequest, Masks | None]:
-        """The optimizer state under fresh secret masks, plus last round's stats to release."""
+        """The state vectors due for a refresh under fresh secret masks, plus last round's stats to release."""
         request = wire_pb2.RefreshRequest(protocol_version=PROTOCOL_VERSION, round=server_round)
         masks = None
         if with_state and self.state.optimizer is not None:
-            masked, masks = mask_state(self.backend, self.state.optimizer.named())
+            named = self.state.optimizer.named()
+            masked, masks = mask_state(self.backend, {name: named[name] for name in self.refresh_due()})
             for name, vec in masked.items():
                 request.masked_state[name].CopyFrom(to_proto(self.backend, vec))
         if self.release and self.state.pending_stats is not None:
@@ -551,20 +568,20 @@ class HEAdamCoordinator:
     def _take_refresh(self, reply: Message, masks: Masks | None, server_round: int):
         tiled_length = self.rollouts.tiled_length() if self.rollouts else 0
         current = self.state.optimizer
+        due = tuple(masks.values) if masks is not None else ()
         answer: RefreshAnswer = read_refresh(
-            self.backend, reply, server_round, self.num_params, STATE_NAMES if masks else (), tiled_length,
-            want_theta=current is None,
+            self.backend, reply, server_round, self.num_params, due, tiled_length, want_theta=current is None,
         )
         # theta is never refreshed: HE-Adam only subtracts from it, which needs no level.
         theta = answer.theta if current is None else current.theta
-        state = (
-            unmask_state(self.backend, answer.state, masks)
-            if masks
-            else initial_optimizer_state(self.backend, self.num_params)
-        )
+        if current is None or masks is None:  # before round 1: the initial state, fresh
+            state, start = initial_optimizer_state(self.backend, self.num_params), dict.fromkeys(STATE_NAMES, 0)
+        else:
+            state = {**current.named(), **unmask_state(self.backend, answer.state, masks)}
+            start = {name: 0 if name in due else self.levels[name] for name in STATE_NAMES}
         if answer.released is not None:
             self._record_release(answer.released)
-        return theta, state, answer.theta_tiled
+        return theta, state, answer.theta_tiled, start
 
     def _fallback_refresh(self, grid: Grid, server_round: int, nodes: list[int], refresher: int, outcome: RoundOutcome):
         for node in [n for n in nodes if n != refresher]:

@@ -56,13 +56,14 @@ class AnswerLedger:
 
 
 def check_refresh_request(request: wire_pb2.RefreshRequest, round_: int, ledger: AnswerLedger) -> None:
-    """The masked state is exactly m, v, w (or absent); statistics are an earlier round's, once."""
+    """The masked state is some of m, v, w (those the next step needs fresh); statistics are an
+    earlier round's, once."""
     check_version(request.protocol_version, "refresh request")
     if request.round != round_:
         raise RequestRefusedError(f"refresh request names round {request.round} inside a round-{round_} message")
-    if request.masked_state and set(request.masked_state) != set(STATE_NAMES):
+    if not set(request.masked_state) <= set(STATE_NAMES):
         raise RequestRefusedError(
-            f"refresh request holds state {sorted(request.masked_state)}, expected {list(STATE_NAMES)}"
+            f"refresh request holds state {sorted(request.masked_state)}, expected some of {list(STATE_NAMES)}"
         )
     if request.masked_state:
         ledger.claim("refresh", round_)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from coordinator.he_adam import (
     initial_optimizer_state,
     mask_state,
     reference_adam,
+    refresh_due,
+    step_levels,
     unmask_state,
 )
 from participant.keyholder import PlainKeyHolder, decrypt_vector, reencrypt
@@ -150,3 +153,50 @@ def test_config_roundtrips_through_json():
 def test_encrypted_vector_needs_values():
     with pytest.raises(ValueError):
         EncryptedVector([], 0)
+
+
+def _used(backend, vec: EncryptedVector) -> int:
+    return backend.profile.levels - backend.levels_left(vec.chunks[0])
+
+
+def _lowered(backend, vec: EncryptedVector, levels: int) -> EncryptedVector:
+    """The same values, ``levels`` levels further down (each product by 1.0 uses one)."""
+    for _ in range(levels):
+        vec = EncryptedVector([backend.mul_scalar(c, 1.0) for c in vec.chunks], vec.length)
+    return vec
+
+
+def test_the_level_dry_run_is_tenseals_arithmetic(coordinator_backend):
+    """The refresh schedule rests on it: for every start level of m~, z, w~ and the aggregate, a
+    real step fits exactly when the dry run says so, and lands on the levels it predicts."""
+    config = HEAdamConfig()
+    poly = config.validate(coordinator_backend.profile)
+    levels = coordinator_backend.profile.levels
+    fresh = initial_optimizer_state(coordinator_backend, 8)
+    theta = encrypt_vector(coordinator_backend, np.zeros(8))
+    u = encrypt_vector(coordinator_backend, np.full(8, 0.1))
+    fitted = 0
+    for m_level, v_level, w_level, u_level in itertools.product((0, 2, 3), (0, 1), (0, 1), (0, 1)):
+        start = {"m": m_level, "v": v_level, "w": w_level}
+        expected, deepest = step_levels(start, u_level, config, poly)
+        state = HEAdamState(theta, **{name: _lowered(coordinator_backend, fresh[name], start[name]) for name in start})
+        aggregate = _lowered(coordinator_backend, u, u_level)
+        if deepest > levels:
+            with pytest.raises(ValueError):  # TenSEAL: the modulus chain ends
+                he_adam_step(coordinator_backend, state, aggregate, config, poly)
+            continue
+        result = he_adam_step(coordinator_backend, state, aggregate, config, poly)
+        assert {name: _used(coordinator_backend, vec) for name, vec in result.state.named().items()} == expected
+        fitted += 1
+    assert fitted == 2  # fresh z, w~ and aggregate; m~ fresh or two levels down
+
+
+def test_v_and_w_are_refreshed_every_round_and_m_every_third():
+    config = HEAdamConfig()
+    poly = config.validate(get_profile("n16k-d6"))
+    levels, schedule = dict.fromkeys(("m", "v", "w"), 0), []
+    for _ in range(6):
+        due = refresh_due(levels, 0, 6, config, poly)
+        schedule.append(due)
+        levels = step_levels({name: 0 if name in due else used for name, used in levels.items()}, 0, config, poly)[0]
+    assert schedule == [(), ("v", "w"), ("v", "w"), ("m", "v", "w"), ("v", "w"), ("v", "w")]

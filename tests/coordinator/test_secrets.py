@@ -120,8 +120,11 @@ def test_key_holder_answers_each_request_once_per_round(coordinator_backend, hol
     request.stats_round = 4
     with pytest.raises(RequestRefusedError, match="cannot be released"):
         check_refresh_request(request, 4, AnswerLedger())
-    del request.masked_state["v"]
-    with pytest.raises(RequestRefusedError, match="expected"):
+    request.stats_round = 3
+    del request.masked_state["v"]  # some of the state: what the next step needs fresh
+    check_refresh_request(request, 4, AnswerLedger())
+    request.masked_state["theta"].CopyFrom(request.masked_state["m"])  # theta is never refreshed
+    with pytest.raises(RequestRefusedError, match="expected some of"):
         check_refresh_request(request, 4, AnswerLedger())
 
 

@@ -77,14 +77,15 @@ def test_updates_are_clipped_and_prescaled(encrypted_run, holder, keys):
 
 def test_theta_is_encrypted_once_and_never_refreshed(encrypted_run, coordinator_backend):
     """HE-Adam only subtracts from theta: the refresher sends it once, before round 1, and it stays at the
-    last level (a 4x smaller download) while the rest of the state is refreshed every round."""
+    last level (a 4x smaller download). z and w are refreshed every round; m every third round (round 4
+    of a run, which the resume test reaches)."""
     refreshes = []
     for manifest, folder in _audited_replies(encrypted_run[2]):
         if messages.REFRESH_REPLY in manifest["array_records"]:
             entry = next(iter(manifest["array_records"][messages.REFRESH_REPLY].values()))
             reply = wire_pb2.RefreshReply.FromString((folder / entry["file"]).read_bytes())
             refreshes.append((manifest["request_round"], reply.HasField("theta"), sorted(reply.state)))
-    state = ["m", "v", "w"]  # round 4: the final release of round 3's statistics, no state
+    state = ["v", "w"]  # round 4: the final release of round 3's statistics, no state
     assert sorted(refreshes) == [(1, True, []), (2, False, state), (3, False, state), (4, False, [])]
     checkpoint = wire_pb2.Checkpoint.FromString((encrypted_run[1] / "checkpoint.pb").read_bytes())
     assert coordinator_backend.levels_left(from_proto(coordinator_backend, checkpoint.theta).chunks[0]) == 0
