@@ -40,53 +40,56 @@ def parallel_he_adam_step(
 
 def parallel_unmask_step(
     workers: ChunkWorkers,
-    theta: EncryptedVector,
+    state: HEAdamState,
     masked: dict[str, wire_pb2.EncryptedVector],
     masks: Masks,
     aggregate: EncryptedVector,
-    step: int,
     config: HEAdamConfig,
     poly: InverseSqrtPolynomial,
 ) -> StepResult:
-    """``he_adam_step`` on ``unmask_state`` of the refresher's reply, straight from its wire vectors.
+    """``he_adam_step`` on ``state`` with the refresher's vectors unmasked, straight from its wire vectors.
 
-    ``masked``: the reply's ``state`` map (fresh, still masked; each chunk is checked again as a
-    fresh ciphertext where it is loaded). ``step``: the number of steps taken so far.
+    ``masked``: the reply's ``state`` map, the vectors that were due (fresh, still masked; each chunk
+    is checked again as a fresh ciphertext where it is loaded); the rest of ``state`` is used as it is.
     """
     backend = workers.backend
-    if set(masked) != set(STATE_NAMES) or set(masks.values) != set(STATE_NAMES):
-        raise ValueError(f"unmasking needs the state {sorted(STATE_NAMES)}, got {sorted(masked)}")
+    if set(masked) != set(masks.values) or not set(masked) <= set(STATE_NAMES):
+        raise ValueError(f"refreshed state {sorted(masked)} does not match the masks {sorted(masks.values)}")
     slots, length = backend.slots, aggregate.length
     for msg in masked.values():
         check_header(backend, msg, expected_length=length)
-    minus = {name: pad_to_chunks(-masks.values[name], slots) for name in STATE_NAMES}
-    groups = [
-        (*(masked[name].chunks[i] for name in STATE_NAMES),
-         *(minus[name][i * slots : (i + 1) * slots] for name in STATE_NAMES), u)
-        for i, u in enumerate(aggregate.chunks)
-    ]
+    minus = {name: pad_to_chunks(-masks.values[name], slots) for name in masked}
+    kept = state.named()
+
+    def item(name: str, i: int) -> tuple:
+        if name in masked:
+            return masked[name].chunks[i], minus[name][i * slots : (i + 1) * slots]
+        return kept[name].chunks[i], None
+
+    groups = [(*(part for name in STATE_NAMES for part in item(name, i)), u) for i, u in enumerate(aggregate.chunks)]
     parts = workers.map(unmask_step_chunk, groups, config, poly, not workers.parallel)
-    placeholder = EncryptedVector([None] * len(aggregate.chunks), length)  # m, v, w come from the parts
-    state = HEAdamState(theta, placeholder, placeholder, placeholder, step)
     return assemble_step(backend, state, parts, length)
 
 
 def unmask_step_chunk(
     backend: HEBackend,
-    m_data: bytes,
-    v_data: bytes,
-    w_data: bytes,
-    m_minus: np.ndarray,
-    v_minus: np.ndarray,
-    w_minus: np.ndarray,
+    m: bytes | Chunk,
+    m_minus: np.ndarray | None,
+    v: bytes | Chunk,
+    v_minus: np.ndarray | None,
+    w: bytes | Chunk,
+    w_minus: np.ndarray | None,
     u: Chunk,
     config: HEAdamConfig,
     poly: InverseSqrtPolynomial,
     with_x: bool,
 ) -> tuple[Chunk | None, ...]:
-    """One chunk: load the masked fresh state, add the minus-masks (as ``unmask_state``), step."""
-    m, v, w = (
-        backend.add_plain(backend.deserialize(data, backend.slots, fresh=True), minus)
-        for data, minus in ((m_data, m_minus), (v_data, v_minus), (w_data, w_minus))
-    )
-    return step_chunk(backend, m, v, w, u, config, poly, with_x)
+    """One chunk: load each refreshed, masked vector and add its minus-mask (as ``unmask_state``), step."""
+
+    def unmasked(item: bytes | Chunk, minus: np.ndarray | None) -> Chunk:
+        if minus is None:  # not due: the kept chunk as it is
+            return item
+        return backend.add_plain(backend.deserialize(item, backend.slots, fresh=True), minus)
+
+    return step_chunk(backend, unmasked(m, m_minus), unmasked(v, v_minus), unmasked(w, w_minus), u, config, poly,
+                      with_x)

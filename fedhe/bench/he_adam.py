@@ -2,10 +2,13 @@
 
 It plays every role in one process, but through the real wire format: a participant encrypts
 the pre-scaled gradient, the coordinator (evaluation-only context) steps, masks its state, a
-refresher decrypts and re-encrypts it, the coordinator unmasks. theta is encrypted once and never
-refreshed (HE-Adam only subtracts from it). ``ms_per_step`` times the coordinator's unmasking and
-step (unmasking runs in the step's workers, ``parallel_unmask_step``); ``refresh_ms`` the rest of
-the refresh, both sides (``refresh_key_holder_ms`` the refresher's part).
+refresher decrypts and re-encrypts it, the coordinator unmasks. As in a federation, theta is
+encrypted once and never refreshed (HE-Adam only subtracts from it), and of the rest only what the
+next step needs fresh is refreshed (``he_adam.refresh_due``: z and w every step, m every third).
+``ms_per_step`` (median) times the coordinator's unmasking and step (unmasking runs in the step's
+workers, ``parallel_unmask_step``); ``refresh_ms`` (mean over steps, so a multiple of 3 steps
+weighs the schedule right) the rest of the refresh, both sides (``refresh_key_holder_ms`` the
+refresher's part).
 
 With ``workers`` > 1 every step and refresh runs twice on the same inputs, in-process and over
 that many worker processes per side (``protos.chunk_workers``), so the two timings are paired
@@ -34,6 +37,8 @@ from coordinator.he_adam import (
     initial_optimizer_state,
     mask_state,
     reference_adam,
+    refresh_due,
+    step_levels,
     unmask_state,
 )
 from coordinator.parallel_step import parallel_he_adam_step, parallel_unmask_step
@@ -54,7 +59,13 @@ from protos.codec import (
 )
 from protos.fedhe.v1 import wire_pb2
 from protos.keyfile import load_evaluation_backend
+from protos.optimizer import STATE_NAMES
 from protos.profiles import DEFAULT_PROFILE
+
+
+def _typical(phase: str, values: list[float]) -> float:
+    """The median step; the mean refresh, whose size follows the schedule (m every third round)."""
+    return statistics.fmean(values) if phase.startswith("refresh") else statistics.median(values)
 
 
 def gradient_sequence(steps: int, params: int, clip: float, seed: int) -> list[np.ndarray]:
@@ -153,14 +164,17 @@ def run_he_adam_bench(
     upload = encode_vector(holder, encrypt_vector(holder, grads[0] * config.update_scale))
     in_process = keyholder_workers(holder, workers=1)
     refreshed: Refreshed | None = None
+    start = dict.fromkeys(STATE_NAMES, 0)  # levels used at the start of the next step
     with ChunkWorkers(coordinator, workers) as step_workers, keyholder_workers(holder, workers) as refresh_workers:
         step_workers.warm()
         refresh_workers.warm()
         for t, g in enumerate(grads):
             aggregate = send(holder, coordinator, encrypt_vector(holder, g * config.update_scale))
             t0, cpu0 = time.perf_counter(), time.process_time()
+            kept = state
             if refreshed is not None:
-                state = HEAdamState(state.theta, **unmask_state(coordinator, refreshed.fresh, refreshed.masks), step=t)
+                unmasked = unmask_state(coordinator, refreshed.fresh, refreshed.masks)
+                state = HEAdamState(state.theta, **{**state.named(), **unmasked}, step=t)
             result = he_adam_step(coordinator, state, aggregate, config, poly)
             timings["step"].append((time.perf_counter() - t0) * 1e3)
             timings["step_cpu"].append((time.process_time() - cpu0) * 1e3)
@@ -171,29 +185,31 @@ def run_he_adam_bench(
                 if refreshed is None:
                     parallel = parallel_he_adam_step(step_workers, state, aggregate, config, poly)
                 else:
-                    parallel = parallel_unmask_step(step_workers, state.theta, refreshed.wire, refreshed.masks,
-                                                    aggregate, t, config, poly)
+                    parallel = parallel_unmask_step(step_workers, kept, refreshed.wire, refreshed.masks,
+                                                    aggregate, config, poly)
                 paired["step"].append((time.perf_counter() - t0) * 1e3)
                 paired["step_cpu"].append((cpu_seconds(step_workers.pids()) - cpu0) * 1e3)
                 identical = identical and _same_bytes(result.state.theta, parallel.state.theta)
                 identical = identical and _same_bytes(result.state.w, parallel.state.w)
                 result = parallel
+            levels = step_levels(start, 0, config, poly)[0]
             state = result.state
+            due = refresh_due(levels, 0, coordinator.profile.levels, config, poly)  # as the round loop does
+            start = {name: 0 if name in due else levels[name] for name in levels}
             cpu0 = time.process_time()
-            refreshed = refresh_roundtrip(coordinator, in_process, state.named())
+            refreshed = refresh_roundtrip(coordinator, in_process, {name: state.named()[name] for name in due})
             timings["refresh_cpu"].append((time.process_time() - cpu0) * 1e3)
             timings["refresh"].append(refreshed.coordinator_ms + refreshed.key_holder_ms)
             timings["refresh_key_holder"].append(refreshed.key_holder_ms)
             if workers > 1:  # the same state refreshed again, re-encrypted over the workers; the run goes on from it
                 cpu0 = cpu_seconds(refresh_workers.pids())
-                again = refresh_roundtrip(coordinator, refresh_workers, state.named())
+                again = refresh_roundtrip(coordinator, refresh_workers, {name: state.named()[name] for name in due})
                 paired["refresh"].append(again.coordinator_ms + again.key_holder_ms)
                 paired["refresh_key_holder"].append(again.key_holder_ms)
                 paired["refresh_cpu"].append((cpu_seconds(refresh_workers.pids()) - cpu0) * 1e3)
                 refreshed = again
 
-            w = (decrypt_vector(holder, send(coordinator, holder, refreshed.fresh["w"]))
-                 - refreshed.masks.values["w"]) / np.sqrt(config.tau_value)
+            w = decrypt_vector(holder, send(coordinator, holder, state.w)) / np.sqrt(config.tau_value)
             w_err = max(w_err, float(np.max(np.abs(w / w_ref[t] - 1))))
             if on_step:
                 on_step(t + 1)
@@ -201,8 +217,8 @@ def run_he_adam_bench(
     theta_he = decrypt_vector(holder, send(coordinator, holder, state.theta))
     movement = float(np.max(np.abs(theta_ref - theta0)))
     chunks = chunk_count(params, coordinator.slots)
-    median = {key: statistics.median(values) for key, values in timings.items()}
-    with_workers = {key: statistics.median(values) for key, values in paired.items()} if workers > 1 else median
+    median = {key: _typical(key, values) for key, values in timings.items()}
+    with_workers = {key: _typical(key, values) for key, values in paired.items()} if workers > 1 else median
     he_ms = median["step"] + median["refresh"]
     he_ms_workers = with_workers["step"] + with_workers["refresh"]
     return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from coordinator.he_adam import (
     HEAdamConfig,
@@ -61,19 +62,22 @@ def test_one_chunk_or_one_worker_stays_in_process(coordinator_backend, holder):
     assert not ChunkWorkers(coordinator_backend, workers=1).parallel
 
 
-def test_unmasking_in_the_workers_is_unmask_state_then_the_step(coordinator_backend, holder):
+@pytest.mark.parametrize("due", [("m", "v", "w"), ("v", "w")])
+def test_unmasking_in_the_workers_is_unmask_state_then_the_step(coordinator_backend, holder, due):
+    """With every vector refreshed, or only those due (m is kept as it is two rounds in three)."""
     config = HEAdamConfig(lr=0.01, clip_bound=1.0)
     poly = config.validate(coordinator_backend.profile)
     length = 2 * coordinator_backend.slots + 5
     state, aggregate = _state(coordinator_backend, length, seed=1)
-    masked, masks = mask_state(coordinator_backend, state.named())
+    state = HEAdamState(state.theta, state.m, state.v, state.w, step=4)
+    masked, masks = mask_state(coordinator_backend, {name: state.named()[name] for name in due})
     refresher = keyholder_workers(holder, workers=1)
     reply = {name: reencrypt_message(refresher, to_proto(coordinator_backend, vec)) for name, vec in masked.items()}
     fresh = {name: from_proto(coordinator_backend, msg, fresh=True) for name, msg in reply.items()}
-    unmasked = HEAdamState(state.theta, **unmask_state(coordinator_backend, fresh, masks), step=4)
+    unmasked = HEAdamState(state.theta, **{**state.named(), **unmask_state(coordinator_backend, fresh, masks)}, step=4)
     sequential = he_adam_step(coordinator_backend, unmasked, aggregate, config, poly)
     with ChunkWorkers(coordinator_backend, workers=2) as workers:
-        fused = parallel_unmask_step(workers, state.theta, reply, masks, aggregate, 4, config, poly)
+        fused = parallel_unmask_step(workers, state, reply, masks, aggregate, config, poly)
     for seq, par in zip(_vectors(sequential), _vectors(fused)):
         assert [c.serialize() for c in par.chunks] == [c.serialize() for c in seq.chunks]
     assert fused.state.step == 5
