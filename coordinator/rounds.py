@@ -475,8 +475,9 @@ class HEAdamCoordinator:
         content = RecordDict({messages.CONFIG: config, **arrays})
         return Message(content, dst_node_id=node, message_type=kind, group_id=group or str(server_round))
 
-    def refresh_due(self) -> tuple[str, ...]:
-        """The state vectors the next step needs fresh (``he_adam.refresh_due``): v and w every round."""
+    def due_for_refresh(self) -> tuple[str, ...]:
+        """The state vectors the next step needs fresh (``he_adam.refresh_due``): at the default
+        profile v and w every round, m every third round."""
         if self.levels is None:
             return STATE_NAMES
         return refresh_due(self.levels, self._aggregate_level(), self.backend.profile.levels, self.config, self.poly)
@@ -493,7 +494,7 @@ class HEAdamCoordinator:
         masks = None
         if with_state and self.state.optimizer is not None:
             named = self.state.optimizer.named()
-            masked, masks = mask_state(self.backend, {name: named[name] for name in self.refresh_due()})
+            masked, masks = mask_state(self.backend, {name: named[name] for name in self.due_for_refresh()})
             for name, vec in masked.items():
                 request.masked_state[name].CopyFrom(to_proto(self.backend, vec))
         if self.release and self.state.pending_stats is not None:
