@@ -329,9 +329,10 @@ class HEAdamCoordinator:
                 "failed": outcome.failed,
                 **outcome.extras,
             }
+            self.state.pending_round["phases_ms"] = outcome.timer.rounded()  # kept in the checkpoint, for a resume
             with outcome.timer.phase("checkpoint"):  # a snapshot: the write overlaps the next round's wait
                 self._save(defer=True)
-            self.state.pending_round["phases_ms"] = outcome.timer.rounded()  # for the row, incl. checkpointing
+            self.state.pending_round["phases_ms"] = outcome.timer.rounded()  # the live row: with the snapshot
         else:
             causes = outcome.failed or [f"round {outcome.round}: only {outcome.answered} participant(s) answered"]
             self.failed_rounds.append({"round": outcome.round, "failed": causes})

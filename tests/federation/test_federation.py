@@ -91,6 +91,14 @@ def test_theta_is_encrypted_once_and_never_refreshed(encrypted_run, coordinator_
     assert coordinator_backend.levels_left(from_proto(coordinator_backend, checkpoint.theta).chunks[0]) == 0
 
 
+def test_a_checkpoint_keeps_the_rounds_metrics_row_for_a_resume(encrypted_run):
+    """Round 3's checkpoint (now the previous generation; the latest one recorded the final release) holds
+    the row a resume appends once the statistics are released, timings included."""
+    previous = wire_pb2.Checkpoint.FromString((encrypted_run[1] / "checkpoint.previous.pb").read_bytes())
+    row = json.loads(previous.pending_round_json)
+    assert previous.round == row["round"] == 3 and "he_adam" in row["phases_ms"]
+
+
 def test_evaluate_decrypts_the_checkpoint(encrypted_run, keys):
     result = evaluate_run(encrypted_run[1], keys.directory, episodes=2)
     assert result["round"] == 3 and result["episodes"] == 2 and result["mean_return"] > 0
