@@ -217,9 +217,9 @@ def run_he_adam_bench(
     theta_he = decrypt_vector(holder, send(coordinator, holder, state.theta))
     movement = float(np.max(np.abs(theta_ref - theta0)))
     chunks = chunk_count(params, coordinator.slots)
-    median = {key: _typical(key, values) for key, values in timings.items()}
-    with_workers = {key: _typical(key, values) for key, values in paired.items()} if workers > 1 else median
-    he_ms = median["step"] + median["refresh"]
+    typical = {key: _typical(key, values) for key, values in timings.items()}
+    with_workers = {key: _typical(key, values) for key, values in paired.items()} if workers > 1 else typical
+    he_ms = typical["step"] + typical["refresh"]
     he_ms_workers = with_workers["step"] + with_workers["refresh"]
     return {
         "profile": coordinator.profile.name,
@@ -235,26 +235,26 @@ def run_he_adam_bench(
         "poly_degree": config.degree,
         "poly_rel_err": poly.max_rel_error,
         "tau": config.tau_value,
-        "ms_per_step": median["step"],
-        "ms_per_step_per_8192_params": median["step"] / chunks * 8192 / coordinator.slots,
-        "refresh_ms": median["refresh"],
-        "refresh_key_holder_ms": median["refresh_key_holder"],
+        "ms_per_step": typical["step"],
+        "ms_per_step_per_8192_params": typical["step"] / chunks * 8192 / coordinator.slots,
+        "refresh_ms": typical["refresh"],
+        "refresh_key_holder_ms": typical["refresh_key_holder"],
         "he_ms_per_100k_params": he_ms / params * 100_000,
         "workers": workers,
         "ms_per_step_workers": with_workers["step"],
         "refresh_ms_workers": with_workers["refresh"],
         "refresh_key_holder_ms_workers": with_workers["refresh_key_holder"],
         "he_ms_per_100k_params_workers": he_ms_workers / params * 100_000,
-        "step_cpu_ms": median["step_cpu"],
+        "step_cpu_ms": typical["step_cpu"],
         "step_cpu_ms_workers": with_workers["step_cpu"],
-        "refresh_cpu_ms": median["refresh_cpu"],
+        "refresh_cpu_ms": typical["refresh_cpu"],
         "refresh_cpu_ms_workers": with_workers["refresh_cpu"],
-        "step_speedup": median["step"] / with_workers["step"],
-        "refresh_speedup": median["refresh"] / with_workers["refresh"],
+        "step_speedup": typical["step"] / with_workers["step"],
+        "refresh_speedup": typical["refresh"] / with_workers["refresh"],
         "he_speedup": he_ms / he_ms_workers,
         "steps_identical": identical,
         "numpy_ms_per_step": numpy_ms,
-        "slowdown_vs_numpy": median["step"] / numpy_ms if numpy_ms > 0 else None,
+        "slowdown_vs_numpy": typical["step"] / numpy_ms if numpy_ms > 0 else None,
         "upload_bytes_per_param": len(upload) / params,
         "upload_bytes_per_slot": len(upload) / (chunks * coordinator.slots),
     }

@@ -10,7 +10,9 @@ of ``protos.chunk_workers`` on both sides:
   running sum (``coordinator.rounds.RoundSums``: one update held at a time), the HE-Adam step
   (``parallel_he_adam_step``), masking and serializing the optimizer state for the refresh,
   checking the refresher's fresh ciphertexts and unmasking them (in-process here; a round can
-  unmask in the next step's workers, ``parallel_unmask_step``), and serializing theta once;
+  unmask in the next step's workers, ``parallel_unmask_step``), and serializing theta once. The
+  row refreshes all three state vectors: the heaviest round, as every third one is (a federation
+  refreshes ``m~`` only then, ``he_adam.refresh_due``);
 * participant (``participant_ms``, the busiest one, the refresher): encrypt and serialize its
   update (``encrypt_message``), decrypt theta (``decrypt_message``) and re-encrypt the masked
   state (``reencrypt_message``).
