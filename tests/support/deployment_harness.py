@@ -2,8 +2,9 @@
 
 Test support, not a test file: starts ``flower-superlink`` and N ``flower-supernode`` processes,
 runs the app with ``flwr run <app> <connection> --stream`` and reports the outcome (every
-process's log tail on failure). How Flower 1.41 behaves here, the commands it runs and the
-gotchas it works around: docs/testing.md, "The deployment harness".
+process's log tail on failure). Every program comes from this interpreter's environment
+(``program``, ``child_env``), so no activated venv is needed. How Flower 1.41 behaves here, the
+commands it runs and the gotchas it works around: docs/testing.md, "The deployment harness".
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -41,10 +43,33 @@ class DeploymentError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- utils
-def _bin(name: str) -> str:
-    """Return the console script ``name`` next to the running interpreter."""
-    cand = Path(sys.executable).parent / name
-    return str(cand) if cand.exists() else name
+def _scripts_dirs() -> list[Path]:
+    """This interpreter's scripts folders: next to ``sys.executable`` (a venv's ``bin``), then
+    ``sysconfig``'s (they are the same folder in a venv)."""
+    dirs = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
+    return [d for i, d in enumerate(dirs) if d not in dirs[:i]]
+
+
+def program(name: str) -> str:
+    """Absolute path of the Flower program ``name`` (``flower-superlink``, ``flwr``, ...) in this
+    interpreter's environment, so the tests run without an activated venv."""
+    for folder in _scripts_dirs():
+        cand = folder / name
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    raise DeploymentError(f"{name} not found in {', '.join(map(str, _scripts_dirs()))} (is flwr installed?)")
+
+
+def child_env(overrides: Mapping[str, str]) -> dict[str, str]:
+    """``os.environ`` plus ``overrides``, with PATH beginning with this interpreter's scripts
+    folders: the SuperLink and SuperNodes start ``flower-superexec``, and it starts
+    ``flwr-serverapp``/``flwr-clientapp``, by name."""
+    env = dict(os.environ)
+    env.update(overrides)
+    first = [str(d) for d in _scripts_dirs()]
+    rest = [d for d in env.get("PATH", "").split(os.pathsep) if d and d not in first]
+    env["PATH"] = os.pathsep.join(first + rest)
+    return env
 
 
 def free_ports(n: int, host: str = _HOST) -> list[int]:
@@ -318,18 +343,16 @@ class LocalDeployment:
 
     # ------------------------------------------------------------ environment
     def base_env(self, flwr_home: Path) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            FLWR_HOME=str(flwr_home),
-            FLWR_TELEMETRY_ENABLED="0",
-            FLWR_DISABLE_UPDATE_CHECK="1",
-            PYTHONUNBUFFERED="1",
-            PYTHONDONTWRITEBYTECODE="1",
-            NO_COLOR="1",
-            COLUMNS="200",
-        )
-        env.update(self.extra_env)
-        return env
+        return child_env({
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "NO_COLOR": "1",
+            "COLUMNS": "200",
+            **self.extra_env,
+        })
 
     def _spawn(self, name: str, argv: list[str], home: Path) -> ManagedProcess:
         cwd = home.parent
@@ -392,7 +415,7 @@ class LocalDeployment:
             self.superlink = self._spawn(
                 "superlink",
                 [
-                    _bin("flower-superlink"),
+                    program("flower-superlink"),
                     *transport,
                     *(["--enable-supernode-auth"] if self.auth else []),
                     "--disable-runtime-dependency-installation",
@@ -434,7 +457,7 @@ class LocalDeployment:
             transport = ["--root-certificates", str(root_certificates or self.tls.ca_cert)]
         key = auth_key or (self.node_keys[i][0] if self.auth and i < len(self.node_keys) else None)
         argv = [
-            _bin("flower-supernode"),
+            program("flower-supernode"),
             *transport,
             *(["--auth-supernode-private-key", str(key)] if key else []),
             "--superlink", f"{_HOST}:{self.superlink_port}",
@@ -508,7 +531,7 @@ class LocalDeployment:
     def flwr(self, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
         """Run ``flwr <args>`` against this deployment (isolated FLWR_HOME)."""
         return subprocess.run(
-            [_bin("flwr"), *args],
+            [program("flwr"), *args],
             env=self.base_env(self.cli_home),
             cwd=self.workdir,
             stdin=subprocess.DEVNULL,
@@ -556,7 +579,7 @@ class LocalDeployment:
         run_dir = self.workdir / "runs"
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run_dir / f"run-{k}.log"
-        argv = [_bin("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION_NAME, "--stream"]
+        argv = [program("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION_NAME, "--stream"]
         if run_config:
             cfg_path = run_dir / f"run-{k}-config.toml"
             _write_toml(cfg_path, run_config)
@@ -619,10 +642,10 @@ def build_fab(app_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     before = set(out.glob("*.fab"))
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               NO_COLOR="1", FLWR_HOME=str(out / ".flwr-home"))
+    env = child_env({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "NO_COLOR": "1",
+                     "FLWR_HOME": str(out / ".flwr-home")})
     proc = subprocess.run(
-        [_bin("flwr"), "build", "--app", str(Path(app_dir).resolve())],
+        [program("flwr"), "build", "--app", str(Path(app_dir).resolve())],
         cwd=out, env=env, capture_output=True, text=True, timeout=120, check=False,
     )
     new = sorted(set(out.glob("*.fab")) - before, key=lambda p: p.stat().st_mtime)
