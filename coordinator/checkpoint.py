@@ -15,8 +15,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from coordinator.he_adam import STATE_NAMES, HEAdamState
+from coordinator.report import RunRecord
 from protos.backend import HEBackend
-from protos.codec import PROTOCOL_VERSION, EncryptedVector, from_proto, parse_message, to_proto
+from protos.codec import PROTOCOL_VERSION, from_proto, parse_message, to_proto
 from protos.errors import CheckpointError, WireError
 from protos.fedhe.v1 import wire_pb2
 from protos.files import write_atomic
@@ -34,12 +35,11 @@ class CoordinatorState:
     round: int = 0  # last completed round
     optimizer: HEAdamState | None = None
     history: list[wire_pb2.ReleasedMetrics] = field(default_factory=list)
-    pending_stats: EncryptedVector | None = None
-    pending_round: dict = field(default_factory=dict)
 
 
 def save_checkpoint(
-    directory: Path, backend: HEBackend, scenario: str, config_json: str, state: CoordinatorState
+    directory: Path, backend: HEBackend, scenario: str, config_json: str, state: CoordinatorState,
+    record_json: str = "{}",
 ) -> Path:
     msg = wire_pb2.Checkpoint(
         protocol_version=PROTOCOL_VERSION,
@@ -49,14 +49,12 @@ def save_checkpoint(
         he_profile=backend.profile.name,
         history=state.history,
         optimizer_config_json=config_json,
-        pending_round_json=json.dumps(state.pending_round),
+        run_record_json=record_json,
     )
     if state.optimizer is not None:
         msg.theta.CopyFrom(to_proto(backend, state.optimizer.theta))
         for name, vec in state.optimizer.named().items():
             msg.state[name].CopyFrom(to_proto(backend, vec))
-    if state.pending_stats is not None:
-        msg.pending_stats.CopyFrom(to_proto(backend, state.pending_stats))
     path = Path(directory) / CHECKPOINT_FILE
     if path.exists():  # keep one previous generation: one unreadable file never loses the run
         os.replace(path, path.with_name(PREVIOUS_FILE))
@@ -77,23 +75,23 @@ class CheckpointWriter:
     def __init__(self, directory: Path, backend: HEBackend, scenario: str, config_json: str) -> None:
         self.directory, self.backend, self.scenario, self.config_json = Path(directory), backend, scenario, config_json
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedhe-checkpoint")
-        self._queued: CoordinatorState | None = None
+        self._queued: tuple[CoordinatorState, str] | None = None
         self._running: Future | None = None
 
-    def save(self, state: CoordinatorState, *, defer: bool = False) -> None:
-        """Write ``state`` now, or (``defer``) snapshot it for ``start``."""
+    def save(self, state: CoordinatorState, record_json: str = "{}", *, defer: bool = False) -> None:
+        """Write ``state`` (and the run record) now, or (``defer``) snapshot it for ``start``."""
         self.flush()
-        # the loop goes on changing these two in place; ciphertext vectors are never changed
-        self._queued = replace(state, history=list(state.history), pending_round=dict(state.pending_round))
+        # the loop goes on extending the history in place; ciphertext vectors are never changed
+        self._queued = (replace(state, history=list(state.history)), record_json)
         if not defer:
             self.flush()
 
     def start(self) -> None:
         """Begin writing the deferred snapshot on the background thread."""
         if self._queued is not None:
-            queued, self._queued = self._queued, None
+            (queued, record), self._queued = self._queued, None
             self._running = self._pool.submit(
-                save_checkpoint, self.directory, self.backend, self.scenario, self.config_json, queued
+                save_checkpoint, self.directory, self.backend, self.scenario, self.config_json, queued, record
             )
 
     def flush(self) -> None:
@@ -122,7 +120,7 @@ def read_checkpoint(path: Path) -> wire_pb2.Checkpoint:
 
 def load_checkpoint(
     directory: Path, backend: HEBackend, scenario: str, num_params: int, config_json: str | None = None
-) -> CoordinatorState:
+) -> tuple[CoordinatorState, RunRecord]:
     """The latest usable generation, validated: key, scenario, optimizer settings, every vector.
 
     ``config_json``: the optimizer configuration a resume will train with; it must match the
@@ -135,17 +133,20 @@ def load_checkpoint(
     except CheckpointError as exc:
         if not previous.is_file():
             raise CheckpointError(f"{exc}; there is no previous generation: remove {latest} to start over") from None
-        state = _load(previous, backend, scenario, num_params, config_json)
+        state, record = _load(previous, backend, scenario, num_params, config_json)
         log.warning("%s; resuming from the previous generation %s (round %d)", exc, previous, state.round)
-        return state
+        return state, record
 
 
 def _load(
     path: Path, backend: HEBackend, scenario: str, num_params: int, config_json: str | None
-) -> CoordinatorState:
+) -> tuple[CoordinatorState, RunRecord]:
     msg = read_checkpoint(path)
     if msg.protocol_version != PROTOCOL_VERSION:
-        raise CheckpointError(f"checkpoint {path} has version {msg.protocol_version}")
+        raise CheckpointError(
+            f"checkpoint {path} was written by a fedhe-rl speaking protocol {msg.protocol_version}, this one speaks "
+            f"{PROTOCOL_VERSION}: resume it with the release that wrote it, or start a new run in another --out"
+        )
     if msg.key_fingerprint != backend.fingerprint:
         raise CheckpointError(
             f"checkpoint {path} belongs to federation key {msg.key_fingerprint[:12]}…, but this "
@@ -166,12 +167,10 @@ def _load(
             }
             theta = from_proto(backend, msg.theta, expected_length=num_params)
             state.optimizer = HEAdamState(theta, **vectors, step=msg.round)
-        if msg.HasField("pending_stats"):
-            state.pending_stats = from_proto(backend, msg.pending_stats)
-        state.pending_round = json.loads(msg.pending_round_json or "{}")
+        record = RunRecord.from_json(msg.run_record_json)
     except (WireError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is unusable: {exc}") from None
-    return state
+    return state, record
 
 
 def check_same_optimizer(path: Path, saved_json: str, current_json: str) -> None:

@@ -40,3 +40,23 @@ def rdp_epsilon(noise_multipliers: list[float], delta: float, sampling_rate: flo
 
 def effective_noise_multiplier(z: float, answered: int, sampled: int) -> float:
     return z * math.sqrt(answered / sampled) if sampled else 0.0
+
+
+class DPAccountant:
+    """Observer of completed rounds: each round's effective noise multiplier and the epsilon so far."""
+
+    def __init__(self, settings) -> None:
+        self.z, self.delta = settings.dp_noise_multiplier, settings.dp_delta
+        self.history: list[float] = []  # effective noise multiplier per completed round
+
+    def resume(self, rows: list[dict]) -> None:
+        self.history = [row["dp_z"] for row in rows if row.get("dp_z")]
+
+    def completed(self, answered: int, sampled: int) -> dict:
+        """The round's metrics fields."""
+        self.history.append(effective_noise_multiplier(self.z, answered, sampled))
+        return {"dp_z": round(self.history[-1], 6), "dp_epsilon": round(rdp_epsilon(self.history, self.delta), 4)}
+
+    def summary(self) -> dict:
+        return {"dp_noise_multiplier": self.z, "dp_delta": self.delta, "dp_rounds": len(self.history),
+                "dp_epsilon": round(rdp_epsilon(self.history, self.delta), 4)}

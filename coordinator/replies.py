@@ -1,7 +1,7 @@
 """Reading participants' replies: size limit first, then parsing, then every ciphertext.
 
 Each reader raises ``WireError`` naming the problem, and the round loop records it as a failure
-of that participant (``rounds.HEAdamCoordinator._exchange``). Every ciphertext a participant
+of that participant (``coordinator.exchange``). Every ciphertext a participant
 sends must be fresh (full depth, exactly the profile's scale), so sums and HE-Adam can never fail
 on a well-formed but hostile reply.
 """
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from flwr.app import Message
 
 from coordinator.he_adam import STATE_NAMES
-from coordinator.unmasking import MaskedRound
 from protos import messages
 from protos.backend import HEBackend
 from protos.codec import EncryptedVector, check_version, from_proto, max_bytes_for
@@ -28,8 +27,14 @@ HEADER_BYTES = 1024  # version, round, map keys and a ReleasedMetrics
 class RefreshAnswer:
     theta: EncryptedVector | None
     state: dict[str, EncryptedVector]  # still masked
-    released: wire_pb2.ReleasedMetrics | None
     theta_tiled: EncryptedVector | None = None  # encrypted-rollout mode: theta in the block layout
+
+
+@dataclass
+class UpdateReply:
+    update: EncryptedVector
+    stats: EncryptedVector
+    masking: wire_pb2.PairwiseMasking | None  # present iff the run masks
 
 
 def update_limit(backend: HEBackend, num_params: int) -> int:
@@ -51,39 +56,48 @@ def _check_round(what: str, version: int, got: int, expected: int) -> None:
         raise WireError(f"{what} is for round {got}, this is round {expected}")
 
 
-def read_update(
-    backend: HEBackend, reply: Message, round_: int, num_params: int, masked: MaskedRound | None = None
-) -> tuple[EncryptedVector, EncryptedVector]:
-    """The update and rollout-statistics ciphertexts of a train reply.
-
-    ``masked``: this round's pairwise-masking record (None: the run has masking off). A masked
-    update is admitted to it last, once everything else validated.
-    """
+def read_update(backend: HEBackend, reply: Message, round_: int, num_params: int, masked: bool) -> UpdateReply:
+    """The update and rollout-statistics ciphertexts of a train reply (and its masking metadata)."""
     update = messages.unpack(reply.content, messages.UPDATE, wire_pb2.ParticipantUpdate,
                              max_bytes=update_limit(backend, num_params))
     _check_round("update", update.protocol_version, update.round, round_)
-    if update.HasField("masking") != (masked is not None):
+    if update.HasField("masking") != masked:
         raise MalformedMessageError(
-            "update carries pairwise masks but this run has masking off" if masked is None else
-            "update carries no pairwise masks but this run uses masking pairwise"
+            "update carries no pairwise masks but this run uses masking pairwise" if masked else
+            "update carries pairwise masks but this run has masking off"
         )
     vec = from_proto(backend, update.update, expected_length=num_params, fresh=True)
     stats = from_proto(backend, update.rollout_stats, expected_length=messages.STATS_LENGTH, fresh=True)
-    if masked is not None:
-        masked.admit(reply.metadata.src_node_id, update.masking)
-    return vec, stats
+    return UpdateReply(vec, stats, messages.detached(update.masking) if masked else None)
 
 
-def read_mask_correction(
-    backend: HEBackend, reply: Message, round_: int, num_params: int
-) -> tuple[EncryptedVector, EncryptedVector]:
-    """A participant's encrypted minus-masks with the round's missing roster members (update, statistics)."""
-    answer = messages.unpack(reply.content, messages.MASK_CORRECTION, wire_pb2.MaskCorrection,
-                             max_bytes=update_limit(backend, num_params))
-    _check_round("mask correction", answer.protocol_version, answer.round, round_)
+def read_unmask(backend: HEBackend, reply: Message, round_: int, num_params: int, corrections: bool,
+                max_shares: int) -> tuple[list[wire_pb2.RevealedShare], tuple[EncryptedVector, EncryptedVector] | None]:
+    """A survivor's opened shares and, when members are missing, its encrypted mask corrections."""
+    limit = update_limit(backend, num_params) + HEADER_BYTES + 64 * max_shares
+    answer = messages.unpack(reply.content, messages.UNMASK_REPLY, wire_pb2.UnmaskReply, max_bytes=limit)
+    _check_round("unmask reply", answer.protocol_version, answer.round, round_)
+    if len(answer.shares) > max_shares or any(len(share.share) != 16 for share in answer.shares):
+        raise MalformedMessageError(f"unmask reply holds {len(answer.shares)} shares, at most {max_shares} of 16 bytes")
+    if answer.HasField("update") != corrections or answer.HasField("rollout_stats") != corrections:
+        raise MalformedMessageError("unmask reply lacks its mask corrections" if corrections else
+                                    "unmask reply carries corrections nobody asked for")
+    shares = [messages.detached(share) for share in answer.shares]
+    if not corrections:
+        return shares, None
     vec = from_proto(backend, answer.update, expected_length=num_params, fresh=True)
     stats = from_proto(backend, answer.rollout_stats, expected_length=messages.STATS_LENGTH, fresh=True)
-    return vec, stats
+    return shares, (vec, stats)
+
+
+def read_integrity(reply: Message, round_: int) -> wire_pb2.IntegrityReply:
+    """A key holder's verdict on the aggregate's bound and the statistics, plus their rounded release."""
+    answer = messages.unpack(reply.content, messages.INTEGRITY_REPLY, wire_pb2.IntegrityReply,
+                             max_bytes=HEADER_BYTES)
+    _check_round("integrity reply", answer.protocol_version, answer.round, round_)
+    if answer.HasField("released") and answer.released.round != round_:
+        raise MalformedMessageError(f"integrity reply releases round {answer.released.round} in round {round_}")
+    return answer
 
 
 def read_refresh(
@@ -108,8 +122,7 @@ def read_refresh(
         if not answer.HasField("theta_tiled"):
             raise MalformedMessageError("refresh reply lacks the tiled theta this mode needs")
         tiled = from_proto(backend, answer.theta_tiled, expected_length=tiled_length, fresh=True)
-    return RefreshAnswer(theta, state, messages.detached(answer.released) if answer.HasField("released") else None,
-                         tiled)
+    return RefreshAnswer(theta, state, tiled)
 
 
 def read_rollout(

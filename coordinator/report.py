@@ -7,12 +7,84 @@ released, plus the coordinator's own cost measurements; nothing per participant.
 from __future__ import annotations
 
 import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CURVE_FILE = "learning_curve.png"
+
+
+@dataclass
+class RunRecord:
+    """What a run's rows do not hold: rounds that changed nothing, who took part, resumes, wall time.
+
+    Checkpointed with the state (``run_record_json``), so a resumed run reports both parts."""
+
+    failed_rounds: list[dict] = field(default_factory=list)  # {"round", "cause", "failed": [...]}
+    resumed_from: list[int] = field(default_factory=list)  # the round each resume continued after
+    wall_s_before: float = 0.0  # wall time of the earlier parts of a resumed run
+    organizations_before: dict[str, dict] = field(default_factory=dict)  # their counts, by organization
+    warned_short: bool = False  # the run was told once that fewer organizations are connected than asked
+    started: float = field(default_factory=time.perf_counter)
+
+    def start(self, resumed_from: int | None) -> None:
+        self.started = time.perf_counter()
+        if resumed_from is not None:
+            self.resumed_from.append(resumed_from)
+
+    def failed_round(self, outcome: Any) -> None:
+        self.failed_rounds.append({"round": outcome.round, "cause": outcome.cause, "failed": outcome.failed})
+
+    def wall_s(self) -> float:
+        return self.wall_s_before + time.perf_counter() - self.started
+
+    def organizations(self, current: Any) -> dict[str, dict]:
+        """Per organization: rounds answered and failed and why, over every part of the run."""
+        merged = {name: dict(entry, why=dict(entry.get("why", {})))
+                  for name, entry in self.organizations_before.items()}
+        for name, entry in current.summary().items():
+            if name in merged:
+                before = merged[name]
+                entry = dict(entry, rounds_answered=entry["rounds_answered"] + before["rounds_answered"],
+                             rounds_failed=entry["rounds_failed"] + before["rounds_failed"],
+                             why=dict(Counter(before["why"]) + Counter(entry["why"])))
+            merged[name] = entry
+        return merged
+
+    def snapshot(self, organizations: Any) -> str:
+        return json.dumps({"failed_rounds": self.failed_rounds, "resumed_from": self.resumed_from,
+                           "wall_s": self.wall_s(), "organizations": self.organizations(organizations)})
+
+    @classmethod
+    def from_json(cls, text: str) -> RunRecord:
+        data = json.loads(text or "{}")
+        return cls(failed_rounds=list(data.get("failed_rounds", [])),
+                   resumed_from=list(data.get("resumed_from", [])), wall_s_before=float(data.get("wall_s", 0.0)),
+                   organizations_before=dict(data.get("organizations", {})))
+
+    def summary(self, organizations: Any) -> dict[str, Any]:
+        integrity = [r["round"] for r in self.failed_rounds if r["cause"].startswith("integrity:")]
+        return {"failed_rounds": self.failed_rounds, "integrity_failures": integrity,
+                "resumed_from": self.resumed_from[0] if self.resumed_from else None,
+                "organizations": self.organizations(organizations)}
+
+
+def round_line(outcome: Any, rounds: int, rows: list[dict[str, Any]]) -> str:
+    """One line per round for the ServerApp's log (``flwr log --stream``)."""
+    head = f"round {outcome.round}/{rounds}"
+    missing = ", ".join(f"{f['organization']} ({f['category']})" for f in outcome.failed) or "none"
+    if not outcome.completed:
+        answered = ", ".join(outcome.answered) or "none"
+        return f"{head}: changed nothing ({outcome.cause}); answered: {answered}; missing: {missing}"
+    row = rows[-1] if rows else {}
+    ret = row.get("mean_return")
+    shown = "n/a" if ret is None else f"{ret:g} over {row.get('episodes', 0)} episodes"
+    return (f"{head}: mean return {shown}; answered: {', '.join(outcome.answered)}; missing: {missing}; "
+            f"{outcome.wall_s:.1f} s")
 
 
 def read_metrics(directory: Path) -> list[dict[str, Any]]:
@@ -73,6 +145,7 @@ def write_summary(
     wall_s: float,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """summary.json; ``participants``: the most that answered one round."""
     rows = read_metrics(directory)
     final = recent_mean_return(rows)
     up = [r["bytes_up"] / r["participants"] for r in rows if r.get("participants")]

@@ -66,18 +66,26 @@ def masked_squared_norms(
     """
     factors = 2.0 ** secret_uniform(*FACTOR_LOG2_RANGE, len(updates))
     order = secret_permutation(len(updates))
-    out = []
-    for i in order:
-        vec = updates[i]
-        squares = [backend.mul(c, c) for c in vec.chunks]
-        total = squares[0]
-        for sq in squares[1:]:
-            total = backend.add(total, sq)
-        total = backend.mul_scalar(total, float(factors[i]))
-        mask = secret_uniform(-MASK_BOUND, MASK_BOUND, backend.slots)
-        mask -= mask.mean()
-        out.append(EncryptedVector([backend.add_plain(total, mask)], backend.slots))
+    out = [masked_square_sum(backend, updates[i], float(factors[i])) for i in order]
     return out, NormMasks(factors, order)
+
+
+def secret_factor() -> float:
+    """r: a secret factor, log-uniform on [2^4, 2^12]."""
+    return float(2.0 ** secret_uniform(*FACTOR_LOG2_RANGE, 1)[0])
+
+
+def masked_square_sum(backend: HEBackend, vec: EncryptedVector, factor: float, offset: float = 0.0) -> EncryptedVector:
+    """One ciphertext whose slots sum to ``factor * |vec|^2 + offset`` and are each masked by a
+    secret uniform in +-2^15: a key holder that sums them learns that number and nothing else."""
+    squares = [backend.mul(c, c) for c in vec.chunks]
+    total = squares[0]
+    for sq in squares[1:]:
+        total = backend.add(total, sq)
+    total = backend.mul_scalar(total, factor)
+    mask = secret_uniform(-MASK_BOUND, MASK_BOUND, backend.slots)
+    mask += offset / backend.slots - mask.mean()
+    return EncryptedVector([backend.add_plain(total, mask)], backend.slots)
 
 
 def unmask_squared_norms(masked_sums: list[float], masks: NormMasks) -> np.ndarray:
@@ -126,7 +134,9 @@ __all__ = [
     "ROBUST_DEFENSES",
     "check_profile_supports",
     "clip_factors",
+    "masked_square_sum",
     "masked_squared_norms",
+    "secret_factor",
     "unmask_squared_norms",
     "weighted_sum",
 ]

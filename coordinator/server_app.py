@@ -11,22 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.encrypted_gradient import RolloutPlan
+from coordinator.driver import RoundDriver
+from coordinator.exchange import RoundOutcome
 from coordinator.report import read_metrics, write_summary
-from coordinator.rounds import HEAdamCoordinator, RoundOutcome
 from protos.backend import HEBackend, PlainBackend
 from protos.keyfile import load_evaluation_backend
-from protos.optimizer import HEAdamConfig
+from protos.plan import RunPlan, resolve_plan
 from protos.profiles import get_profile
 from protos.settings import RunSettings
-from scenarios import resolve_run
 
 log = logging.getLogger("fedhe.coordinator")
 RUN_INFO_FILE = "run.json"
@@ -45,52 +43,32 @@ def coordinator_backend(settings: RunSettings) -> HEBackend:
 
 def run_federation(
     grid: Grid,
-    settings: RunSettings,
+    settings: RunSettings | RunPlan,
     on_round: Callable[[RoundOutcome, dict | None], None] | None = None,
 ) -> dict:
     """Everything the ServerApp does; returns summary.json's content."""
-    t0 = time.perf_counter()
-    scenario, settings = resolve_run(settings)
+    plan = settings if isinstance(settings, RunPlan) else resolve_plan(settings)
+    settings = plan.settings
     backend = coordinator_backend(settings)
     if backend.profile.name != settings.he_profile:
         raise ValueError(
             f"this run uses HE profile {settings.he_profile}, the key file is {backend.profile.name}; "
             f"create keys with `fedhe keygen --profile {settings.he_profile}`"
         )
-    num_params = scenario.network(settings.mode).num_params
-    rollouts = RolloutPlan(scenario, backend.slots) if settings.mode == "encrypted-rollouts" else None
-    write_run_info(Path(settings.out_dir), settings, scenario.name, num_params)
-    coordinator = HEAdamCoordinator(
-        backend,
-        HEAdamConfig.for_scenario(scenario, settings.mode),
-        scenario.name,
-        num_params,
-        Path(settings.out_dir),
-        participants=settings.participants,
-        min_participants=settings.min_participants,
-        round_timeout=settings.round_timeout,
-        release_metrics=settings.release_metrics,
-        reward_threshold=scenario.reward_threshold,
-        stop_on_solve=settings.stop_on_solve,
-        on_round=on_round,
-        defense=settings.defense,
-        defense_bound=settings.defense_bound,
-        dp_noise_multiplier=settings.dp_noise_multiplier,
-        dp_delta=settings.dp_delta,
-        rollouts=rollouts,
-        masking=settings.masking,
-    )
-    coordinator.run(grid, num_rounds=settings.num_server_rounds, resume=settings.resume)
-    participants = max((row["participants"] for row in read_metrics(Path(settings.out_dir))), default=0)
+    out_dir = Path(settings.out_dir)
+    write_run_info(out_dir, settings, plan.scenario.name, plan.num_params)
+    driver = RoundDriver(plan, backend, out_dir, on_round)
+    driver.run(grid, resume=settings.resume)
+    participants = max((row["participants"] for row in read_metrics(out_dir)), default=0)
     return write_summary(
-        Path(settings.out_dir),
-        scenario=scenario.name,
+        out_dir,
+        scenario=plan.scenario.name,
         encrypted=not settings.plaintext,
         participants=participants,
-        threshold=scenario.reward_threshold,
-        num_params=num_params,
-        wall_s=time.perf_counter() - t0,
-        extra={"mode": settings.mode, **coordinator.summary_fields()},
+        threshold=plan.scenario.reward_threshold,
+        num_params=plan.num_params,
+        wall_s=driver.record.wall_s(),
+        extra={"mode": settings.mode, **driver.summary_fields()},
     )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from flwr.clientapp.typing import Mod
 
 from coordinator.checkpoint import check_resumable
-from coordinator.rounds import RoundOutcome
+from coordinator.exchange import RoundOutcome
 from coordinator.server_app import build_server_app
 from fedhe.run_dir import KEYS_DIR, ensure_keys
 from participant.client_app import build_client_app

@@ -3,12 +3,12 @@
 Every participant holds the federation's secret key, so a coordinator that deviates could try
 to use one as a decryption oracle. These rules bound that (docs/threat-model.md, "A coordinator
 that deviates"): a request must name the round of its message and carry exactly the vectors the
-protocol defines (masked m, v, w of the model's length; a length-3 statistics vector of an earlier
-round; at most one norm ciphertext per participant of the round), each kind is answered at most
-once per round (statistics once per statistics round), a norm ciphertext must decrypt to values
-that are visibly masked, and only rounded aggregates are released. With pairwise masking a
-participant masks one update per round and cancels masks only as ``check_mask_correction_request``
-allows.
+protocol defines (masked m, v, w of the model's length; at most one norm ciphertext per participant
+of the round; one masked norm and the round's statistics for the integrity check), each kind is
+answered at most once per round, a norm ciphertext must decrypt to values that are visibly masked,
+and only rounded aggregates are released. With pairwise masking a participant masks one update per
+round, over a masking set it accepts (``check_members``), and unmasks only as
+``check_unmask_request`` allows.
 """
 
 from __future__ import annotations
@@ -54,10 +54,16 @@ class AnswerLedger:
     def has(self, kind: str, round_: int) -> bool:
         return f"{kind}:{round_}" in list(self.record["answered"])
 
+    def remember_members(self, round_: int, members: list[int]) -> None:
+        """The masking set this participant masked over in ``round_`` (checked again at unmasking)."""
+        self.record[f"members:{round_}"] = list(members)
+
+    def members(self, round_: int) -> list[int]:
+        return [int(m) for m in self.record.get(f"members:{round_}", [])]
+
 
 def check_refresh_request(request: wire_pb2.RefreshRequest, round_: int, ledger: AnswerLedger) -> None:
-    """The masked state is some of m, v, w (those the next step needs fresh); statistics are an
-    earlier round's, once."""
+    """The masked state is some of m, v, w (those the next step needs fresh), once per round."""
     check_version(request.protocol_version, "refresh request")
     if request.round != round_:
         raise RequestRefusedError(f"refresh request names round {request.round} inside a round-{round_} message")
@@ -67,10 +73,18 @@ def check_refresh_request(request: wire_pb2.RefreshRequest, round_: int, ledger:
         )
     if request.masked_state:
         ledger.claim("refresh", round_)
-    if request.HasField("stats_to_release"):
-        if not 1 <= request.stats_round < round_:
-            raise RequestRefusedError(f"statistics of round {request.stats_round} cannot be released in round {round_}")
-        ledger.claim("release", request.stats_round)
+
+
+def check_integrity_query(query: wire_pb2.IntegrityQuery, round_: int, participants: int, ledger: AnswerLedger) -> None:
+    """One integrity check per round, of one masked norm ciphertext and the round's statistics."""
+    check_version(query.protocol_version, "integrity query")
+    if query.round != round_:
+        raise RequestRefusedError(f"integrity query names round {query.round} inside a round-{round_} message")
+    if not 1 <= query.contributors <= participants:
+        raise RequestRefusedError(
+            f"integrity query counts {query.contributors} contributors in a round of {participants}"
+        )
+    ledger.claim("integrity", round_)
 
 
 def check_norm_query(query: wire_pb2.NormQuery, round_: int, participants: int, ledger: AnswerLedger) -> None:
@@ -99,36 +113,55 @@ def check_gradient_query(query: wire_pb2.GradientQuery, round_: int, expected: i
     ledger.claim("gradient", round_)
 
 
-def check_mask_correction_request(
-    request: wire_pb2.MaskCorrectionRequest, round_: int, index: int, roster_size: int, ledger: AnswerLedger
-) -> None:
-    """Pairwise masking: cancel masks only with roster members the coordinator names as missing.
+def check_members(members: list[int], index: int, roster_size: int, min_members: int) -> list[int]:
+    """The round's masking set as the coordinator names it: sorted, distinct, on the roster, with this
+    participant, and at least this node's minimum (a sum of fewer updates would expose them)."""
+    members = [int(m) for m in members]
+    if members != sorted(set(members)) or not all(0 <= m < roster_size for m in members):
+        raise RequestRefusedError(f"the round's masking set {members} is not a sorted set of roster indices")
+    if index not in members:
+        raise RequestRefusedError(f"the round's masking set {members} does not include this participant ({index})")
+    if len(members) < min_members:
+        raise RequestRefusedError(
+            f"the round's masking set has {len(members)} members; this node requires at least {min_members}"
+        )
+    return members
 
-    The request must name the round of its message and distinct roster members other than this
-    participant; this participant must have sent its own masked update in that round; at least two
-    updates must remain in the sum (else the corrected sum would be one participant's update); one
-    request per round. The coordinator's word on who is missing cannot be checked here
+
+def check_unmask_request(
+    request: wire_pb2.UnmaskRequest, round_: int, index: int, min_members: int, ledger: AnswerLedger
+) -> None:
+    """Double masking: reveal shares only of survivors' seeds and cancel masks only with the dropped.
+
+    The survivors and the dropped must split exactly the masking set this participant masked over
+    in this round, with this participant among at least ``min_members`` survivors; every share must
+    come from a survivor and be addressed here; one request per round. So for any one member this
+    participant either helps remove its self-mask (a survivor) or cancels its pair mask with it
+    (dropped), never both: a coordinator that lies about who dropped learns nothing
     (docs/threat-model.md, "Pairwise masks").
     """
-    check_version(request.protocol_version, "mask correction request")
+    check_version(request.protocol_version, "unmask request")
     if request.round != round_:
-        raise RequestRefusedError(
-            f"mask correction request names round {request.round} inside a round-{round_} message"
-        )
-    dropped = list(request.dropped)
-    if not dropped or len(set(dropped)) != len(dropped):
-        raise RequestRefusedError(f"mask correction request must name distinct missing participants, got {dropped}")
-    if not all(0 <= j < roster_size for j in dropped):
-        raise RequestRefusedError(f"mask correction request names {dropped}, the roster has 0..{roster_size - 1}")
-    if index in dropped:
-        raise RequestRefusedError(f"mask correction request names this participant ({index}) as missing")
-    if roster_size - len(dropped) < 2:
-        raise RequestRefusedError(
-            f"mask correction request leaves {roster_size - len(dropped)} of {roster_size} updates in the sum; "
-            "a corrected sum of one update would be that update"
-        )
+        raise RequestRefusedError(f"unmask request names round {request.round} inside a round-{round_} message")
     if not ledger.has("update", round_):
-        raise RequestRefusedError(f"this participant sent no masked update in round {round_}; nothing to correct")
+        raise RequestRefusedError(f"this participant sent no masked update in round {round_}; nothing to unmask")
+    survivors, dropped = list(request.survivors), list(request.dropped)
+    members = ledger.members(round_)
+    if sorted(survivors + dropped) != members:
+        raise RequestRefusedError(
+            f"unmask request splits {sorted(survivors + dropped)}, but round {round_} was masked over {members}"
+        )
+    if index not in survivors:
+        raise RequestRefusedError(f"unmask request does not count this participant ({index}) as a survivor")
+    if len(survivors) < min_members:
+        raise RequestRefusedError(
+            f"unmask request leaves {len(survivors)} updates in the sum; this node requires at least {min_members}"
+        )
+    senders = [share.sender for share in request.shares]
+    if len(set(senders)) != len(senders) or not set(senders) <= set(survivors) - {index}:
+        raise RequestRefusedError(f"unmask request carries shares from {senders}; only other survivors' are opened")
+    if any(share.recipient != index for share in request.shares):
+        raise RequestRefusedError("unmask request carries shares addressed to another participant")
     ledger.claim("unmask", round_)
 
 

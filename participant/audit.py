@@ -66,8 +66,8 @@ def egress_audit_mod(directory: str | os.PathLike) -> Mod:
 
 # -- the allowlist -----------------------------------------------------------------------------------
 # Per protobuf field: "vector" (a fresh ciphertext under the federation key), "vector-list" (a list
-# of them), "vector-map" (map of state name -> such a ciphertext), "message" (a nested message with
-# its own rules) or a check of the plaintext value, given the request's round.
+# of them), "vector-map" (map of state name -> such a ciphertext), "message" / "message-list" (nested
+# messages with their own rules) or a check of the plaintext value, given the request's round.
 Check = Callable[[Any, int], bool]
 
 
@@ -95,17 +95,38 @@ ALLOWED_FIELDS: dict[str, dict[str, str | Check]] = {
     "fedhe.v1.PairwiseMasking": {
         "participant_index": lambda v, r: True,  # public: the coordinator knows who answered
         "roster_size": lambda v, r: v >= 1,
+        "members": lambda v, r: list(v) == sorted(set(v)),  # the set the coordinator named
+        "threshold": lambda v, r: v >= 2,
+        "commitment": lambda v, r: len(v) == 32,  # SHA-256 of a random seed and public context
+        "shares": "message-list",
     },
-    "fedhe.v1.MaskCorrection": {
+    "fedhe.v1.SealedShare": {  # AES-GCM: opens only for the recipient
+        "sender": lambda v, r: True,
+        "recipient": lambda v, r: True,
+        "nonce": lambda v, r: len(v) == 12,
+        "ciphertext": lambda v, r: len(v) == 2 + 16 + 16,
+    },
+    "fedhe.v1.UnmaskReply": {
         **REPLY_HEADER,
+        "shares": "message-list",
         "update": "vector",
         "rollout_stats": "vector",
+    },
+    "fedhe.v1.RevealedShare": {  # a share of another survivor's random seed
+        "sender": lambda v, r: True,
+        "x": lambda v, r: v >= 1,
+        "share": lambda v, r: len(v) == 16,
+    },
+    "fedhe.v1.IntegrityReply": {
+        **REPLY_HEADER,
+        "within_bound": lambda v, r: True,  # one bit about the federation's aggregate
+        "stats_plausible": lambda v, r: True,
+        "released": "message",
     },
     "fedhe.v1.RefreshReply": {
         **REPLY_HEADER,
         "theta": "vector",
         "state": "vector-map",
-        "released": "message",
         "theta_tiled": "vector",
     },
     "fedhe.v1.RolloutUpload": {
@@ -118,7 +139,7 @@ ALLOWED_FIELDS: dict[str, dict[str, str | Check]] = {
         "gradient": "vector",
     },
     "fedhe.v1.ReleasedMetrics": {
-        "round": lambda v, r: 1 <= v < r,
+        "round": lambda v, r: v == r,  # released in the round it belongs to
         "mean_return": lambda v, r: _rounded(v, 2),
         "episodes": lambda v, r: True,  # a federation-wide integer count
         "steps": lambda v, r: True,
@@ -136,12 +157,15 @@ ALLOWED_RECORDS: dict[str, type[ProtoMessage]] = {
     messages.NORM_REPLY: wire_pb2.NormReply,
     messages.ROLLOUT: wire_pb2.RolloutUpload,
     messages.GRADIENT_REPLY: wire_pb2.GradientReply,
-    messages.MASK_CORRECTION: wire_pb2.MaskCorrection,
+    messages.UNMASK_REPLY: wire_pb2.UnmaskReply,
+    messages.INTEGRITY_REPLY: wire_pb2.IntegrityReply,
 }
 CONFIG_VALUES: dict[str, Check] = {
     "round": lambda v, r: v == r,
     "protocol-version": lambda v, r: v == PROTOCOL_VERSION,
     "key-fingerprint": lambda v, r: True,  # compared with the federation's below
+    "participant-index": lambda v, r: isinstance(v, int) and v >= 0,  # identify replies: public roster facts
+    "organization": lambda v, r: isinstance(v, str) and len(v) <= 200,
 }
 
 
@@ -204,6 +228,9 @@ def audit_proto(proto: ProtoMessage, request_round: int, backend: HEBackend) -> 
                 problems += _audit_vector(f"{where}[{key}]", vec, backend)
         elif rule == "message":
             problems += audit_proto(value, request_round, backend)
+        elif rule == "message-list":
+            for item in value:
+                problems += audit_proto(item, request_round, backend)
         elif not rule(value, request_round):
             problems.append(f"{where}={value!r} is not an allowed value")
     return problems

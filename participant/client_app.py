@@ -27,9 +27,7 @@ from scenarios import Scenario, resolve_run
 
 log = logging.getLogger("fedhe.participant")
 # The "query.<name>" message types a participant answers without training.
-QUERIES = tuple(
-    kind.split(".", 1)[1] for kind in (messages.REFRESH, messages.NORMS, messages.GRADIENT, messages.UNMASK)
-)
+QUERIES = tuple(kind.split(".", 1)[1] for kind in messages.QUERIES)
 
 
 @lru_cache(maxsize=4)

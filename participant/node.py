@@ -8,6 +8,7 @@ update itself stay here; only rounded federation-level aggregates are ever relea
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,20 +22,23 @@ from google.protobuf.message import Message as ProtoMessage
 from participant.answer_rules import (
     AnswerLedger,
     check_gradient_query,
-    check_mask_correction_request,
+    check_integrity_query,
+    check_members,
     check_norm_query,
     check_refresh_request,
+    check_unmask_request,
     require_masked,
 )
 from participant.gradient_collapse import collapse_masked
 from participant.keyholder import KeyHolder, PlainKeyHolder, decrypt_vector, load_keyholder, reencrypt
 from participant.local_update import NodeIdentity, local_update
-from participant.pairwise_masks import STATS_STREAM, UPDATE_STREAM, PairwiseMasker, RoundMasks
+from participant.pairwise_masks import PairwiseMasker, RoundMasks
 from participant.rollout_owner import ROLLOUTS, encrypted_rollout, owner_for, tiled_theta
 from protos import messages
 from protos.codec import PROTOCOL_VERSION, check_version, encrypt_vector, from_proto, max_bytes_for, to_proto
 from protos.errors import ChunkLayoutError, FingerprintMismatchError, KeyFileError
 from protos.fedhe.v1 import wire_pb2
+from protos.masking import STATS_STREAM, UPDATE_STREAM
 from protos.optimizer import STATE_NAMES
 from protos.phase_timer import PhaseTimer, append_local_profile
 from protos.profiles import get_profile
@@ -43,6 +47,7 @@ from scenarios import Scenario
 
 log = logging.getLogger(__name__)
 P = TypeVar("P", bound=ProtoMessage)
+MIN_MEMBERS = 3  # with 2, each one's update is the sum minus its own: nothing to hide behind
 
 
 @lru_cache(maxsize=4)
@@ -63,15 +68,23 @@ def cached_masker(key_dir: str, index: int, fingerprint: str) -> PairwiseMasker:
     return PairwiseMasker.load(Path(key_dir), index, fingerprint)
 
 
-def released_metrics(holder: KeyHolder, stats: wire_pb2.EncryptedVector, round_: int) -> wire_pb2.ReleasedMetrics:
-    """Decrypt the federation's summed rollout stats and release them rounded (Li-Micciancio)."""
-    values = decrypt_vector(holder, from_proto(holder, stats, expected_length=messages.STATS_LENGTH))
+def released_metrics(values: np.ndarray, round_: int) -> wire_pb2.ReleasedMetrics:
+    """The federation's summed rollout statistics, released rounded (Li-Micciancio)."""
     total, episodes, steps = values
     episodes_i, steps_i = int(round(episodes)), int(round(steps))
     mean = round(total / episodes_i, 2) if episodes_i > 0 else 0.0
     return wire_pb2.ReleasedMetrics(
         round=round_, mean_return=mean, episodes=max(episodes_i, 0), steps=max(steps_i, 0), valid=episodes_i > 0
     )
+
+
+def plausible_stats(values: np.ndarray, contributors: int, steps_per_participant: int) -> bool:
+    """Summed [returns, episodes, steps] of honest participants: whole counts, at most one episode
+    per step and at most ``steps_per_participant`` steps per contributor, and a finite return."""
+    total, episodes, steps = (float(v) for v in values)
+    whole = all(abs(v - round(v)) < 1e-3 for v in (episodes, steps))
+    return (math.isfinite(total) and whole and -0.5 < episodes <= steps + 0.5
+            and steps <= contributors * steps_per_participant + 0.5)
 
 
 def refresh(
@@ -85,8 +98,6 @@ def refresh(
     for name, masked in request.masked_state.items():
         fresh = reencrypt(holder, from_proto(holder, masked, expected_length=num_params))
         reply.state[name].CopyFrom(to_proto(holder, fresh))
-    if request.HasField("stats_to_release"):
-        reply.released.CopyFrom(released_metrics(holder, request.stats_to_release, request.stats_round))
     return reply
 
 
@@ -108,6 +119,10 @@ class Exchange:
     reply: RecordDict
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     theta: np.ndarray | None = None
+    min_members: int = MIN_MEMBERS  # the node's rule: never in a masked sum of fewer updates
+    self_mask_threshold: int = 0  # 0: protos.masking.default_threshold
+    releases: bool = True  # whether this node decrypts and releases rounded federation statistics
+    organization: str = ""  # this node's name, as the roster and its replies give it
 
     def has(self, record: str) -> bool:
         return record in self.content.array_records
@@ -125,6 +140,10 @@ def handle(
     (``participant.answer_rules``); every envelope is size-checked before parsing.
     """
     exchange = open_exchange(content, scenario, identity, run_id, ledger)
+    if bool(messages.config_of(content).get("identify", False)):  # who answers: public roster facts only
+        exchange.reply.config_records[messages.CONFIG].update(
+            {"participant-index": identity.participant_index, "organization": exchange.organization})
+        return exchange.reply
     exchange.theta = read_theta(exchange)
     for record, reply in REPLIES:
         if exchange.has(record):
@@ -167,6 +186,8 @@ def open_exchange(
         layout=layout_for_round(scenario, holder.slots, participants) if identity.run.mode == ROLLOUTS else None,
         masker=masker,
         reply=RecordDict({messages.CONFIG: reply_config}),
+        releases=identity.run.release_metrics,
+        organization=f"participant-{identity.participant_index}",
     )
 
 
@@ -184,7 +205,7 @@ def read_theta(exchange: Exchange) -> np.ndarray | None:
 
 def reply_refresh(exchange: Exchange) -> None:
     holder, num_params = exchange.holder, exchange.num_params
-    limit = max_bytes_for(holder, num_params, len(STATE_NAMES)) + max_bytes_for(holder, messages.STATS_LENGTH)
+    limit = max_bytes_for(holder, num_params, len(STATE_NAMES))
     request = exchange.unpack(messages.REFRESH_REQUEST, wire_pb2.RefreshRequest, limit)
     check_refresh_request(request, exchange.round, exchange.ledger)
     with exchange.timer.phase("refresh"):
@@ -217,18 +238,49 @@ def reply_gradient_query(exchange: Exchange) -> None:
     exchange.reply[messages.GRADIENT_REPLY] = messages.pack(reply)
 
 
-def reply_mask_correction(exchange: Exchange) -> None:
+def reply_unmask(exchange: Exchange) -> None:
+    """Double masking: open the shares of the other survivors' seeds, cancel pair masks with the dropped."""
     masker = exchange.masker
-    if masker is None:  # masking is off: nothing to cancel
+    if masker is None:  # masking is off: nothing to unmask
         return
-    request = exchange.unpack(messages.MASK_CORRECTION_REQUEST, wire_pb2.MaskCorrectionRequest, 1024 + 8 * masker.size)
-    check_mask_correction_request(request, exchange.round, exchange.identity.participant_index, masker.size,
-                                  exchange.ledger)
-    log.info("round %d: the coordinator reports roster members %s missing; cancelling masks with them",
-             exchange.round, sorted(request.dropped))
-    answer = mask_correction(exchange.holder, masker.round(exchange.run_id, exchange.round), request,
-                             exchange.num_params)
-    exchange.reply[messages.MASK_CORRECTION] = messages.pack(answer)
+    limit = 4096 + 512 * masker.size
+    request = exchange.unpack(messages.UNMASK_REQUEST, wire_pb2.UnmaskRequest, limit)
+    index = exchange.identity.participant_index
+    check_unmask_request(request, exchange.round, index, exchange.min_members, exchange.ledger)
+    if request.dropped:
+        log.info("round %d: the coordinator reports roster members %s missing; cancelling masks with them",
+                 exchange.round, sorted(request.dropped))
+    reply = wire_pb2.UnmaskReply(
+        protocol_version=PROTOCOL_VERSION, round=exchange.round,
+        shares=[masker.open_share(share, exchange.run_id, exchange.round) for share in request.shares],
+    )
+    if request.dropped:
+        masks = masker.round(exchange.run_id, exchange.round, exchange.ledger.members(exchange.round))
+        dropped, holder = sorted(request.dropped), exchange.holder
+        reply.update.CopyFrom(to_proto(holder, encrypt_vector(
+            holder, masks.correction(dropped, UPDATE_STREAM, exchange.num_params))))
+        reply.rollout_stats.CopyFrom(to_proto(holder, encrypt_vector(
+            holder, masks.correction(dropped, STATS_STREAM, messages.STATS_LENGTH))))
+    exchange.reply[messages.UNMASK_REPLY] = messages.pack(reply)
+
+
+def reply_integrity(exchange: Exchange) -> None:
+    """The aggregate's bound (only the sign of a masked, scaled difference) and the round's statistics."""
+    holder = exchange.holder
+    limit = max_bytes_for(holder, holder.slots) + max_bytes_for(holder, messages.STATS_LENGTH)
+    query = exchange.unpack(messages.INTEGRITY_QUERY, wire_pb2.IntegrityQuery, limit)
+    check_integrity_query(query, exchange.round, exchange.participants, exchange.ledger)
+    masked = decrypt_vector(holder, from_proto(holder, query.masked_norm, expected_length=holder.slots))
+    require_masked(masked)
+    stats = decrypt_vector(holder, from_proto(holder, query.stats, expected_length=messages.STATS_LENGTH))
+    steps = exchange.scenario.steps_per_round(exchange.identity.run.mode)
+    reply = wire_pb2.IntegrityReply(
+        protocol_version=PROTOCOL_VERSION, round=exchange.round, within_bound=bool(np.sum(masked) <= 0.0),
+        stats_plausible=plausible_stats(stats, query.contributors, steps),
+    )
+    if reply.stats_plausible and exchange.releases:
+        reply.released.CopyFrom(released_metrics(stats, exchange.round))
+    exchange.reply[messages.INTEGRITY_REPLY] = messages.pack(reply)
 
 
 # What a message may ask besides training, in the order answered.
@@ -236,7 +288,8 @@ REPLIES: tuple[tuple[str, Callable[[Exchange], None]], ...] = (
     (messages.REFRESH_REQUEST, reply_refresh),
     (messages.NORM_QUERY, reply_norm_query),
     (messages.GRADIENT_QUERY, reply_gradient_query),
-    (messages.MASK_CORRECTION_REQUEST, reply_mask_correction),
+    (messages.UNMASK_REQUEST, reply_unmask),
+    (messages.INTEGRITY_QUERY, reply_integrity),
 )
 
 
@@ -255,10 +308,20 @@ def train(exchange: Exchange) -> None:
     with exchange.timer.phase("train"):
         update, stats = local_update(scenario, identity, run_id, theta, round_, exchange.participants)
     with exchange.timer.phase("mask_encrypt"):
-        masks = exchange.masker.round(run_id, round_) if exchange.masker is not None else None
+        masks = round_masks(exchange)
         exchange.reply[messages.UPDATE] = messages.pack(encrypted_update(holder, round_, update, stats, masks))
-    if masks is not None:  # a round's masks are fixed: never mask two different updates with them
-        exchange.ledger.claim("update", round_)
+
+
+def round_masks(exchange: Exchange) -> RoundMasks | None:
+    """This round's masks over the masking set the coordinator named, once per round (None: masking off)."""
+    masker = exchange.masker
+    if masker is None:
+        return None
+    config = messages.config_of(exchange.content)
+    members = check_members(list(config.get("members", [])), masker.index, masker.size, exchange.min_members)
+    exchange.ledger.claim("update", exchange.round)  # a round's pair masks never hide two different updates
+    exchange.ledger.remember_members(exchange.round, members)
+    return masker.round(exchange.run_id, exchange.round, members, exchange.self_mask_threshold)
 
 
 def encrypted_update(
@@ -268,26 +331,10 @@ def encrypted_update(
     msg = wire_pb2.ParticipantUpdate(protocol_version=PROTOCOL_VERSION, round=round_)
     if masks is not None:
         update, stats = masks.mask(update, UPDATE_STREAM), masks.mask(stats, STATS_STREAM)
-        masker = masks.masker
-        msg.masking.CopyFrom(wire_pb2.PairwiseMasking(participant_index=masker.index, roster_size=masker.size))
+        msg.masking.CopyFrom(masks.metadata())
     msg.update.CopyFrom(to_proto(holder, encrypt_vector(holder, update)))
     msg.rollout_stats.CopyFrom(to_proto(holder, encrypt_vector(holder, stats)))
     return msg
-
-
-def mask_correction(
-    holder: KeyHolder, masks: RoundMasks, request: wire_pb2.MaskCorrectionRequest, num_params: int
-) -> wire_pb2.MaskCorrection:
-    """Encrypted minus-masks with the missing roster members, for the update and the statistics."""
-    dropped = sorted(request.dropped)
-    return wire_pb2.MaskCorrection(
-        protocol_version=PROTOCOL_VERSION,
-        round=masks.round,
-        update=to_proto(holder, encrypt_vector(holder, masks.correction(dropped, UPDATE_STREAM, num_params))),
-        rollout_stats=to_proto(
-            holder, encrypt_vector(holder, masks.correction(dropped, STATS_STREAM, messages.STATS_LENGTH))
-        ),
-    )
 
 
 def answer_norm_query(holder: KeyHolder, query: wire_pb2.NormQuery) -> wire_pb2.NormReply:

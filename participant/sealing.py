@@ -19,12 +19,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from protos.codec import PROTOCOL_VERSION, parse_message
+from protos.codec import parse_message
 from protos.errors import KeyFileError, WireError
 from protos.fedhe.v1 import wire_pb2
 from protos.files import write_atomic
 
 INFO = b"fedhe-rl sealed file v1"
+SEALED_FORMAT = 1  # a sealed file's own format version (not the wire protocol's)
 MAX_SEALED_BYTES = 1 << 30
 
 
@@ -86,7 +87,7 @@ def seal_file(path: Path, recipient_public: Path, out: Path) -> str:
     fingerprint = recipient_fingerprint(recipient)
     name = Path(path).name
     msg = wire_pb2.SealedFile(
-        protocol_version=PROTOCOL_VERSION, recipient_fingerprint=fingerprint, ephemeral_public_key=eph_raw,
+        protocol_version=SEALED_FORMAT, recipient_fingerprint=fingerprint, ephemeral_public_key=eph_raw,
         nonce=nonce, original_name=name,
         ciphertext=AESGCM(key).encrypt(nonce, Path(path).read_bytes(), _aad(fingerprint, name)),
     )

@@ -26,7 +26,7 @@ from protos.errors import (
 )
 from protos.fedhe.v1 import wire_pb2
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: double masks, the integrity check, statistics released in the round
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 
 M = TypeVar("M", bound=Message)

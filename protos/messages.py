@@ -29,19 +29,42 @@ NORM_REPLY = "fedhe.norm-reply"  # key holder -> coordinator: NormReply (rounded
 ROLLOUT = "fedhe.rollout"  # owner -> coordinator (encrypted-rollout mode): RolloutUpload
 GRADIENT_QUERY = "fedhe.gradient-query"  # coordinator -> key holder: GradientQuery (masked per-slot sums)
 GRADIENT_REPLY = "fedhe.gradient-reply"  # key holder -> coordinator: GradientReply (dense, fresh)
-MASK_CORRECTION_REQUEST = "fedhe.mask-correction-request"  # coordinator -> participant: MaskCorrectionRequest
-MASK_CORRECTION = "fedhe.mask-correction"  # participant -> coordinator: MaskCorrection (pairwise masking)
+UNMASK_REQUEST = "fedhe.unmask-request"  # coordinator -> survivor: UnmaskRequest (pairwise masking)
+UNMASK_REPLY = "fedhe.unmask-reply"  # survivor -> coordinator: UnmaskReply (opened shares, corrections)
+INTEGRITY_QUERY = "fedhe.integrity-query"  # coordinator -> key holder: IntegrityQuery
+INTEGRITY_REPLY = "fedhe.integrity-reply"  # key holder -> coordinator: IntegrityReply
 
 # Message types.
 TRAIN = "train"
 REFRESH = "query.refresh"  # refresh/release only, no training (fallback refresher, last round)
 NORMS = "query.norms"  # robust aggregation: a key holder sums masked squared norms
 GRADIENT = "query.gradient"  # encrypted-rollout mode: a key holder collapses masked per-slot gradients
-UNMASK = "query.unmask"  # pairwise masking, rounds with missing roster members: cancel masks with them
+UNMASK = "query.unmask"  # pairwise masking: reveal survivors' seed shares, cancel masks with the missing
+INTEGRITY = "query.integrity"  # every round: is the aggregate within its bound; release the statistics
+IDENTIFY = "query.identify"  # once per node: its roster index and organization name (public)
+QUERIES = (REFRESH, NORMS, GRADIENT, UNMASK, INTEGRITY, IDENTIFY)
 
-# Flower error code of a participant's reply when it holds another federation's key: the
-# coordinator leaves that node out for the rest of the run instead of asking it every round.
+# Data-free error replies: a participant's error reply carries one of these codes and, as its
+# reason, "<organization>: <text>" (a policy refusal: the refusal's own line). Details stay in the
+# node's log. The coordinator leaves a node with an excluding category out for the rest of the run.
+ERRORS: dict[int, tuple[str, str]] = {
+    1001: ("wrong-key", "holds another federation's key"),
+    1002: ("key-files", "its key files are missing or do not match the federation"),
+    1003: ("refused", "refuses the run under its policy"),
+    1004: ("protocol", "refused a request that breaks the protocol"),
+    1005: ("malformed", "could not read the coordinator's message"),
+    1006: ("environment", "its environment failed"),
+    1007: ("non-finite", "met a non-finite value"),
+    1008: ("internal", "failed with an internal error"),
+    1009: ("egress", "withheld a reply its egress audit refused"),
+}
 WRONG_FEDERATION = 1001
+EXCLUDING_ERRORS = ("wrong-key", "key-files", "refused")
+
+
+def error_category(code: int) -> str:
+    """The category of an error reply's code ("flower" for Flower's own codes)."""
+    return ERRORS[code][0] if code in ERRORS else "flower"
 
 # Encrypted rollout statistics: [sum of episode returns, episodes, env steps].
 STATS_LENGTH = 3

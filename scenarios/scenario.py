@@ -330,6 +330,10 @@ class Scenario:
         _require(mode in MODES, f"unknown mode {mode!r}; known: {', '.join(MODES)}")
         return self.policy_spec() if mode == "local-ppo" else self.poly_spec()
 
+    def steps_per_round(self, mode: str) -> int:
+        """Environment steps one participant collects per round in ``mode`` (public)."""
+        return self.ppo.batch_size if mode == "local-ppo" else self.rollout.transitions
+
     def make_policy(self, mode: str, theta: np.ndarray) -> Policy | PolyPolicy:
         """An acting policy (``act``, ``value``) for the trained ``theta`` of a run in ``mode``."""
         if mode == "local-ppo":

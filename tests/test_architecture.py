@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
     "participant": {"coordinator", "fedhe"},
     "coordinator": {"participant", "fedhe"},
-    "protos": {"participant", "coordinator", "fedhe", "scenarios"},
+    "protos": {"participant", "coordinator", "fedhe"},
     "scenarios": {"participant", "coordinator", "fedhe", "protos", "tenseal", "flwr"},
 }
 

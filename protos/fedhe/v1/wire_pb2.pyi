@@ -49,37 +49,101 @@ class ParticipantUpdate(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., update: _Optional[_Union[EncryptedVector, _Mapping]] = ..., rollout_stats: _Optional[_Union[EncryptedVector, _Mapping]] = ..., masking: _Optional[_Union[PairwiseMasking, _Mapping]] = ...) -> None: ...
 
 class PairwiseMasking(_message.Message):
-    __slots__ = ("participant_index", "roster_size")
+    __slots__ = ("participant_index", "roster_size", "members", "threshold", "commitment", "shares")
     PARTICIPANT_INDEX_FIELD_NUMBER: _ClassVar[int]
     ROSTER_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
     participant_index: int
     roster_size: int
-    def __init__(self, participant_index: _Optional[int] = ..., roster_size: _Optional[int] = ...) -> None: ...
+    members: _containers.RepeatedScalarFieldContainer[int]
+    threshold: int
+    commitment: bytes
+    shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    def __init__(self, participant_index: _Optional[int] = ..., roster_size: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., threshold: _Optional[int] = ..., commitment: _Optional[bytes] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ...) -> None: ...
 
-class MaskCorrectionRequest(_message.Message):
-    __slots__ = ("protocol_version", "round", "dropped")
+class SealedShare(_message.Message):
+    __slots__ = ("sender", "recipient", "nonce", "ciphertext")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    sender: int
+    recipient: int
+    nonce: bytes
+    ciphertext: bytes
+    def __init__(self, sender: _Optional[int] = ..., recipient: _Optional[int] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class UnmaskRequest(_message.Message):
+    __slots__ = ("protocol_version", "round", "survivors", "dropped", "shares")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     round: int
+    survivors: _containers.RepeatedScalarFieldContainer[int]
     dropped: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., dropped: _Optional[_Iterable[int]] = ...) -> None: ...
+    shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., survivors: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ...) -> None: ...
 
-class MaskCorrection(_message.Message):
-    __slots__ = ("protocol_version", "round", "update", "rollout_stats")
+class RevealedShare(_message.Message):
+    __slots__ = ("sender", "x", "share")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    sender: int
+    x: int
+    share: bytes
+    def __init__(self, sender: _Optional[int] = ..., x: _Optional[int] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class UnmaskReply(_message.Message):
+    __slots__ = ("protocol_version", "round", "shares", "update", "rollout_stats")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_STATS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     round: int
+    shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
     update: EncryptedVector
     rollout_stats: EncryptedVector
-    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., update: _Optional[_Union[EncryptedVector, _Mapping]] = ..., rollout_stats: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., update: _Optional[_Union[EncryptedVector, _Mapping]] = ..., rollout_stats: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
+
+class IntegrityQuery(_message.Message):
+    __slots__ = ("protocol_version", "round", "masked_norm", "stats", "contributors")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MASKED_NORM_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    round: int
+    masked_norm: EncryptedVector
+    stats: EncryptedVector
+    contributors: int
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., masked_norm: _Optional[_Union[EncryptedVector, _Mapping]] = ..., stats: _Optional[_Union[EncryptedVector, _Mapping]] = ..., contributors: _Optional[int] = ...) -> None: ...
+
+class IntegrityReply(_message.Message):
+    __slots__ = ("protocol_version", "round", "within_bound", "stats_plausible", "released")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    WITHIN_BOUND_FIELD_NUMBER: _ClassVar[int]
+    STATS_PLAUSIBLE_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    round: int
+    within_bound: bool
+    stats_plausible: bool
+    released: ReleasedMetrics
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., within_bound: _Optional[bool] = ..., stats_plausible: _Optional[bool] = ..., released: _Optional[_Union[ReleasedMetrics, _Mapping]] = ...) -> None: ...
 
 class RefreshRequest(_message.Message):
-    __slots__ = ("protocol_version", "round", "theta", "masked_state", "stats_to_release", "stats_round")
+    __slots__ = ("protocol_version", "round", "theta", "masked_state")
     class MaskedStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -91,18 +155,14 @@ class RefreshRequest(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     THETA_FIELD_NUMBER: _ClassVar[int]
     MASKED_STATE_FIELD_NUMBER: _ClassVar[int]
-    STATS_TO_RELEASE_FIELD_NUMBER: _ClassVar[int]
-    STATS_ROUND_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     round: int
     theta: EncryptedVector
     masked_state: _containers.MessageMap[str, EncryptedVector]
-    stats_to_release: EncryptedVector
-    stats_round: int
-    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., masked_state: _Optional[_Mapping[str, EncryptedVector]] = ..., stats_to_release: _Optional[_Union[EncryptedVector, _Mapping]] = ..., stats_round: _Optional[int] = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., masked_state: _Optional[_Mapping[str, EncryptedVector]] = ...) -> None: ...
 
 class RefreshReply(_message.Message):
-    __slots__ = ("protocol_version", "round", "theta", "state", "released", "theta_tiled")
+    __slots__ = ("protocol_version", "round", "theta", "state", "theta_tiled")
     class StateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,15 +174,13 @@ class RefreshReply(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     THETA_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
-    RELEASED_FIELD_NUMBER: _ClassVar[int]
     THETA_TILED_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     round: int
     theta: EncryptedVector
     state: _containers.MessageMap[str, EncryptedVector]
-    released: ReleasedMetrics
     theta_tiled: EncryptedVector
-    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., state: _Optional[_Mapping[str, EncryptedVector]] = ..., released: _Optional[_Union[ReleasedMetrics, _Mapping]] = ..., theta_tiled: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., state: _Optional[_Mapping[str, EncryptedVector]] = ..., theta_tiled: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
 
 class RolloutUpload(_message.Message):
     __slots__ = ("protocol_version", "round", "blocks", "rollout_stats")
@@ -191,7 +249,7 @@ class ReleasedMetrics(_message.Message):
     def __init__(self, round: _Optional[int] = ..., mean_return: _Optional[float] = ..., episodes: _Optional[int] = ..., steps: _Optional[int] = ..., valid: _Optional[bool] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
-    __slots__ = ("protocol_version", "round", "scenario", "key_fingerprint", "he_profile", "theta", "state", "history", "optimizer_config_json", "pending_stats", "pending_round_json")
+    __slots__ = ("protocol_version", "round", "scenario", "key_fingerprint", "he_profile", "theta", "state", "history", "optimizer_config_json", "run_record_json")
     class StateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -208,8 +266,7 @@ class Checkpoint(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
-    PENDING_STATS_FIELD_NUMBER: _ClassVar[int]
-    PENDING_ROUND_JSON_FIELD_NUMBER: _ClassVar[int]
+    RUN_RECORD_JSON_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     round: int
     scenario: str
@@ -219,9 +276,8 @@ class Checkpoint(_message.Message):
     state: _containers.MessageMap[str, EncryptedVector]
     history: _containers.RepeatedCompositeFieldContainer[ReleasedMetrics]
     optimizer_config_json: str
-    pending_stats: EncryptedVector
-    pending_round_json: str
-    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., scenario: _Optional[str] = ..., key_fingerprint: _Optional[str] = ..., he_profile: _Optional[str] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., state: _Optional[_Mapping[str, EncryptedVector]] = ..., history: _Optional[_Iterable[_Union[ReleasedMetrics, _Mapping]]] = ..., optimizer_config_json: _Optional[str] = ..., pending_stats: _Optional[_Union[EncryptedVector, _Mapping]] = ..., pending_round_json: _Optional[str] = ...) -> None: ...
+    run_record_json: str
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., scenario: _Optional[str] = ..., key_fingerprint: _Optional[str] = ..., he_profile: _Optional[str] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., state: _Optional[_Mapping[str, EncryptedVector]] = ..., history: _Optional[_Iterable[_Union[ReleasedMetrics, _Mapping]]] = ..., optimizer_config_json: _Optional[str] = ..., run_record_json: _Optional[str] = ...) -> None: ...
 
 class KeyFile(_message.Message):
     __slots__ = ("protocol_version", "he_profile", "key_fingerprint", "has_secret_key", "tenseal_context")

@@ -1,0 +1,55 @@
+"""The encrypted-rollout gradient: backpropagation on every owner's encrypted blocks, then a collapse.
+
+Owners upload encrypted states and loss-layer deltas (docs/encrypted-rollouts.md); the coordinator
+computes per-slot gradient sums on the ciphertexts with the refresher's tiled theta, masks them,
+and one key holder collapses them into one fresh dense gradient (``query.gradient``).
+"""
+
+from __future__ import annotations
+
+from flwr.app import Message
+
+from coordinator.aggregation.base import Aggregate, Aggregation, RoundContext, add_vectors
+from coordinator.encrypted_gradient import GradientSum, RolloutPlan, mask_for_collapse, unmask_collapsed
+from coordinator.replies import read_gradient, read_rollout
+from protos import messages
+from protos.codec import PROTOCOL_VERSION, EncryptedVector, to_proto
+from protos.fedhe.v1 import wire_pb2
+
+
+class RolloutGradient(Aggregation):
+    def __init__(self, ctx: RoundContext) -> None:
+        super().__init__(ctx)
+        self.rollouts = RolloutPlan(ctx.plan.scenario, ctx.backend.slots)
+        self.layout = self.rollouts.layout(ctx.participants)
+        self.uploads: list[list[EncryptedVector]] = []
+        self.stats: EncryptedVector | None = None
+
+    def add(self, node: int, reply: Message) -> None:
+        ctx, layout = self.ctx, self.layout
+        blocks, stats = read_rollout(ctx.backend, reply, ctx.round, layout.block_vectors * layout.slots,
+                                     self.rollouts.blocks(layout))
+        self.uploads.append(blocks)
+        self.stats = add_vectors(ctx.backend, self.stats, stats)
+        self.contributors.append(node)
+
+    def finish(self) -> Aggregate | None:
+        ctx = self.ctx
+        theta_tiled = ctx.refreshed.theta_tiled if ctx.refreshed is not None else None
+        if theta_tiled is None:
+            self.fail("the refresh carried no tiled theta")
+            return None
+        gradient = GradientSum(ctx.backend, self.layout)
+        with ctx.outcome.timer.phase("encrypted_gradient"):
+            for blocks in self.uploads:
+                for block in blocks:
+                    gradient.add_block(theta_tiled.chunks, block.chunks)
+            masked, masks = mask_for_collapse(ctx.backend, gradient.result())
+        query = wire_pb2.GradientQuery(protocol_version=PROTOCOL_VERSION, round=ctx.round,
+                                       masked=[to_proto(ctx.backend, vec) for vec in masked])
+        read = lambda _node, reply: read_gradient(ctx.backend, reply, ctx.round, ctx.plan.num_params)  # noqa: E731
+        dense = ctx.ask_one(messages.GRADIENT, {messages.GRADIENT_QUERY: messages.pack(query)}, read, "gradient")
+        if dense is None:
+            self.fail("no key holder collapsed the gradient")
+            return None
+        return Aggregate(unmask_collapsed(ctx.backend, dense, masks, self.layout), self.stats, len(self.contributors))

@@ -1,0 +1,278 @@
+"""The coordinator's round driver: encrypted aggregate, integrity check, HE-Adam, checkpoint.
+
+One round (docs/threat-model.md, "One round"):
+
+1. Sample the round's participants among the organizations that named themselves and are still
+   present; the train messages carry Enc(theta), the aggregation path's public config (the masking
+   set) and, for one *refresher*, the masked optimizer state (``coordinator.refresh``).
+2. Replies stream into the run plan's aggregation path (``coordinator.aggregation``), which then
+   runs any exchange of its own (unmasking, masked norms, the gradient collapse).
+3. One key holder checks the aggregate against the honest bound and releases the round's
+   statistics (``coordinator.integrity``).
+4. One HE-Adam step; observers (DP accounting) add to the round's row; checkpoint.
+
+A round that cannot complete changes nothing: the next starts from the same state. This is not a
+Flower ``Strategy`` (those aggregate plaintext arrays) but follows its hooks: the aggregation path
+configures the train messages and aggregates the replies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp import Grid
+
+from coordinator.aggregation import AGGREGATIONS, RoundContext
+from coordinator.checkpoint import CheckpointWriter, CoordinatorState, load_checkpoint
+from coordinator.dp_accounting import DPAccountant
+from coordinator.encrypted_gradient import RolloutPlan
+from coordinator.exchange import Exchange, RoundOutcome
+from coordinator.he_adam import HEAdamState
+from coordinator.integrity import check_integrity
+from coordinator.organizations import EXCLUDED, Organizations
+from coordinator.parallel_step import parallel_he_adam_step
+from coordinator.refresh import StateRefresh, init_config
+from coordinator.report import RunRecord, append_metrics, is_solved, read_metrics, round_line, truncate_metrics
+from protos import messages
+from protos.backend import HEBackend
+from protos.chunk_workers import ChunkWorkers
+from protos.codec import to_proto
+from protos.plan import RunPlan
+
+log = logging.getLogger("fedhe.coordinator")
+NODE_WAIT_S = 60.0  # how long a run waits for the participants it asks for before going on without them
+
+
+class RoundDriver:
+    """Encrypted federated training with HE-Adam; ``run`` drives the whole federation."""
+
+    def __init__(self, plan: RunPlan, backend: HEBackend, out_dir: Path,
+                 on_round: Callable[[RoundOutcome, dict | None], None] | None = None) -> None:
+        self.plan, self.backend, self.out_dir, self.on_round = plan, backend, Path(out_dir), on_round
+        self.poly = plan.optimizer.validate(backend.profile)
+        self.aggregation = AGGREGATIONS[plan.aggregation]
+        self.aggregation.check(plan, backend)
+        tiled = RolloutPlan(plan.scenario, backend.slots).tiled_length() if plan.rollouts else 0
+        self.refresh = StateRefresh(backend, plan.optimizer, self.poly, self.aggregation.levels_used,
+                                    plan.num_params, tiled)
+        self.dp = DPAccountant(plan.settings) if plan.settings.dp_noise_multiplier > 0 else None
+        self.workers = ChunkWorkers(backend)  # processes start only for a multi-chunk model
+        self.state = CoordinatorState()
+        self.organizations = Organizations()
+        self.record = RunRecord()
+        self.checkpoints = CheckpointWriter(self.out_dir, backend, plan.scenario.name, plan.optimizer.to_json())
+        self.probes: dict[str, int] = {}  # identify messages still unanswered: message id -> node
+
+    def describe(self) -> None:
+        cfg = self.plan.optimizer
+        log.info("HE-Adam on %s (%s, fingerprint %s…, %s aggregation): lr=%g b1=%g b2=%g C=%g tau=%.3g "
+                 "P deg %d on [%.3g, %.3g]", self.plan.scenario.name, self.backend.profile.name,
+                 self.backend.fingerprint[:12], self.plan.aggregation, cfg.lr, cfg.beta1, cfg.beta2, cfg.clip_bound,
+                 cfg.tau_value, cfg.degree, *self.poly.interval)
+
+    def run(self, grid: Grid, resume: bool = False) -> None:
+        self.describe()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        settings = self.plan.settings
+        if resume:
+            self.state, self.record = load_checkpoint(self.out_dir, self.backend, self.plan.scenario.name,
+                                                      self.plan.num_params, self.plan.optimizer.to_json())
+            truncate_metrics(self.out_dir, self.state.round)
+            if self.dp:
+                self.dp.resume(read_metrics(self.out_dir))
+            log.info("resumed from round %d", self.state.round)
+        self.record.start(resumed_from=self.state.round if resume else None)
+        exchange = Exchange(grid, self.backend, self.organizations, settings.round_timeout)
+        try:
+            for server_round in range(self.state.round + 1, settings.num_server_rounds + 1):
+                outcome = self.run_round(exchange, server_round)
+                rows = read_metrics(self.out_dir)
+                log.info("%s", round_line(outcome, settings.num_server_rounds, rows))
+                if self.on_round:
+                    self.on_round(outcome, rows[-1] if rows else None)
+                if settings.stop_on_solve and is_solved(rows, self.plan.scenario.reward_threshold):
+                    log.info("solved at round %d: stopping", server_round)
+                    break
+        finally:
+            try:
+                self.checkpoints.close()  # the last round's write completes even on the way out
+            finally:
+                self.workers.close()
+
+    # -- one round --------------------------------------------------------------------------------
+    def run_round(self, exchange: Exchange, server_round: int) -> RoundOutcome:
+        t0 = time.perf_counter()
+        outcome = RoundOutcome(server_round)
+        nodes = self.participants(exchange, outcome)
+        if len(nodes) < self.plan.settings.min_participants:
+            outcome.cause = (f"only {len(nodes)} organizations available (minimum "
+                             f"{self.plan.settings.min_participants})")
+            return self.finish(outcome, t0)
+        members = {node: self.organizations.of(node).index for node in nodes}
+        ctx = RoundContext(self.plan, self.backend, exchange, server_round, nodes, members,
+                           nodes[(server_round - 1) % len(nodes)], outcome)
+        aggregation = self.aggregation(ctx)
+        with outcome.timer.phase("messages_out"):
+            outgoing, masks = self.train_messages(ctx, aggregation.train_config())
+        pending = exchange.push(outgoing, outcome)
+        self.checkpoints.start()  # last round's checkpoint, written while participants train
+        for node, reply in exchange.replies(pending, outcome):
+            if reply.has_error():
+                exchange.error_reply(node, reply, outcome)
+                continue
+            outcome.bytes_up += messages.payload_bytes(reply.content)
+            if self.take(ctx, node, "update", lambda r=reply, n=node: aggregation.add(n, r)) and node == ctx.refresher:
+                with outcome.timer.phase("refresh_in"):
+                    ctx.refreshed = self.take(ctx, node, "refresh", lambda r=reply: self.refresh.take(
+                        r, server_round, masks, self.state.optimizer))
+        outcome.answered = [ctx.name(node) for node in aggregation.contributors]
+        for node in aggregation.contributors:
+            self.organizations.of(node).answered += 1
+        if len(aggregation.contributors) < self.plan.settings.min_participants:
+            outcome.cause = (f"only {len(aggregation.contributors)} of {len(nodes)} participants answered "
+                             f"(minimum {self.plan.settings.min_participants})")
+            return self.finish(outcome, t0)
+        if ctx.refreshed is None:
+            ctx.refreshed = self.refresh.fallback(exchange, server_round, nodes, ctx.refresher, outcome,
+                                                  self.state.optimizer, self.theta_arrays())
+            if ctx.refreshed is None:
+                outcome.cause = "no participant could refresh the state"
+                return self.finish(outcome, t0)
+        t_he = time.perf_counter()
+        aggregate = aggregation.finish()
+        if aggregate is None:
+            return self.finish(outcome, t0)
+        verdict = check_integrity(ctx, aggregate)
+        if verdict is None or not verdict.passed:
+            outcome.cause = verdict.cause() if verdict else "no key holder answered the integrity check"
+            outcome.extras["integrity_failure"] = verdict is not None
+            return self.finish(outcome, t0)
+        refreshed = ctx.refreshed
+        with outcome.timer.phase("he_adam"):
+            step = parallel_he_adam_step(self.workers, HEAdamState(refreshed.theta, **refreshed.state,
+                                                                   step=self.steps()),
+                                         aggregate.update, self.plan.optimizer, self.poly)
+        outcome.he_ms = (time.perf_counter() - t_he) * 1e3
+        self.refresh.stepped(refreshed.start_levels)
+        if self.dp:
+            outcome.extras.update(self.dp.completed(aggregate.contributors, len(nodes)))
+        self.state.optimizer = step.state
+        if verdict.released is not None:
+            self.state.history.append(verdict.released)
+        outcome.completed = True
+        return self.finish(outcome, t0, verdict.released)
+
+    def take(self, ctx: RoundContext, node: int, what: str, fn: Callable[[], object]):
+        """Run ``fn`` on one reply; a reply that does not validate is that organization's failure."""
+        try:
+            result = fn()
+        except Exception as exc:  # a hostile reply must never stop the round
+            detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            ctx.outcome.fail(self.organizations, node, "rejected", f"rejected {what}: {detail}")
+            return None
+        return True if result is None else result
+
+    def steps(self) -> int:
+        return self.state.optimizer.step if self.state.optimizer is not None else 0
+
+    def finish(self, outcome: RoundOutcome, t0: float, released=None) -> RoundOutcome:
+        """Write a completed round's row and checkpoint; a failed one leaves state and checkpoint as they were."""
+        outcome.wall_s = time.perf_counter() - t0
+        if outcome.completed:
+            self.state.round = outcome.round
+            row = {"round": outcome.round, "wall_s": round(outcome.wall_s, 3), "bytes_up": outcome.bytes_up,
+                   "bytes_down": outcome.bytes_down, "he_ms": round(outcome.he_ms, 1),
+                   "participants": len(outcome.answered), "answered": outcome.answered, "failed": outcome.failed,
+                   "mean_return": released.mean_return if released is not None and released.valid else None,
+                   "episodes": int(released.episodes) if released is not None else 0,
+                   "steps": int(released.steps) if released is not None else 0,
+                   **outcome.extras, "phases_ms": outcome.timer.rounded()}
+            append_metrics(self.out_dir, row)
+            with outcome.timer.phase("checkpoint"):  # a snapshot: the write overlaps the next round's wait
+                self.checkpoints.save(self.state, self.record.snapshot(self.organizations), defer=True)
+        else:
+            log.warning("round %d changed nothing: %s", outcome.round, outcome.cause)
+            self.record.failed_round(outcome)
+        return outcome
+
+    # -- who takes part ---------------------------------------------------------------------------
+    def participants(self, exchange: Exchange, outcome: RoundOutcome) -> list[int]:
+        """The round's participants: named, present organizations; waits (up to NODE_WAIT_S, at most
+        the round timeout) for as many as the run asks, then goes on with those present."""
+        settings = self.plan.settings
+        wanted = max(settings.participants, settings.min_participants, 1)
+        deadline = time.monotonic() + min(NODE_WAIT_S, settings.round_timeout)
+        while True:
+            present = [int(n) for n in exchange.grid.get_node_ids()]
+            self.identify(exchange, present, outcome, wait=not self.organizations.active(present))
+            active = self.organizations.active(present)
+            if len(active) >= wanted or time.monotonic() > deadline:
+                break
+            self.checkpoints.start()  # no round starts soon: write the last one now
+            time.sleep(0.5)
+        if len(active) < wanted and settings.participants and not self.record.warned_short:
+            log.warning("the run asks for %d participants, %d organizations are connected; going on with them",
+                        settings.participants, len(active))
+            self.record.warned_short = True
+        return active[: settings.participants] if settings.participants else active
+
+    def identify(self, exchange: Exchange, present: list[int], outcome: RoundOutcome, wait: bool) -> None:
+        """Ask new and gone nodes who they are; read what answered (waiting only if ``wait``)."""
+        asked = set(self.probes.values())
+        new = [n for n in self.organizations.to_probe(present) if n not in asked]
+        if new:
+            probes = [exchange.message(n, outcome.round, 0, messages.IDENTIFY, {}, {"identify": True}) for n in new]
+            self.probes.update(exchange.push(probes, outcome))
+        deadline = time.monotonic() + (self.plan.settings.round_timeout if wait else 0.0)
+        while self.probes:
+            for reply in exchange.grid.pull_messages(list(self.probes)):
+                node = self.probes.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                self.identified(exchange, node, reply, outcome)
+            if not wait or time.monotonic() > deadline or not any(n in present for n in self.probes.values()):
+                break
+            time.sleep(0.05)
+        self.probes = {mid: n for mid, n in self.probes.items() if n in present}
+
+    def identified(self, exchange: Exchange, node: int, reply: Message, outcome: RoundOutcome) -> None:
+        if reply.has_error():
+            exchange.error_reply(node, reply, outcome)
+            return
+        config = reply.content.config_records.get(messages.CONFIG, {})
+        try:
+            index, name = int(config["participant-index"]), str(config["organization"])
+        except (KeyError, TypeError, ValueError):
+            outcome.fail(self.organizations, node, "rejected", "did not say which organization it is")
+            return
+        problem = self.organizations.identify(node, index, name)
+        if problem:
+            self.organizations.mark(node, EXCLUDED)
+            outcome.fail(self.organizations, node, "rejected", problem)
+        else:
+            log.info("%s (roster index %d) takes part", name, index)
+
+    # -- messages ---------------------------------------------------------------------------------
+    def theta_arrays(self) -> dict[str, ArrayRecord]:
+        if self.state.optimizer is None:
+            return {}
+        return {messages.THETA: messages.pack(to_proto(self.backend, self.state.optimizer.theta))}
+
+    def train_messages(self, ctx: RoundContext, config: dict) -> tuple[list[Message], object]:
+        theta = self.theta_arrays()
+        request, masks = self.refresh.request(ctx.round, self.state.optimizer)
+        config = {**config, **init_config(self.state.optimizer)}
+        out = []
+        for node in ctx.nodes:
+            arrays = {**theta, messages.REFRESH_REQUEST: request} if node == ctx.refresher else theta
+            out.append(ctx.exchange.message(node, ctx.round, ctx.participants, messages.TRAIN, arrays, config))
+        return out, masks
+
+    def summary_fields(self) -> dict:
+        """Privacy, failure and organization fields for summary.json."""
+        out = {"defense": self.plan.settings.defense, "masking": self.plan.settings.masking,
+               "aggregation": self.plan.aggregation, **self.record.summary(self.organizations)}
+        out.update(self.dp.summary() if self.dp else {"dp_epsilon": None})
+        return out

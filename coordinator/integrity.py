@@ -1,0 +1,59 @@
+"""The integrity check: a round's aggregate changes the model only if it obeys the honest bound.
+
+Masks and encryption hide a bad update as well as a good one: a ciphertext under another key, a
+replay relabelled to another round (its masks no longer cancel) or an inflated update would each
+pass unseen into HE-Adam. But every honest update is clipped, so the honest aggregate obeys a
+public L2 bound (``RunPlan.aggregate_bound``), which is also HE-Adam's interval guarantee. Before
+the step, the coordinator sends one key holder ``r |S|^2 - r bound^2``, spread over masked slots
+(``robust_aggregation.masked_square_sum``, r a secret factor): the key holder sums the slots and
+reveals only whether the sum is negative, so neither side learns the aggregate's norm. The same
+key holder decrypts the round's summed statistics, checks they are whole counts within the
+round's limits, and releases them rounded. A round that fails either check changes nothing and
+is reported as an integrity failure. Not caught: a poisoned update within the bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from coordinator.aggregation.base import Aggregate, RoundContext
+from coordinator.replies import read_integrity
+from coordinator.robust_aggregation import masked_square_sum, secret_factor
+from protos import messages
+from protos.codec import PROTOCOL_VERSION, to_proto
+from protos.fedhe.v1 import wire_pb2
+
+
+@dataclass
+class Verdict:
+    within_bound: bool
+    stats_plausible: bool
+    released: wire_pb2.ReleasedMetrics | None
+
+    @property
+    def passed(self) -> bool:
+        return self.within_bound and self.stats_plausible
+
+    def cause(self) -> str:
+        problems = ["the aggregate exceeds the bound every honest round obeys"] * (not self.within_bound)
+        if not self.stats_plausible:
+            problems.append("the summed statistics are not whole counts within the round's limits")
+        return "integrity: " + "; ".join(problems)
+
+
+def check_integrity(ctx: RoundContext, aggregate: Aggregate) -> Verdict | None:
+    """One key holder's verdict on the aggregate (None: no key holder answered)."""
+    bound = ctx.plan.aggregate_bound(aggregate.contributors, ctx.participants)
+    factor = secret_factor()
+    with ctx.outcome.timer.phase("integrity"):
+        masked = masked_square_sum(ctx.backend, aggregate.update, factor, offset=-factor * bound**2)
+        query = wire_pb2.IntegrityQuery(protocol_version=PROTOCOL_VERSION, round=ctx.round,
+                                        masked_norm=to_proto(ctx.backend, masked),
+                                        stats=to_proto(ctx.backend, aggregate.stats),
+                                        contributors=aggregate.contributors)
+        answer = ctx.ask_one(messages.INTEGRITY, {messages.INTEGRITY_QUERY: messages.pack(query)},
+                             lambda _node, reply: read_integrity(reply, ctx.round), "integrity reply")
+    if answer is None:
+        return None
+    released = answer.released if answer.HasField("released") else None
+    return Verdict(answer.within_bound, answer.stats_plausible, released)
