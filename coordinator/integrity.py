@@ -5,8 +5,13 @@ replay relabelled to another round (its masks no longer cancel) or an inflated u
 pass unseen into HE-Adam. But every honest update is clipped, so the honest aggregate obeys a
 public L2 bound (``RunPlan.aggregate_bound``), which is also HE-Adam's interval guarantee. Before
 the step, the coordinator sends one key holder ``r |S|^2 - r bound^2``, spread over masked slots
-(``robust_aggregation.masked_square_sum``, r a secret factor): the key holder sums the slots and
-reveals only whether the sum is negative, so neither side learns the aggregate's norm. The same
+(``robust_aggregation.masked_square_sum``, r a secret factor), and ``q S`` under masks uniform in
++-2^15 (q a secret factor in [1, 2)): the key holder sums the first one's slots and reveals only
+whether the sum is negative and every slot of the second stays within the masks' range, so neither
+side learns the aggregate's norm. The second check stops a key holder's crafted update whose values
+are so large that their squares wrap around the ciphertext modulus and pass the first (a
+ciphertext under another key decrypts to such values); it tells the checking key holder each
+coordinate of S only up to that uniform mask (statistical distance |S_j| / 2^16 per coordinate). The same
 key holder decrypts the round's summed statistics, checks they are whole counts within the
 round's limits, and releases them rounded. A round that fails either check changes nothing and
 is reported as an integrity failure. Not caught: a poisoned update within the bound.
@@ -17,11 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from coordinator.aggregation.base import Aggregate, RoundContext
+from coordinator.he_adam import add_plain_vector
 from coordinator.replies import read_integrity
 from coordinator.robust_aggregation import masked_square_sum, secret_factor
+from coordinator.secret_random import secret_uniform
 from protos import messages
-from protos.codec import PROTOCOL_VERSION, to_proto
+from protos.codec import PROTOCOL_VERSION, EncryptedVector, map_chunks, to_proto
 from protos.fedhe.v1 import wire_pb2
+from protos.optimizer import MASK_BOUND
 
 
 @dataclass
@@ -49,6 +57,7 @@ def check_integrity(ctx: RoundContext, aggregate: Aggregate) -> Verdict | None:
         masked = masked_square_sum(ctx.backend, aggregate.update, factor, offset=-factor * bound**2)
         query = wire_pb2.IntegrityQuery(protocol_version=PROTOCOL_VERSION, round=ctx.round,
                                         masked_norm=to_proto(ctx.backend, masked),
+                                        masked_values=to_proto(ctx.backend, masked_values(ctx, aggregate.update)),
                                         stats=to_proto(ctx.backend, aggregate.stats),
                                         contributors=aggregate.contributors)
         answer = ctx.ask_one(messages.INTEGRITY, {messages.INTEGRITY_QUERY: messages.pack(query)},
@@ -57,3 +66,10 @@ def check_integrity(ctx: RoundContext, aggregate: Aggregate) -> Verdict | None:
         return None
     released = answer.released if answer.HasField("released") else None
     return Verdict(answer.within_bound, answer.stats_plausible, released)
+
+
+def masked_values(ctx: RoundContext, update: EncryptedVector) -> EncryptedVector:
+    """q S + m: a secret factor q in [1, 2) and masks uniform in +-2^15 (OS entropy)."""
+    scale = 1.0 + float(secret_uniform(0.0, 1.0, 1)[0])
+    scaled = map_chunks(lambda c: ctx.backend.mul_scalar(c, scale), update)
+    return add_plain_vector(ctx.backend, scaled, secret_uniform(-MASK_BOUND, MASK_BOUND, update.length))

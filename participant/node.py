@@ -36,10 +36,10 @@ from participant.pairwise_masks import PairwiseMasker, RoundMasks
 from participant.rollout_owner import ROLLOUTS, encrypted_rollout, owner_for, tiled_theta
 from protos import messages
 from protos.codec import PROTOCOL_VERSION, check_version, encrypt_vector, from_proto, max_bytes_for, to_proto
-from protos.errors import ChunkLayoutError, FingerprintMismatchError, KeyFileError
+from protos.errors import ChunkLayoutError, FingerprintMismatchError, KeyFileError, RequestRefusedError
 from protos.fedhe.v1 import wire_pb2
 from protos.masking import STATS_STREAM, UPDATE_STREAM
-from protos.optimizer import STATE_NAMES
+from protos.optimizer import MASK_BOUND, STATE_NAMES
 from protos.phase_timer import PhaseTimer, append_local_profile
 from protos.profiles import get_profile
 from protos.rollout_layout import BlockLayout, layout_for_round
@@ -48,6 +48,9 @@ from scenarios import Scenario
 log = logging.getLogger(__name__)
 P = TypeVar("P", bound=ProtoMessage)
 MIN_MEMBERS = 3  # with 2, each one's update is the sum minus its own: nothing to hide behind
+# Integrity check: slots of q S + m (q < 2, |m| <= 2^15) of an aggregate within its bound (a few
+# units per coordinate) stay below this; a value whose square could wrap the modulus does not.
+INTEGRITY_VALUE_LIMIT = 1.5 * MASK_BOUND
 
 
 @lru_cache(maxsize=4)
@@ -250,10 +253,12 @@ def reply_unmask(exchange: Exchange) -> None:
     if request.dropped:
         log.info("round %d: the coordinator reports roster members %s missing; cancelling masks with them",
                  exchange.round, sorted(request.dropped))
-    reply = wire_pb2.UnmaskReply(
-        protocol_version=PROTOCOL_VERSION, round=exchange.round,
-        shares=[masker.open_share(share, exchange.run_id, exchange.round) for share in request.shares],
-    )
+    reply = wire_pb2.UnmaskReply(protocol_version=PROTOCOL_VERSION, round=exchange.round)
+    for share in request.shares:
+        try:
+            reply.shares.append(masker.open_share(share, exchange.run_id, exchange.round))
+        except RequestRefusedError as exc:  # the sender's seed then cannot be rebuilt: the sender is named
+            log.warning("round %d: %s", exchange.round, exc)
     if request.dropped:
         masks = masker.round(exchange.run_id, exchange.round, exchange.ledger.members(exchange.round))
         dropped, holder = sorted(request.dropped), exchange.holder
@@ -267,15 +272,19 @@ def reply_unmask(exchange: Exchange) -> None:
 def reply_integrity(exchange: Exchange) -> None:
     """The aggregate's bound (only the sign of a masked, scaled difference) and the round's statistics."""
     holder = exchange.holder
-    limit = max_bytes_for(holder, holder.slots) + max_bytes_for(holder, messages.STATS_LENGTH)
+    limit = (max_bytes_for(holder, holder.slots) + max_bytes_for(holder, exchange.num_params)
+             + max_bytes_for(holder, messages.STATS_LENGTH))
     query = exchange.unpack(messages.INTEGRITY_QUERY, wire_pb2.IntegrityQuery, limit)
     check_integrity_query(query, exchange.round, exchange.participants, exchange.ledger)
     masked = decrypt_vector(holder, from_proto(holder, query.masked_norm, expected_length=holder.slots))
+    values = decrypt_vector(holder, from_proto(holder, query.masked_values, expected_length=exchange.num_params))
     require_masked(masked)
+    require_masked(values)
     stats = decrypt_vector(holder, from_proto(holder, query.stats, expected_length=messages.STATS_LENGTH))
     steps = exchange.scenario.steps_per_round(exchange.identity.run.mode)
+    within = bool(np.sum(masked) <= 0.0 and np.max(np.abs(values)) <= INTEGRITY_VALUE_LIMIT)
     reply = wire_pb2.IntegrityReply(
-        protocol_version=PROTOCOL_VERSION, round=exchange.round, within_bound=bool(np.sum(masked) <= 0.0),
+        protocol_version=PROTOCOL_VERSION, round=exchange.round, within_bound=within,
         stats_plausible=plausible_stats(stats, query.contributors, steps),
     )
     if reply.stats_plausible and exchange.releases:

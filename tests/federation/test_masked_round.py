@@ -1,7 +1,9 @@
-"""One masked round end to end, in process: the real coordinator loop and real participants' ``handle``.
+"""Masked rounds end to end, in process: the real round driver and real participants' ``handle``.
 
 A stand-in for Flower's Grid delivers each message to a participant at once (or never, or late);
 local training is replaced by known updates so the coordinator's encrypted sum can be checked.
+Covers the double masks (dropouts, a coordinator that lies about them), the integrity check
+against well-formed hostile updates, and organizations naming themselves.
 """
 
 from __future__ import annotations
@@ -10,27 +12,33 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from Crypto.Protocol.SecretSharing import Shamir
 from flwr.app import Error, Message, Metadata
 
-import coordinator.rounds as rounds
+import coordinator.driver as driver_module
 import participant.node as node
-from coordinator.rounds import HEAdamCoordinator
+from coordinator.driver import RoundDriver
+from coordinator.exchange import Exchange
+from fedhe.lab.wire_attacks import HostileUpdates
 from participant.answer_rules import AnswerLedger
-from participant.keyholder import decrypt_vector
+from participant.keyholder import decrypt_vector, generate_keys
 from participant.local_update import NodeIdentity
 from participant.roster import simulated_organizations
 from protos import messages
+from protos.codec import from_proto
+from protos.fedhe.v1 import wire_pb2
 from protos.keyfile import PARTICIPANT_KEY
-from protos.optimizer import HEAdamConfig
+from protos.masking import UPDATE_STREAM, SelfMaskContext, mask_grid, self_mask
+from protos.plan import resolve_plan
 from protos.settings import RunSettings
-from protos.update_units import UpdateUnits
-from scenarios import resolve_run
 
 ORGS = 4
 FIRST_NODE = 100
+RUN_ID = 1
 
 
 @dataclass
@@ -41,7 +49,8 @@ class FakeGrid:
     late: dict[int, float] = field(default_factory=dict)  # node -> seconds before its train reply shows up
     replies: dict[str, tuple[float, Message]] = field(default_factory=dict)
     pulled: set[str] = field(default_factory=set)
-    sent: list[tuple[int, str]] = field(default_factory=list)
+    sent: list[tuple[int, str, Message]] = field(default_factory=list)
+    run: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(run_id=RUN_ID))
 
     def get_node_ids(self) -> list[int]:
         return list(self.respond)
@@ -50,7 +59,7 @@ class FakeGrid:
         ids = []
         for msg in outgoing:
             mid, dst = uuid.uuid4().hex, msg.metadata.dst_node_id
-            self.sent.append((dst, msg.metadata.message_type))
+            self.sent.append((dst, msg.metadata.message_type, msg))
             reply = self.respond[dst](msg)
             if reply is not None:
                 delay = self.late.get(dst, 0.0) if msg.metadata.message_type == messages.TRAIN else 0.0
@@ -63,9 +72,12 @@ class FakeGrid:
         self.pulled.update(ready)
         return [self.replies.pop(i)[1] for i in ready]
 
+    def kinds(self, kind: str) -> list[int]:
+        return sorted(dst for dst, k, _ in self.sent if k == kind)
+
 
 def as_reply(reply: Message, src: int, mid: str, request: Message) -> Message:
-    metadata = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=src, dst_node_id=0,
+    metadata = Metadata(run_id=RUN_ID, message_id=uuid.uuid4().hex, src_node_id=src, dst_node_id=0,
                         reply_to_message_id=mid, group_id=request.metadata.group_id, created_at=time.time(),
                         ttl=60.0, message_type=request.metadata.message_type)
     if reply.has_error():
@@ -82,102 +94,234 @@ def key_dir(tmp_path_factory, keys):
     return directory
 
 
+@pytest.fixture(scope="module")
+def foreign_key_dir(tmp_path_factory, keys):
+    """Another federation's key of the same profile."""
+    return generate_keys(tmp_path_factory.mktemp("foreign-keys"), "n16k-d6").directory
+
+
+@dataclass
+class Federation:
+    grid: FakeGrid
+    driver: RoundDriver
+    exchange: Exchange
+    truth: dict[int, np.ndarray]
+    aggregates: list
+    ledgers: dict[int, AnswerLedger]
+    plan: object
+
+    def round(self, r: int):
+        return self.driver.run_round(self.exchange, r)
+
+
 @pytest.fixture()
 def federation(key_dir, coordinator_backend, server_task, monkeypatch, tmp_path):
-    """Participants 0..3 with known updates; returns (grid, coordinator, true updates, captured aggregates)."""
-    scenario, run = resolve_run(RunSettings(masking="pairwise", participant_key_dir=str(key_dir), seed=0), ORGS)
-    config = HEAdamConfig.for_scenario(scenario)
-    num_params = scenario.network(run.mode).num_params
+    """Participants 0..3 with known updates (a new one each round)."""
+    plan = resolve_plan(RunSettings(masking="pairwise", participant_key_dir=str(key_dir), seed=0, min_participants=2,
+                                    round_timeout=3.0, out_dir=str(tmp_path)), ORGS)
     rng = np.random.default_rng(0)
-    truth = {i: UpdateUnits.of(config, ORGS).encode(rng.normal(0, 1, num_params)) for i in range(ORGS)}
+    truth = {i: plan.units(ORGS).encode(rng.normal(0, 1, plan.num_params)) for i in range(ORGS)}
     monkeypatch.setattr(node, "local_update", lambda scenario, identity, *args: (
         truth[identity.participant_index], np.array([100.0, 2.0, 200.0])))
     aggregates = []
-    real_step = rounds.parallel_he_adam_step
+    real_step = driver_module.parallel_he_adam_step
 
     def capture(workers, state, aggregate, *args):
         aggregates.append(aggregate)
         return real_step(workers, state, aggregate, *args)
 
-    monkeypatch.setattr(rounds, "parallel_he_adam_step", capture)
+    monkeypatch.setattr(driver_module, "parallel_he_adam_step", capture)
     ledgers = {FIRST_NODE + i: AnswerLedger() for i in range(ORGS)}
 
     def participant(i: int):
-        identity = NodeIdentity(i, str(key_dir), None, run)
+        identity = NodeIdentity(i, str(key_dir), None, plan.settings)
 
         def respond(msg: Message) -> Message:
             try:
                 training = msg.metadata.message_type == messages.TRAIN
-                content = node.handle(msg.content, scenario, identity, 1, training, ledgers[FIRST_NODE + i])
+                content = node.handle(msg.content, plan.scenario, identity, RUN_ID, training, ledgers[FIRST_NODE + i])
             except Exception as exc:  # as the ClientApp does: one error reply
-                return Message(Error(0, f"participant {i}: {exc}"), reply_to=msg)
+                return Message(Error(1004, f"participant-{i}: {type(exc).__name__}: {exc}"), reply_to=msg)
             return Message(content, reply_to=msg)
 
         return respond
 
     grid = FakeGrid({FIRST_NODE + i: participant(i) for i in range(ORGS)})
-    coordinator = HEAdamCoordinator(coordinator_backend, config, scenario.name, num_params, tmp_path,
-                                    min_participants=2, round_timeout=3.0, masking="pairwise")
-    return grid, coordinator, truth, aggregates, ledgers
+    driver = RoundDriver(plan, coordinator_backend, tmp_path)
+    exchange = Exchange(grid, coordinator_backend, driver.organizations, plan.settings.round_timeout)
+    return Federation(grid, driver, exchange, truth, aggregates, ledgers, plan)
 
 
 def failing(respond, kinds: set[str]):
     def wrapped(msg: Message) -> Message:
         if msg.metadata.message_type in kinds:
-            return Message(Error(0, "participant: simulator lost its license server"), reply_to=msg)
+            return Message(Error(1006, "participant: its environment failed"), reply_to=msg)
         return respond(msg)
 
     return wrapped
 
 
-def decrypted(holder, aggregate) -> np.ndarray:
-    return decrypt_vector(holder, aggregate)
-
-
-def test_a_round_without_dropouts_needs_no_extra_exchange(federation, holder):
-    grid, coordinator, truth, aggregates, _ = federation
-    outcome = coordinator.run_round(grid, 1)
-    assert outcome.completed and outcome.answered == ORGS
-    assert not any(kind == messages.UNMASK for _, kind in grid.sent)
-    assert decrypted(holder, aggregates[0]) == pytest.approx(sum(truth.values()), abs=1e-6)
+def test_a_round_sums_exactly_and_names_its_organizations(federation, holder):
+    outcome = federation.round(1)
+    assert outcome.completed and outcome.answered == [f"participant-{i}" for i in range(ORGS)]
+    assert federation.grid.kinds(messages.IDENTIFY) == [FIRST_NODE + i for i in range(ORGS)]
+    assert federation.grid.kinds(messages.UNMASK) == [FIRST_NODE + i for i in range(ORGS)]  # self-masks only
+    unmask = [msg for _, kind, msg in federation.grid.sent if kind == messages.UNMASK]
+    request = messages.unpack(unmask[0].content, messages.UNMASK_REQUEST, wire_pb2.UnmaskRequest, max_bytes=1 << 20)
+    assert list(request.dropped) == [] and len(request.shares) == ORGS - 1
+    aggregate = decrypt_vector(holder, federation.aggregates[0])
+    assert aggregate == pytest.approx(sum(federation.truth.values()), abs=1e-6)
+    assert federation.driver.organizations.summary()["participant-2"]["rounds_answered"] == 1
 
 
 def test_a_participant_dropping_out_mid_round_is_recovered(federation, holder):
-    grid, coordinator, truth, aggregates, ledgers = federation
+    grid = federation.grid
     grid.respond[FIRST_NODE + 2] = failing(grid.respond[FIRST_NODE + 2], {messages.TRAIN})
-    outcome = coordinator.run_round(grid, 1)
-    assert outcome.completed and outcome.answered == 3 and len(outcome.failed) == 1
+    outcome = federation.round(1)
+    assert outcome.completed and len(outcome.answered) == 3
+    assert outcome.failed == [{"organization": "participant-2", "category": "environment",
+                               "reason": "participant: its environment failed"}]
     assert outcome.extras["mask_dropped"] == [2]
-    unmask = sorted(dst for dst, kind in grid.sent if kind == messages.UNMASK)
-    assert unmask == [FIRST_NODE, FIRST_NODE + 1, FIRST_NODE + 3]  # one extra exchange, the answered only
-    assert decrypted(holder, aggregates[0]) == pytest.approx(truth[0] + truth[1] + truth[3], abs=1e-6)
-    assert not ledgers[FIRST_NODE + 2].has("unmask", 1)
+    assert grid.kinds(messages.UNMASK) == [FIRST_NODE, FIRST_NODE + 1, FIRST_NODE + 3]
+    truth = federation.truth
+    assert decrypt_vector(holder, federation.aggregates[0]) == pytest.approx(truth[0] + truth[1] + truth[3], abs=1e-6)
+    assert not federation.ledgers[FIRST_NODE + 2].has("unmask", 1)
+
+
+def test_a_gone_participant_costs_once(federation, holder):
+    """Dies in round 1's training: round 1 corrects for it, later rounds mask over the others only."""
+    grid = federation.grid
+    alive = grid.respond[FIRST_NODE + 3]
+    grid.respond[FIRST_NODE + 3] = lambda msg: alive(msg) if msg.metadata.message_type == messages.IDENTIFY else None
+    first = federation.round(1)
+    assert first.completed and first.extras["mask_dropped"] == [3]
+    grid.respond[FIRST_NODE + 3] = lambda msg: None  # dead
+    grid.sent.clear()
+    outcome = federation.round(2)
+    assert outcome.completed and outcome.extras["mask_dropped"] == []
+    assert grid.kinds(messages.TRAIN) == [FIRST_NODE, FIRST_NODE + 1, FIRST_NODE + 2]
+    assert grid.kinds(messages.IDENTIFY) == [FIRST_NODE + 3]  # asked again, without waiting
+    assert federation.driver.organizations.summary()["participant-3"]["status"] == "gone"
+    grid.sent.clear()
+    federation.round(3)
+    assert grid.kinds(messages.IDENTIFY) == []  # its question is still open: asked once
 
 
 def test_a_late_reply_is_discarded_and_the_round_completes_without_it(federation, holder):
-    grid, coordinator, truth, aggregates, _ = federation
-    grid.late[FIRST_NODE + 3] = coordinator.round_timeout + 1.0  # arrives after the set is fixed
-    outcome = coordinator.run_round(grid, 1)
-    assert outcome.completed and outcome.answered == 3 and outcome.extras["mask_dropped"] == [3]
-    assert decrypted(holder, aggregates[0]) == pytest.approx(truth[0] + truth[1] + truth[2], abs=1e-6)
+    grid = federation.grid
+    grid.late[FIRST_NODE + 3] = federation.plan.settings.round_timeout + 1.0  # arrives after the set is fixed
+    outcome = federation.round(1)
+    assert outcome.completed and outcome.extras["mask_dropped"] == [3]
+    truth = federation.truth
+    assert decrypt_vector(holder, federation.aggregates[0]) == pytest.approx(truth[0] + truth[1] + truth[2], abs=1e-6)
     late = [mid for mid, (_, reply) in grid.replies.items() if reply.metadata.src_node_id == FIRST_NODE + 3]
     assert late and not set(late) & grid.pulled  # never read
 
 
-def test_a_missing_correction_fails_the_round_and_changes_nothing(federation):
-    grid, coordinator, _, aggregates, _ = federation
-    grid.respond[FIRST_NODE + 2] = failing(grid.respond[FIRST_NODE + 2], {messages.TRAIN})
+def test_a_survivor_that_does_not_unmask_fails_the_round_and_changes_nothing(federation):
+    grid = federation.grid
     grid.respond[FIRST_NODE + 1] = failing(grid.respond[FIRST_NODE + 1], {messages.UNMASK})
-    outcome = coordinator.run_round(grid, 1)
-    assert not outcome.completed and aggregates == []
-    assert coordinator.state.round == 0 and coordinator.state.optimizer is None
-    assert [r["round"] for r in coordinator.failed_rounds] == [1]
+    outcome = federation.round(1)
+    assert not outcome.completed and federation.aggregates == []
+    assert "participant-1 did not unmask" in outcome.cause
+    assert federation.driver.state.round == 0 and federation.driver.state.optimizer is None
+    assert [r["round"] for r in federation.driver.record.failed_rounds] == [1]
 
 
-def test_unmasked_and_masked_replies_never_mix(federation):
-    """A coordinator with masking off records a masked update as that participant's failure."""
-    grid, coordinator, _, _, _ = federation
-    coordinator.masking = "off"
-    outcome = coordinator.run_round(grid, 1)
-    assert not outcome.completed and outcome.answered == 0
-    assert all("masking off" in line for line in outcome.failed)
+def test_too_few_survivors_for_a_masked_sum_fail_the_round(federation):
+    grid = federation.grid
+    for i in (2, 3):
+        grid.respond[FIRST_NODE + i] = failing(grid.respond[FIRST_NODE + i], {messages.TRAIN})
+    outcome = federation.round(1)
+    assert not outcome.completed and "needs at least 3" in outcome.cause
+    assert grid.kinds(messages.UNMASK) == []
+
+
+def test_a_coordinator_lying_about_a_dropout_learns_nothing_with_one_key_holder(federation, holder):
+    """The coordinator claims live participant 0 dropped; participant 1 colludes and gives everything.
+
+    Honest survivors 2 and 3 correct their pair masks with 0 but open no share of 0's seed; the
+    colluder's one share is below the threshold, so 0's self-mask stays on its update."""
+    grid, plan = federation.grid, federation.plan
+    federation.round(1)  # identifies everybody and gives the run a theta
+    r, victim, colluder = 2, 0, 1
+    # round 2's train messages, as the driver sends them, and every participant's reply
+    config = {"members": list(range(ORGS))}
+    replies = {}
+    for i in range(ORGS):
+        msg = federation.exchange.message(FIRST_NODE + i, r, ORGS, messages.TRAIN,
+                                          federation.driver.theta_arrays(), config)
+        replies[i] = messages.unpack(grid.respond[FIRST_NODE + i](msg).content, messages.UPDATE,
+                                     wire_pb2.ParticipantUpdate, max_bytes=1 << 28)
+    shares_to = {j: [s for i in range(ORGS) for s in replies[i].masking.shares if s.recipient == j]
+                 for j in range(ORGS)}
+    # the lie: survivors {1, 2, 3}, victim 0 dropped (its shares are withheld from the honest ones)
+    revealed, corrections = [], []
+    for j in (2, 3):
+        request = wire_pb2.UnmaskRequest(protocol_version=2, round=r, survivors=[1, 2, 3], dropped=[victim],
+                                         shares=[s for s in shares_to[j] if s.sender != victim])
+        msg = federation.exchange.message(FIRST_NODE + j, r, ORGS, messages.UNMASK,
+                                          {messages.UNMASK_REQUEST: messages.pack(request)})
+        answer = messages.unpack(grid.respond[FIRST_NODE + j](msg).content, messages.UNMASK_REPLY,
+                                 wire_pb2.UnmaskReply, max_bytes=1 << 28)
+        assert all(share.sender != victim for share in answer.shares)
+        revealed += list(answer.shares)
+        corrections.append(decrypt_vector(holder, from_proto(holder, answer.update)))
+        # and the same honest survivor never opens the victim's share afterwards
+        again = wire_pb2.UnmaskRequest(protocol_version=2, round=r, survivors=list(range(ORGS)),
+                                       shares=[s for s in shares_to[j] if s.sender == victim])
+        msg = federation.exchange.message(FIRST_NODE + j, r, ORGS, messages.UNMASK,
+                                          {messages.UNMASK_REQUEST: messages.pack(again)})
+        assert grid.respond[FIRST_NODE + j](msg).has_error()
+    # the colluder knows its own pair mask with the victim and opens its share of the victim's seed
+    masker = node.cached_masker(str(plan.settings.participant_key_dir), colluder, holder.fingerprint)
+    colluder_pair = masker.pair_mask([victim], RUN_ID, r, UPDATE_STREAM, plan.num_params)
+    victim_shares = [masker.open_share(s, RUN_ID, r) for s in shares_to[colluder] if s.sender == victim]
+    assert len(victim_shares) == 1 and replies[victim].masking.threshold >= 2
+    # best effort: strip every pair mask of the victim (the honest corrections are its terms with 2 and 3,
+    # the colluder's own term it knows), then remove a self-mask rebuilt from what shares exist
+    g = mask_grid(UPDATE_STREAM, ORGS)
+    masked = decrypt_vector(holder, from_proto(holder, replies[victim].update))
+    stripped = masked - sum(corrections) + colluder_pair.astype(np.float64) * g
+    context = SelfMaskContext(holder.fingerprint, RUN_ID, r, victim)
+    true = federation.truth[victim]
+
+    def recovered(second_share) -> np.ndarray:
+        seed = Shamir.combine([(victim_shares[0].x, bytes(victim_shares[0].share)), second_share])
+        return stripped - self_mask(seed, context, UPDATE_STREAM, plan.num_params, ORGS)
+
+    guessed = recovered((victim_shares[0].x % ORGS + 1, bytes(16)))  # a share the colluder does not have
+    assert abs(np.corrcoef(guessed, true)[0, 1]) < 0.05
+    # control: a second colluding key holder's share would give it away, so the test can fail
+    second = node.cached_masker(str(plan.settings.participant_key_dir), 2, holder.fingerprint)
+    share = next(second.open_share(s, RUN_ID, r) for s in shares_to[2] if s.sender == victim)
+    assert recovered((share.x, bytes(share.share))) == pytest.approx(true, abs=1e-6)
+
+
+def test_well_formed_hostile_updates_never_change_the_model(federation, key_dir, foreign_key_dir, tmp_path):
+    """Participant 3 sends, in rounds 2 to 5: a ciphertext under another key claiming the federation's
+    fingerprint, its round-1 update relabelled, its update plus 50 and plus 1000 per coordinate."""
+    attacks = {2: "other-key", 3: "replay", 4: "inflate-50", 5: "inflate-1000"}
+    hostile = HostileUpdates(3, attacks, key_dir, tmp_path / "sent", foreign_key_dir)
+    grid, driver = federation.grid, federation.driver
+    honest = grid.respond[FIRST_NODE + 3]
+
+    def attacker(msg: Message) -> Message:
+        reply = honest(msg)
+        if reply.has_error() or msg.metadata.message_type != messages.TRAIN:
+            return reply
+        round_ = int(msg.content.config_records[messages.CONFIG]["round"])
+        return Message(hostile.rewrite(reply.content, round_), reply_to=msg)
+
+    grid.respond[FIRST_NODE + 3] = attacker
+    assert federation.round(1).completed
+    theta = driver.state.optimizer.theta
+    for r in attacks:
+        outcome = federation.round(r)
+        assert not outcome.completed, attacks[r]
+        assert driver.state.optimizer.theta is theta and driver.state.round == 1
+    causes = {f["round"]: f["cause"] for f in driver.record.failed_rounds}
+    assert all(causes[r].startswith("integrity:") for r in (2, 4, 5))
+    assert "self-mask of participant-3 could not be rebuilt" in causes[3]  # its old shares do not open in round 3
+    assert federation.driver.record.summary(driver.organizations)["integrity_failures"] == [2, 4, 5]
+    assert federation.round(6).completed  # an honest round afterwards goes through

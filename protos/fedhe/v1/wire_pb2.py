@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x66\x65\x64he/v1/wire.proto\x12\x08\x66\x65\x64he.v1\"\xb7\x01\n\x0f\x45ncryptedVector\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x17\n\x0fkey_fingerprint\x18\x02 \x01(\t\x12\x12\n\nhe_profile\x18\x03 \x01(\t\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x17\n\x0fslots_per_chunk\x18\x05 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x06 \x03(\x0c\x12$\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x12.fedhe.v1.Encoding\"\xc5\x01\n\x11ParticipantUpdate\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x06update\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x30\n\rrollout_stats\x18\x04 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12*\n\x07masking\x18\x05 \x01(\x0b\x32\x19.fedhe.v1.PairwiseMasking\"\xa0\x01\n\x0fPairwiseMasking\x12\x19\n\x11participant_index\x18\x01 \x01(\r\x12\x13\n\x0broster_size\x18\x02 \x01(\r\x12\x0f\n\x07members\x18\x03 \x03(\r\x12\x11\n\tthreshold\x18\x04 \x01(\r\x12\x12\n\ncommitment\x18\x05 \x01(\x0c\x12%\n\x06shares\x18\x06 \x03(\x0b\x32\x15.fedhe.v1.SealedShare\"S\n\x0bSealedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x11\n\trecipient\x18\x02 \x01(\r\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\"\x83\x01\n\rUnmaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x11\n\tsurvivors\x18\x03 \x03(\r\x12\x0f\n\x07\x64ropped\x18\x04 \x03(\r\x12%\n\x06shares\x18\x05 \x03(\x0b\x32\x15.fedhe.v1.SealedShare\"9\n\rRevealedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\t\n\x01x\x18\x02 \x01(\r\x12\r\n\x05share\x18\x03 \x01(\x0c\"\xbc\x01\n\x0bUnmaskReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\'\n\x06shares\x18\x03 \x03(\x0b\x32\x17.fedhe.v1.RevealedShare\x12)\n\x06update\x18\x04 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x30\n\rrollout_stats\x18\x05 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\"\xa9\x01\n\x0eIntegrityQuery\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12.\n\x0bmasked_norm\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12(\n\x05stats\x18\x04 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x14\n\x0c\x63ontributors\x18\x05 \x01(\r\"\x95\x01\n\x0eIntegrityReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0cwithin_bound\x18\x03 \x01(\x08\x12\x17\n\x0fstats_plausible\x18\x04 \x01(\x08\x12+\n\x08released\x18\x05 \x01(\x0b\x32\x19.fedhe.v1.ReleasedMetrics\"\xff\x01\n\x0eRefreshRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12(\n\x05theta\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12?\n\x0cmasked_state\x18\x04 \x03(\x0b\x32).fedhe.v1.RefreshRequest.MaskedStateEntry\x1aM\n\x10MaskedStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector:\x02\x38\x01J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"\x92\x02\n\x0cRefreshReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12(\n\x05theta\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x30\n\x05state\x18\x04 \x03(\x0b\x32!.fedhe.v1.RefreshReply.StateEntry\x12.\n\x0btheta_tiled\x18\x06 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x1aG\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector:\x02\x38\x01J\x04\x08\x05\x10\x06\"\x95\x01\n\rRolloutUpload\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x30\n\rrollout_stats\x18\x04 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\"c\n\rGradientQuery\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x06masked\x18\x03 \x03(\x0b\x32\x19.fedhe.v1.EncryptedVector\"e\n\rGradientReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12+\n\x08gradient\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\"_\n\tNormQuery\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x06masked\x18\x03 \x03(\x0b\x32\x19.fedhe.v1.EncryptedVector\"I\n\tNormReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x13\n\x0bmasked_sums\x18\x03 \x03(\x01\"e\n\x0fReleasedMetrics\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bmean_return\x18\x02 \x01(\x01\x12\x10\n\x08\x65pisodes\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\r\n\x05valid\x18\x05 \x01(\x08\"\x87\x03\n\nCheckpoint\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x10\n\x08scenario\x18\x03 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x04 \x01(\t\x12\x12\n\nhe_profile\x18\x05 \x01(\t\x12(\n\x05theta\x18\x06 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12.\n\x05state\x18\x07 \x03(\x0b\x32\x1f.fedhe.v1.Checkpoint.StateEntry\x12*\n\x07history\x18\x08 \x03(\x0b\x32\x19.fedhe.v1.ReleasedMetrics\x12\x1d\n\x15optimizer_config_json\x18\t \x01(\t\x12\x17\n\x0frun_record_json\x18\x0c \x01(\t\x1aG\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector:\x02\x38\x01J\x04\x08\n\x10\x0bJ\x04\x08\x0b\x10\x0c\"\x81\x01\n\x07KeyFile\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nhe_profile\x18\x02 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x03 \x01(\t\x12\x16\n\x0ehas_secret_key\x18\x04 \x01(\x08\x12\x17\n\x0ftenseal_context\x18\x05 \x01(\x0c\"\x9d\x01\n\nSealedFile\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1d\n\x15recipient_fingerprint\x18\x02 \x01(\t\x12\x1c\n\x14\x65phemeral_public_key\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\x12\x15\n\roriginal_name\x18\x06 \x01(\t*O\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_CKKS\x10\x01\x12\x16\n\x12\x45NCODING_PLAIN_F64\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x66\x65\x64he/v1/wire.proto\x12\x08\x66\x65\x64he.v1\"\xb7\x01\n\x0f\x45ncryptedVector\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x17\n\x0fkey_fingerprint\x18\x02 \x01(\t\x12\x12\n\nhe_profile\x18\x03 \x01(\t\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x17\n\x0fslots_per_chunk\x18\x05 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x06 \x03(\x0c\x12$\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x12.fedhe.v1.Encoding\"\xc5\x01\n\x11ParticipantUpdate\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x06update\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x30\n\rrollout_stats\x18\x04 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12*\n\x07masking\x18\x05 \x01(\x0b\x32\x19.fedhe.v1.PairwiseMasking\"\xa0\x01\n\x0fPairwiseMasking\x12\x19\n\x11participant_index\x18\x01 \x01(\r\x12\x13\n\x0broster_size\x18\x02 \x01(\r\x12\x0f\n\x07members\x18\x03 \x03(\r\x12\x11\n\tthreshold\x18\x04 \x01(\r\x12\x12\n\ncommitment\x18\x05 \x01(\x0c\x12%\n\x06shares\x18\x06 \x03(\x0b\x32\x15.fedhe.v1.SealedShare\"S\n\x0bSealedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x11\n\trecipient\x18\x02 \x01(\r\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\"\x83\x01\n\rUnmaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x11\n\tsurvivors\x18\x03 \x03(\r\x12\x0f\n\x07\x64ropped\x18\x04 \x03(\r\x12%\n\x06shares\x18\x05 \x03(\x0b\x32\x15.fedhe.v1.SealedShare\"9\n\rRevealedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\t\n\x01x\x18\x02 \x01(\r\x12\r\n\x05share\x18\x03 \x01(\x0c\"\xbc\x01\n\x0bUnmaskReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\'\n\x06shares\x18\x03 \x03(\x0b\x32\x17.fedhe.v1.RevealedShare\x12)\n\x06update\x18\x04 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x30\n\rrollout_stats\x18\x05 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\"\xdb\x01\n\x0eIntegrityQuery\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12.\n\x0bmasked_norm\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12(\n\x05stats\x18\x04 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x14\n\x0c\x63ontributors\x18\x05 \x01(\r\x12\x30\n\rmasked_values\x18\x06 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\"\x95\x01\n\x0eIntegrityReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0cwithin_bound\x18\x03 \x01(\x08\x12\x17\n\x0fstats_plausible\x18\x04 \x01(\x08\x12+\n\x08released\x18\x05 \x01(\x0b\x32\x19.fedhe.v1.ReleasedMetrics\"\xff\x01\n\x0eRefreshRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12(\n\x05theta\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12?\n\x0cmasked_state\x18\x04 \x03(\x0b\x32).fedhe.v1.RefreshRequest.MaskedStateEntry\x1aM\n\x10MaskedStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector:\x02\x38\x01J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"\x92\x02\n\x0cRefreshReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12(\n\x05theta\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x30\n\x05state\x18\x04 \x03(\x0b\x32!.fedhe.v1.RefreshReply.StateEntry\x12.\n\x0btheta_tiled\x18\x06 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x1aG\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector:\x02\x38\x01J\x04\x08\x05\x10\x06\"\x95\x01\n\rRolloutUpload\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12\x30\n\rrollout_stats\x18\x04 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\"c\n\rGradientQuery\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x06masked\x18\x03 \x03(\x0b\x32\x19.fedhe.v1.EncryptedVector\"e\n\rGradientReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12+\n\x08gradient\x18\x03 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\"_\n\tNormQuery\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x06masked\x18\x03 \x03(\x0b\x32\x19.fedhe.v1.EncryptedVector\"I\n\tNormReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x13\n\x0bmasked_sums\x18\x03 \x03(\x01\"e\n\x0fReleasedMetrics\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bmean_return\x18\x02 \x01(\x01\x12\x10\n\x08\x65pisodes\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\r\n\x05valid\x18\x05 \x01(\x08\"\x87\x03\n\nCheckpoint\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x10\n\x08scenario\x18\x03 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x04 \x01(\t\x12\x12\n\nhe_profile\x18\x05 \x01(\t\x12(\n\x05theta\x18\x06 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector\x12.\n\x05state\x18\x07 \x03(\x0b\x32\x1f.fedhe.v1.Checkpoint.StateEntry\x12*\n\x07history\x18\x08 \x03(\x0b\x32\x19.fedhe.v1.ReleasedMetrics\x12\x1d\n\x15optimizer_config_json\x18\t \x01(\t\x12\x17\n\x0frun_record_json\x18\x0c \x01(\t\x1aG\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedhe.v1.EncryptedVector:\x02\x38\x01J\x04\x08\n\x10\x0bJ\x04\x08\x0b\x10\x0c\"\x81\x01\n\x07KeyFile\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nhe_profile\x18\x02 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x03 \x01(\t\x12\x16\n\x0ehas_secret_key\x18\x04 \x01(\x08\x12\x17\n\x0ftenseal_context\x18\x05 \x01(\x0c\"\x9d\x01\n\nSealedFile\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1d\n\x15recipient_fingerprint\x18\x02 \x01(\t\x12\x1c\n\x14\x65phemeral_public_key\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\x12\x15\n\roriginal_name\x18\x06 \x01(\t*O\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_CKKS\x10\x01\x12\x16\n\x12\x45NCODING_PLAIN_F64\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REFRESHREPLY_STATEENTRY']._serialized_options = b'8\001'
   _globals['_CHECKPOINT_STATEENTRY']._loaded_options = None
   _globals['_CHECKPOINT_STATEENTRY']._serialized_options = b'8\001'
-  _globals['_ENCODING']._serialized_start=3227
-  _globals['_ENCODING']._serialized_end=3306
+  _globals['_ENCODING']._serialized_start=3277
+  _globals['_ENCODING']._serialized_end=3356
   _globals['_ENCRYPTEDVECTOR']._serialized_start=34
   _globals['_ENCRYPTEDVECTOR']._serialized_end=217
   _globals['_PARTICIPANTUPDATE']._serialized_start=220
@@ -54,35 +54,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNMASKREPLY']._serialized_start=861
   _globals['_UNMASKREPLY']._serialized_end=1049
   _globals['_INTEGRITYQUERY']._serialized_start=1052
-  _globals['_INTEGRITYQUERY']._serialized_end=1221
-  _globals['_INTEGRITYREPLY']._serialized_start=1224
-  _globals['_INTEGRITYREPLY']._serialized_end=1373
-  _globals['_REFRESHREQUEST']._serialized_start=1376
-  _globals['_REFRESHREQUEST']._serialized_end=1631
-  _globals['_REFRESHREQUEST_MASKEDSTATEENTRY']._serialized_start=1542
-  _globals['_REFRESHREQUEST_MASKEDSTATEENTRY']._serialized_end=1619
-  _globals['_REFRESHREPLY']._serialized_start=1634
-  _globals['_REFRESHREPLY']._serialized_end=1908
-  _globals['_REFRESHREPLY_STATEENTRY']._serialized_start=1831
-  _globals['_REFRESHREPLY_STATEENTRY']._serialized_end=1902
-  _globals['_ROLLOUTUPLOAD']._serialized_start=1911
-  _globals['_ROLLOUTUPLOAD']._serialized_end=2060
-  _globals['_GRADIENTQUERY']._serialized_start=2062
-  _globals['_GRADIENTQUERY']._serialized_end=2161
-  _globals['_GRADIENTREPLY']._serialized_start=2163
-  _globals['_GRADIENTREPLY']._serialized_end=2264
-  _globals['_NORMQUERY']._serialized_start=2266
-  _globals['_NORMQUERY']._serialized_end=2361
-  _globals['_NORMREPLY']._serialized_start=2363
-  _globals['_NORMREPLY']._serialized_end=2436
-  _globals['_RELEASEDMETRICS']._serialized_start=2438
-  _globals['_RELEASEDMETRICS']._serialized_end=2539
-  _globals['_CHECKPOINT']._serialized_start=2542
-  _globals['_CHECKPOINT']._serialized_end=2933
-  _globals['_CHECKPOINT_STATEENTRY']._serialized_start=1831
-  _globals['_CHECKPOINT_STATEENTRY']._serialized_end=1902
-  _globals['_KEYFILE']._serialized_start=2936
-  _globals['_KEYFILE']._serialized_end=3065
-  _globals['_SEALEDFILE']._serialized_start=3068
-  _globals['_SEALEDFILE']._serialized_end=3225
+  _globals['_INTEGRITYQUERY']._serialized_end=1271
+  _globals['_INTEGRITYREPLY']._serialized_start=1274
+  _globals['_INTEGRITYREPLY']._serialized_end=1423
+  _globals['_REFRESHREQUEST']._serialized_start=1426
+  _globals['_REFRESHREQUEST']._serialized_end=1681
+  _globals['_REFRESHREQUEST_MASKEDSTATEENTRY']._serialized_start=1592
+  _globals['_REFRESHREQUEST_MASKEDSTATEENTRY']._serialized_end=1669
+  _globals['_REFRESHREPLY']._serialized_start=1684
+  _globals['_REFRESHREPLY']._serialized_end=1958
+  _globals['_REFRESHREPLY_STATEENTRY']._serialized_start=1881
+  _globals['_REFRESHREPLY_STATEENTRY']._serialized_end=1952
+  _globals['_ROLLOUTUPLOAD']._serialized_start=1961
+  _globals['_ROLLOUTUPLOAD']._serialized_end=2110
+  _globals['_GRADIENTQUERY']._serialized_start=2112
+  _globals['_GRADIENTQUERY']._serialized_end=2211
+  _globals['_GRADIENTREPLY']._serialized_start=2213
+  _globals['_GRADIENTREPLY']._serialized_end=2314
+  _globals['_NORMQUERY']._serialized_start=2316
+  _globals['_NORMQUERY']._serialized_end=2411
+  _globals['_NORMREPLY']._serialized_start=2413
+  _globals['_NORMREPLY']._serialized_end=2486
+  _globals['_RELEASEDMETRICS']._serialized_start=2488
+  _globals['_RELEASEDMETRICS']._serialized_end=2589
+  _globals['_CHECKPOINT']._serialized_start=2592
+  _globals['_CHECKPOINT']._serialized_end=2983
+  _globals['_CHECKPOINT_STATEENTRY']._serialized_start=1881
+  _globals['_CHECKPOINT_STATEENTRY']._serialized_end=1952
+  _globals['_KEYFILE']._serialized_start=2986
+  _globals['_KEYFILE']._serialized_end=3115
+  _globals['_SEALEDFILE']._serialized_start=3118
+  _globals['_SEALEDFILE']._serialized_end=3275
 # @@protoc_insertion_point(module_scope)

@@ -115,18 +115,20 @@ class UnmaskReply(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., update: _Optional[_Union[EncryptedVector, _Mapping]] = ..., rollout_stats: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
 
 class IntegrityQuery(_message.Message):
-    __slots__ = ("protocol_version", "round", "masked_norm", "stats", "contributors")
+    __slots__ = ("protocol_version", "round", "masked_norm", "stats", "contributors", "masked_values")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MASKED_NORM_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    MASKED_VALUES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     round: int
     masked_norm: EncryptedVector
     stats: EncryptedVector
     contributors: int
-    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., masked_norm: _Optional[_Union[EncryptedVector, _Mapping]] = ..., stats: _Optional[_Union[EncryptedVector, _Mapping]] = ..., contributors: _Optional[int] = ...) -> None: ...
+    masked_values: EncryptedVector
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., masked_norm: _Optional[_Union[EncryptedVector, _Mapping]] = ..., stats: _Optional[_Union[EncryptedVector, _Mapping]] = ..., contributors: _Optional[int] = ..., masked_values: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
 
 class IntegrityReply(_message.Message):
     __slots__ = ("protocol_version", "round", "within_bound", "stats_plausible", "released")
