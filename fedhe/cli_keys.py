@@ -116,8 +116,12 @@ def keys_roster(
         ..., "--key-dir", help="The ceremony's key directory (participant.ctx or coordinator.ctx): the federation."
     ),
     out: Path | None = typer.Option(None, "--out", help="Where to write the roster (default: KEY_DIR/roster.json)."),
+    names: list[str] = typer.Option(
+        [], "--name", help="Organization names, once per public key in the same order (default: each file's "
+        "name without .x25519.pub); they appear in every log line, failure and summary."
+    ),
 ) -> None:
-    """Build the roster pairwise masking needs: participant index -> organization X25519 key.
+    """Build the roster pairwise masking needs: participant index -> organization name and X25519 key.
 
     Use the same public keys the organizations sent for sealing (`fedhe keys recipient`). Send the
     roster to every organization with participant.ctx (it is public; seal it or compare the
@@ -133,7 +137,7 @@ def keys_roster(
         fail(f"{target} exists; a federation keeps one roster (remove it to build another)")
     key_file = key_dir / PARTICIPANT_KEY if (key_dir / PARTICIPANT_KEY).is_file() else key_dir / COORDINATOR_KEY
     try:
-        roster = build_roster(inspect_key_file(key_file).fingerprint, public_keys)
+        roster = build_roster(inspect_key_file(key_file).fingerprint, public_keys, names)
         roster.write(target)
     except (WireError, ValueError) as exc:
         fail(str(exc))

@@ -190,7 +190,7 @@ def open_exchange(
         masker=masker,
         reply=RecordDict({messages.CONFIG: reply_config}),
         releases=identity.run.release_metrics,
-        organization=f"participant-{identity.participant_index}",
+        organization=masker.roster.name(masker.index) if masker else f"participant-{identity.participant_index}",
     )
 
 

@@ -1,4 +1,4 @@
-"""The federation's roster: which organization's X25519 key stands behind each participant index.
+"""The federation's roster: which organization, under which X25519 key, stands behind each participant index.
 
 Pairwise masks (``participant.pairwise_masks``) need every pair of participants to share a secret
 without ever talking to each other: each derives it from its own X25519 private key and the
@@ -6,7 +6,8 @@ other's public key. The roster binds participant index -> X25519 public key (the
 `fedhe keys recipient` creates for sealing) and the federation's key fingerprint. The key-ceremony
 holder builds it (`fedhe keys roster`) and it travels with ``participant.ctx``, sealed like it;
 the coordinator never needs it. Indices are 0 .. size-1, the ``participant-index`` of each
-organization's SuperNode.
+organization's SuperNode; each entry also holds the organization's name, which its node uses in
+every reply, log line and error, so that failures and summaries name organizations.
 
 A key directory of a masking participant holds ``participant.ctx``, ``roster.json`` and the
 organization's own private key ``org.x25519``. `fedhe simulate` keeps one key directory for all
@@ -30,7 +31,8 @@ from protos.files import write_atomic
 ROSTER_FILE = "roster.json"
 ORG_KEY_FILE = "org.x25519"  # this organization's X25519 private key, in its key directory
 SIMULATED_DIR = "organizations"  # `fedhe simulate`: one key pair per simulated organization
-FORMAT = "fedhe-roster-v1"
+FORMAT = "fedhe-roster-v2"  # v2: each entry names its organization
+FORMATS = ("fedhe-roster-v1", FORMAT)  # a v1 roster's organizations are named participant-<index>
 MAX_ROSTER_BYTES = 1 << 20
 
 
@@ -42,8 +44,15 @@ class RosterError(KeyFileError):
 class Roster:
     fingerprint: str  # the federation key's fingerprint (fingerprint.txt)
     public_keys: tuple[bytes, ...]  # raw 32-byte X25519 public keys; the position is the participant index
+    names: tuple[str, ...] = ()  # organization names by index (empty: participant-<index>)
 
     def __post_init__(self) -> None:
+        if not self.names:
+            object.__setattr__(self, "names", tuple(f"participant-{i}" for i in range(len(self.public_keys))))
+        if len(self.names) != len(self.public_keys) or len(set(self.names)) != len(self.names):
+            raise RosterError("a roster needs one distinct organization name per entry")
+        if not all(name and len(name) <= 100 and name.isprintable() for name in self.names):
+            raise RosterError("organization names must be printable and at most 100 characters")
         if not self.public_keys:
             raise RosterError("a roster needs at least one participant")
         if any(len(k) != 32 for k in self.public_keys):
@@ -60,8 +69,13 @@ class Roster:
             raise RosterError(f"participant {index} is not on the roster (indices 0..{self.size - 1})")
         return X25519PublicKey.from_public_bytes(self.public_keys[index])
 
+    def name(self, index: int) -> str:
+        self.public_key(index)  # on the roster, or a RosterError
+        return self.names[index]
+
     def to_json(self) -> str:
-        entries = {str(i): key.hex() for i, key in enumerate(self.public_keys)}
+        entries = {str(i): {"organization": name, "x25519": key.hex()}
+                   for i, (name, key) in enumerate(zip(self.names, self.public_keys))}
         return json.dumps({"format": FORMAT, "fingerprint": self.fingerprint, "participants": entries}, indent=2)
 
     @property
@@ -73,9 +87,13 @@ class Roster:
     def from_json(cls, text: str, source: str = "roster") -> Roster:
         try:
             data = json.loads(text)
-            if data.get("format") != FORMAT:
+            if data.get("format") not in FORMATS:
                 raise RosterError(f"{source} is not a fedhe roster (format {data.get('format')!r}, expected {FORMAT})")
-            entries = {int(i): bytes.fromhex(key) for i, key in data["participants"].items()}
+            if data["format"] == FORMAT:
+                entries = {int(i): (str(e["organization"]), bytes.fromhex(e["x25519"]))
+                           for i, e in data["participants"].items()}
+            else:
+                entries = {int(i): (f"participant-{i}", bytes.fromhex(key)) for i, key in data["participants"].items()}
             fingerprint = str(data["fingerprint"])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             if isinstance(exc, RosterError):
@@ -88,15 +106,21 @@ class Roster:
             raise RosterError(
                 f"{source} has no entry for participant {missing[0]}; a roster lists every participant 0..n-1"
             )
-        return cls(fingerprint, tuple(entries[i] for i in range(len(entries))))
+        ordered = [entries[i] for i in range(len(entries))]
+        return cls(fingerprint, tuple(key for _, key in ordered), tuple(name for name, _ in ordered))
 
     def write(self, path: Path) -> None:
         write_atomic(Path(path), (self.to_json() + "\n").encode())
 
 
-def build_roster(fingerprint: str, public_key_files: Sequence[Path]) -> Roster:
-    """The roster of organizations whose ``.x25519.pub`` files are given in participant-index order."""
-    return Roster(fingerprint, tuple(raw_public_key(load_public_key(Path(p))) for p in public_key_files))
+def build_roster(fingerprint: str, public_key_files: Sequence[Path], names: Sequence[str] = ()) -> Roster:
+    """The roster of organizations whose ``.x25519.pub`` files are given in participant-index order,
+    named ``names`` (default: each file's name without ``.x25519.pub``)."""
+    files = [Path(p) for p in public_key_files]
+    if names and len(names) != len(files):
+        raise RosterError(f"{len(names)} names for {len(files)} organizations; give one name per public key")
+    names = tuple(names) or tuple(f.name.removesuffix(".pub").removesuffix(".x25519") for f in files)
+    return Roster(fingerprint, tuple(raw_public_key(load_public_key(p)) for p in files), names)
 
 
 def read_roster(path: Path) -> Roster:
@@ -157,9 +181,10 @@ def simulated_organizations(key_dir: Path, fingerprint: str, count: int) -> Rost
     """
     key_dir = Path(key_dir)
     path = key_dir / ROSTER_FILE
-    keys = list(load_roster(key_dir, fingerprint).public_keys) if path.is_file() else []
-    if len(keys) >= count:
-        return Roster(fingerprint, tuple(keys))
+    existing = load_roster(key_dir, fingerprint) if path.is_file() else None
+    keys = list(existing.public_keys) if existing else []
+    if existing and len(keys) >= count:
+        return existing
     for index in range(len(keys), count):
         prefix = key_dir / SIMULATED_DIR / f"participant-{index}"
         if Path(f"{prefix}.x25519").is_file():  # left over from an interrupted run: reuse it
@@ -167,6 +192,8 @@ def simulated_organizations(key_dir: Path, fingerprint: str, count: int) -> Rost
         else:
             private = load_private_key(create_recipient(prefix)[0])
         keys.append(raw_public_key(private.public_key()))
-    roster = Roster(fingerprint, tuple(keys))
+    known = existing.names if existing else ()
+    names = known + tuple(f"participant-{i}" for i in range(len(known), count))
+    roster = Roster(fingerprint, tuple(keys), names)
     roster.write(path)
     return roster
