@@ -36,7 +36,15 @@ from coordinator.integrity import check_integrity
 from coordinator.organizations import EXCLUDED, Organizations
 from coordinator.parallel_step import parallel_he_adam_step
 from coordinator.refresh import StateRefresh, init_config
-from coordinator.report import RunRecord, append_metrics, is_solved, read_metrics, round_line, truncate_metrics
+from coordinator.report import (
+    RunRecord,
+    TensorBoardLog,
+    append_metrics,
+    is_solved,
+    read_metrics,
+    round_line,
+    truncate_metrics,
+)
 from protos import messages
 from protos.backend import HEBackend
 from protos.chunk_workers import ChunkWorkers
@@ -87,17 +95,20 @@ class RoundDriver:
             log.info("resumed from round %d", self.state.round)
         self.record.start(resumed_from=self.state.round if resume else None)
         exchange = Exchange(grid, self.backend, self.organizations, settings.round_timeout)
+        board = TensorBoardLog(self.out_dir)
         try:
             for server_round in range(self.state.round + 1, settings.num_server_rounds + 1):
                 outcome = self.run_round(exchange, server_round)
                 rows = read_metrics(self.out_dir)
                 log.info("%s", round_line(outcome, settings.num_server_rounds, rows))
+                board.round(outcome, rows[-1] if outcome.completed and rows else None)
                 if self.on_round:
                     self.on_round(outcome, rows[-1] if rows else None)
                 if settings.stop_on_solve and is_solved(rows, self.plan.scenario.reward_threshold):
                     log.info("solved at round %d: stopping", server_round)
                     break
         finally:
+            board.close()
             try:
                 self.checkpoints.close()  # the last round's write completes even on the way out
             finally:

@@ -87,6 +87,33 @@ def round_line(outcome: Any, rounds: int, rows: list[dict[str, Any]]) -> str:
             f"{outcome.wall_s:.1f} s")
 
 
+class TensorBoardLog:
+    """TensorBoard event files in the run directory, one point per round (``tensorboard --logdir runs/``).
+
+    The same public values as metrics.jsonl: the released return, costs and failures."""
+
+    def __init__(self, directory: Path) -> None:
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(logdir=str(directory), flush_secs=5)
+
+    def round(self, outcome: Any, row: dict[str, Any] | None) -> None:
+        step, add = outcome.round, self.writer.add_scalar
+        add("round/completed", float(outcome.completed), step)
+        add("round/failures", float(len(outcome.failed)), step)
+        add("round/answered", float(len(outcome.answered)), step)
+        add("cost/wall_s", outcome.wall_s, step)
+        add("cost/he_ms", outcome.he_ms, step)
+        add("cost/bytes_up", float(outcome.bytes_up), step)
+        add("cost/bytes_down", float(outcome.bytes_down), step)
+        if outcome.completed and row is not None and row.get("mean_return") is not None:
+            add("return/mean", row["mean_return"], step)
+            add("return/episodes", float(row.get("episodes", 0)), step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def read_metrics(directory: Path) -> list[dict[str, Any]]:
     path = Path(directory) / METRICS_FILE
     if not path.is_file():

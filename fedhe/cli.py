@@ -202,6 +202,12 @@ def print_summary(summary: dict, out: Path) -> None:
     for key, value in summary.items():
         if key == "failed_rounds":  # the causes are in summary.json and were printed as they happened
             value = f"{len(value)} (rounds {', '.join(str(r['round']) for r in value)})" if value else "0"
+        if key == "organizations":  # one row each: rounds answered, failed and why
+            for name, org in value.items():
+                why = ", ".join(f"{k} {n}" for k, n in org["why"].items())
+                table.add_row(f"  {name}", f"{org['status']}: {org['rounds_answered']} answered, "
+                              f"{org['rounds_failed']} failed" + (f" ({why})" if why else ""))
+            continue
         table.add_row(key, str(value).lower() if isinstance(value, bool) else str(value))
     Console().print(table)
     console.print(f"learning curve: {out / 'learning_curve.png'}   metrics: {out / 'metrics.jsonl'}")
