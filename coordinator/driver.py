@@ -212,23 +212,24 @@ class RoundDriver:
 
     # -- who takes part ---------------------------------------------------------------------------
     def participants(self, exchange: Exchange, outcome: RoundOutcome) -> list[int]:
-        """The round's participants: named, present organizations; waits (up to NODE_WAIT_S, at most
-        the round timeout) for as many as the run asks, then goes on with those present."""
+        """The round's participants: named, present organizations. With fewer than the run asks, it
+        says so, waits up to NODE_WAIT_S (at most the round timeout), then goes on with those present."""
         settings = self.plan.settings
         wanted = max(settings.participants, settings.min_participants, 1)
-        deadline = time.monotonic() + min(NODE_WAIT_S, settings.round_timeout)
+        wait_s = min(NODE_WAIT_S, settings.round_timeout)
+        deadline = time.monotonic() + wait_s
         while True:
             present = [int(n) for n in exchange.grid.get_node_ids()]
             self.identify(exchange, present, outcome, wait=not self.organizations.active(present))
             active = self.organizations.active(present)
             if len(active) >= wanted or time.monotonic() > deadline:
                 break
+            if not self.record.warned_short:
+                log.warning("round %d: the run asks for %d participants, %d organizations are connected; waiting up "
+                            "to %g s, then going on with those present", outcome.round, wanted, len(active), wait_s)
+                self.record.warned_short = True
             self.checkpoints.start()  # no round starts soon: write the last one now
             time.sleep(0.5)
-        if len(active) < wanted and settings.participants and not self.record.warned_short:
-            log.warning("the run asks for %d participants, %d organizations are connected; going on with them",
-                        settings.participants, len(active))
-            self.record.warned_short = True
         return active[: settings.participants] if settings.participants else active
 
     def identify(self, exchange: Exchange, present: list[int], outcome: RoundOutcome, wait: bool) -> None:

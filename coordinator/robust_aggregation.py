@@ -41,7 +41,6 @@ from protos.codec import EncryptedVector, map_chunks
 from protos.optimizer import MASK_BOUND
 
 ROBUST_DEFENSES = ("norm-bound", "median-norm")
-DEFENSES = ("none", *ROBUST_DEFENSES, "dp")
 FACTOR_LOG2_RANGE = (4.0, 12.0)
 
 
@@ -128,7 +127,6 @@ def check_profile_supports(defense: str, levels: int, adam_depth: int, profile_n
 
 
 __all__ = [
-    "DEFENSES",
     "DefenseError",
     "NormMasks",
     "ROBUST_DEFENSES",

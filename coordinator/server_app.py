@@ -24,7 +24,7 @@ from protos.backend import HEBackend, PlainBackend
 from protos.keyfile import load_evaluation_backend
 from protos.plan import RunPlan, resolve_plan
 from protos.profiles import get_profile
-from protos.settings import RunSettings
+from protos.settings import RunConfigError, RunSettings
 
 log = logging.getLogger("fedhe.coordinator")
 RUN_INFO_FILE = "run.json"
@@ -104,7 +104,13 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         _log_to_stdout()
-        summary = run_federation(grid, settings or RunSettings.from_run_config(context.run_config), on_round)
+        try:
+            run = settings or RunSettings.from_run_config(context.run_config)
+        except RunConfigError as exc:  # the operator's mistakes, one line each, before round 1
+            for problem in exc.problems:
+                log.error("run config: %s", problem)
+            raise
+        summary = run_federation(grid, run, on_round)
         log.info("summary: %s", summary)
         if on_summary:
             on_summary(summary)

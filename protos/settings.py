@@ -11,9 +11,24 @@ Node-local facts (which participant am I, where is my key) come from the SuperNo
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
+
+from protos.profiles import PROFILES
+from scenarios.registry import MASKING
+from scenarios.scenario import MODES
+
+DEFENSES = ("none", "norm-bound", "median-norm", "dp")
+
+
+class RunConfigError(ValueError):
+    """Run settings an operator got wrong; ``problems`` holds one line each, naming the key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -51,22 +66,63 @@ class RunSettings:
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
+        """Settings from a Flower run config: every key known, every value of its type and in range.
+
+        Values arrive as TOML gives them (``"10"`` is a string), so nothing is converted: a value of
+        the wrong type is a mistake to name, not to guess at. Raises ``RunConfigError``."""
         known = {f.name: f for f in fields(cls)}
-        values = {}
+        values, problems = {}, []
         for key, value in config.items():
             name = key.replace("-", "_")
             if name not in known:
-                continue  # other apps' keys may share the run config
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ""
+                problems.append(f"unknown run config key {key!r}{hint}")
+                continue
             kind = type(known[name].default)
-            values[name] = kind(value) if kind is not bool else _as_bool(key, value)
-        return cls(**values)
+            if not _of_type(value, kind):
+                problems.append(f"run config {key!r} must be {_TYPE_NAMES[kind]}, got {value!r}"
+                                + (" (a string: drop the quotes)" if isinstance(value, str) and kind is not str else ""))
+                continue
+            values[name] = kind(value)
+        if problems:
+            raise RunConfigError(problems)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse values out of range, one line per problem (``RunConfigError``)."""
+        rules = [
+            (self.mode in MODES, f"mode {self.mode!r} is not one of {', '.join(MODES)}"),
+            (self.masking in MASKING, f"masking {self.masking!r} is not one of {', '.join(MASKING)}"),
+            (self.defense in DEFENSES, f"defense {self.defense!r} is not one of {', '.join(DEFENSES)}"),
+            (self.he_profile in ("", *PROFILES), f"he-profile {self.he_profile!r} is not one of {', '.join(PROFILES)}"),
+            (self.num_server_rounds >= 0, f"num-server-rounds must be >= 0 (0: the scenario's), got "
+                                          f"{self.num_server_rounds}"),
+            (self.participants >= 0, f"participants must be >= 0 (0: every connected node), got {self.participants}"),
+            (self.min_participants >= 1, f"min-participants must be >= 1, got {self.min_participants}"),
+            (self.participants == 0 or self.participants >= self.min_participants,
+             f"participants ({self.participants}) is below min-participants ({self.min_participants})"),
+            (self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}"),
+            (self.seed >= -1, f"seed must be >= 0 (or -1: the scenario's), got {self.seed}"),
+            (self.defense_bound >= 0, f"defense-bound must be >= 0, got {self.defense_bound}"),
+            (self.dp_noise_multiplier >= 0, f"dp-noise-multiplier must be >= 0, got {self.dp_noise_multiplier}"),
+            (0 < self.dp_delta < 1, f"dp-delta must be in (0, 1), got {self.dp_delta}"),
+        ]
+        problems = [message for ok, message in rules if not ok]
+        if problems:
+            raise RunConfigError(problems)
 
 
-def _as_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in {"true", "1", "yes"}:
-        return True
-    if str(value).lower() in {"false", "0", "no"}:
-        return False
-    raise ValueError(f"run config {key!r} must be true or false, got {value!r}")
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _of_type(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.robust_aggregation import DEFENSES, ROBUST_DEFENSES
+from coordinator.robust_aggregation import ROBUST_DEFENSES
+from protos.settings import DEFENSES
 from fedhe.run_dir import KEYS_DIR, ensure_keys
 from fedhe.simulate import simulate
 from participant.malicious import ATTACKS, party_mix_for
