@@ -217,12 +217,13 @@ class RoundDriver:
         settings = self.plan.settings
         wanted = max(settings.participants, settings.min_participants, 1)
         wait_s = min(NODE_WAIT_S, settings.round_timeout)
-        deadline = time.monotonic() + wait_s
+        deadline, waited = time.monotonic() + wait_s, self.record.warned_short  # waits once per run
         while True:
             present = [int(n) for n in exchange.grid.get_node_ids()]
             self.identify(exchange, present, outcome, wait=not self.organizations.active(present))
             active = self.organizations.active(present)
-            if len(active) >= wanted or time.monotonic() > deadline:
+            enough = len(active) >= settings.min_participants
+            if len(active) >= wanted or time.monotonic() > deadline or (waited and enough):
                 break
             if not self.record.warned_short:
                 log.warning("round %d: the run asks for %d participants, %d organizations are connected; waiting up "
