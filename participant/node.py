@@ -247,7 +247,8 @@ def train(exchange: Exchange) -> None:
         raise ChunkLayoutError(f"round-{round_} train message carries no theta and no init flag")
     holder, scenario, run_id = exchange.holder, exchange.scenario, exchange.run_id
     if exchange.layout is not None:
-        owner = owner_for(scenario, identity.participant_index, identity.variant, identity.run.seed, run_id, round_)
+        owner = owner_for(scenario, identity.participant_index, identity.variant,
+                          identity.randomness(round_, "rollouts"), run_id)
         exchange.reply[messages.ROLLOUT] = messages.pack(
             encrypted_rollout(holder, round_, owner.contribute(theta, exchange.participants, exchange.layout))
         )
