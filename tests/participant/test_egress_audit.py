@@ -214,3 +214,12 @@ def test_an_audit_that_cannot_check_lets_nothing_through(small_holder):
 
     reply = guarded(update_reply(small_holder), EgressRules(ORG, backend=broken))
     assert withheld(reply) and "permission" not in reply.error.reason
+
+
+def test_bench_egress_guard_times_both_kinds_of_reply():
+    from fedhe.bench.egress_guard import run_egress_guard_bench
+
+    result = run_egress_guard_bench(repeats=1, profile="n8k-d2")
+    assert result["num_params"] == 835
+    for kind in ("train_reply", "refresh_reply"):
+        assert result[kind]["guard_ms"] > 0 and result[kind]["bytes"] > 0
