@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from participant.policy import (
     ALL_PERMITS,
     COORDINATOR_MAY_SET,
     NODE_DECIDES,
+    NODE_KEYS,
     NodeConfigError,
     NodePolicy,
     PolicyRefusal,
@@ -184,3 +186,11 @@ def test_on_flowers_simulation_runtime_the_run_names_the_key_directory():
     assert "participant-key-dir" in refusal(deployed(), participant_key_dir="/tmp/fedhe-keys")
     assert deployed().key_dir_for(run) == "/srv/keys"
     assert "plaintext=true" in refusal(simulated, plaintext=True)  # still encrypted there
+
+
+def test_the_threat_model_says_who_decides_every_run_setting():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "threat-model.md").read_text()
+    section = text.split("## Who decides what", 1)[1].split("\n## ", 1)[0]
+    keys = [f.name.replace("_", "-") for f in dataclasses.fields(RunSettings)]
+    assert [key for key in keys if f"`{key}`" not in section] == []
+    assert [key for key in NODE_KEYS if f"`{key}`" not in section] == []
