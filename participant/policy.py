@@ -127,6 +127,8 @@ POLICY_FILE = "policy-file"  # node config only: a TOML file with any of NODE_KE
 
 @dataclass(frozen=True)
 class NodePolicy:
+    """One organization's rules for its node; ``from_node_config`` builds it, ``check`` applies it to a run."""
+
     participant_index: int  # which organization: its roster entry and env kwargs
     key_dir: str = ""  # participant.ctx, roster.json, org.x25519
     organization: str = ""  # the name its error replies carry; "": participant-<index>
@@ -205,8 +207,8 @@ class NodePolicy:
         refused = self._scenario_refusal(run.scenario)
         if refused:
             yield refused
-        else:
-            scenario = load_scenario(run.scenario)
+        elif "party-mix" not in self.permits or (self.allowed_profiles is not None and not run.he_profile):
+            scenario = load_scenario(run.scenario)  # allowed: only now may it be loaded
             if scenario.party_mix and "party-mix" not in self.permits:
                 yield f"the run asks scenario={_shown(run.scenario)} with a party_mix, {NODE_DECIDES['party_mix']}"
         if run.mode not in self.allowed_modes:
