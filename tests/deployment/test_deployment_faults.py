@@ -124,6 +124,8 @@ def test_a_supernode_with_another_federations_key_is_named_and_the_others_contin
     with LocalDeployment(3, tmp_path / "dep", configs) as dep:
         result = dep.run_app(snapshot_app(tmp_path), run_config=config, timeout=300)
         result.check()
+    node_log = dep.supernodes[2].log_path.read_text()  # the details stay in the organization's own log
+    assert "FingerprintMismatchError" in node_log and foreign.fingerprint[:12] in node_log
     rows = rows_of(out)
     assert [r["round"] for r in rows] == [1, 2] and all(r["participants"] == 2 for r in rows)
     wrong_key = [line for line in rows[0]["failed"] if "participant-2" in line]
