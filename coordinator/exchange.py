@@ -22,6 +22,7 @@ from protos.backend import HEBackend
 from protos.codec import PROTOCOL_VERSION
 from protos.errors import WireError
 from protos.phase_timer import PhaseTimer
+from protos.reply_errors import category_of_code
 
 log = logging.getLogger("fedhe.coordinator")
 POLL_SECONDS = 0.05
@@ -111,11 +112,12 @@ class Exchange:
     def error_reply(self, node: int, reply: Message, outcome: RoundOutcome) -> None:
         """A participant's data-free error reply, or Flower's for a node that is gone."""
         code, reason = reply.error.code, reply.error.reason
-        category = messages.error_category(code)
+        category = category_of_code(code)
+        name = category.name if category else "flower"
         if code == NODE_UNAVAILABLE:
             self.organizations.mark(node, GONE)
-            category, reason = "unavailable", "the node stopped answering (no heartbeat)"
-        elif category in messages.EXCLUDING_ERRORS:
+            name, reason = "unavailable", "the node stopped answering (no heartbeat)"
+        elif category is not None and category.excludes:
             self.organizations.mark(node, EXCLUDED)
             reason = f"{reason}; left out for the rest of this run"
-        outcome.fail(self.organizations, node, category, reason)
+        outcome.fail(self.organizations, node, name, reason)

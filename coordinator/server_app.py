@@ -78,7 +78,10 @@ def write_run_info(out_dir: Path, settings: RunSettings, scenario_name: str, num
     info = {"scenario_ref": settings.scenario, "scenario": scenario_name, "num_params": num_params,
             "plaintext": settings.plaintext, "seed": settings.seed, "rounds": settings.num_server_rounds,
             "he_profile": settings.he_profile, "robust_training": settings.robust_training, "mode": settings.mode,
-            "masking": settings.masking}
+            "masking": settings.masking,
+            # The seed above makes only the initial policy; each participant's randomness is its own.
+            "reproducible": False, "private_randomness": True,
+            "randomness": "decided by each organization's node (OS entropy unless its policy sets a seed)"}
     (out_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 

@@ -59,7 +59,13 @@ def simulate(
         None, "--participants", "-n", help="Simulated organizations (default: the scenario's)."
     ),
     rounds: int | None = typer.Option(None, "--rounds", "-r", help="Federated rounds (default: the scenario's)."),
-    seed: int | None = typer.Option(None, help="Seed for policy init and environments (default: the scenario's)."),
+    seed: int | None = typer.Option(
+        None,
+        help=(
+            "Seed for the initial policy and, to make the run reproducible, every simulated participant's private "
+            "randomness (default: the scenario's seed for the policy, OS entropy for the participants)."
+        ),
+    ),
     out: Path | None = typer.Option(
         None,
         "--out",
@@ -158,7 +164,7 @@ def simulate(
             bar.update(task, completed=outcome.round, description=f"round {outcome.round}{ret}")
 
         try:
-            summary = run(settings, n, key_dir, on_round=on_round, verbose=verbose)
+            summary = run(settings, n, key_dir, on_round=on_round, verbose=verbose, node_seed=seed)
         except (WireError, ValueError, RuntimeError) as exc:
             fail(str(exc))
     print_summary(summary, out)

@@ -109,6 +109,23 @@ def bench_masking(
     typer.echo(json.dumps(result, indent=None if as_json else 2))
 
 
+@bench_app.command("egress-guard")
+def bench_egress_guard(
+    repeats: int = typer.Option(20, help="Replies of each kind to time."),
+    profile: str = typer.Option(DEFAULT_PROFILE, "--profile", help=PROFILE_HELP),
+    scenario: str = typer.Option("cartpole", "--scenario", help="Whose model size the replies carry."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
+) -> None:
+    """What the egress guard costs per reply: a train reply and the refresher's reply, medians in ms."""
+    from fedhe.bench.egress_guard import run_egress_guard_bench
+
+    try:
+        result = run_egress_guard_bench(repeats, profile, scenario)
+    except (WireError, ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
 @bench_app.command("federation")
 def bench_federation(
     scenario: str = typer.Option("cartpole", "--scenario", help="Scenario to train."),

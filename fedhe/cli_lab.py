@@ -33,7 +33,7 @@ def aggregation(
         "--attack",
         help=(
             "Repeatable. sign-flip, scale, noise, zero, reward-flip, reward-shuffle, random-action, alie, ipm "
-            "(participant/malicious.py)."
+            "(fedhe/lab/malicious.py)."
         ),
     ),
     defense: list[str] = typer.Option(

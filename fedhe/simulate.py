@@ -1,13 +1,18 @@
 """`fedhe simulate`: a whole federation on Flower's simulation engine, on this machine.
 
-The ServerApp and ClientApps are the same ones `flwr run` deploys; only the settings are passed
+The ServerApp and ClientApps are the same code `flwr run` deploys; only the settings are passed
 directly instead of through run config, and every simulated participant reads the same local
 key directory (in a deployment each organization keeps its own copy), including its own X25519
-key for pairwise masking (``participant.roster``).
+key for pairwise masking (``participant.roster``). One person runs every party here, so each
+simulated node's policy lets the run decide what a deployed node decides itself (plaintext,
+masking off, the threat lab's party mix and robust training, scenario files), and the nodes take
+the lab's update source (``fedhe.lab.update_source``). Their private randomness is OS entropy, or
+derived from ``node_seed`` (`fedhe simulate --seed`) and each index for reproducible runs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -15,13 +20,17 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+from flwr.app import Context
 from flwr.clientapp.typing import Mod
 
 from coordinator.checkpoint import check_resumable
 from coordinator.exchange import RoundOutcome
-from coordinator.server_app import build_server_app
+from coordinator.server_app import RUN_INFO_FILE, build_server_app
+from fedhe.lab.update_source import party_mix_update
 from fedhe.run_dir import KEYS_DIR, ensure_keys
-from participant.client_app import build_client_app
+from participant.client_app import PolicyFactory, build_client_app
+from participant.policy import ALL_PERMITS, NodePolicy
 from protos.keyfile import COORDINATOR_KEY
 from protos.optimizer import HEAdamConfig
 from protos.settings import RunSettings
@@ -35,11 +44,14 @@ def simulate(
     on_round: Callable[[RoundOutcome, dict | None], None] | None = None,
     verbose: bool = False,
     client_mods: list[Mod] | None = None,
+    node_seed: int | None = None,
 ) -> dict:
     """Run the federation; returns summary.json's content.
 
     Keys: ``key_dir`` or a fresh federation key in ``OUT/keys`` (the run's HE profile); with
     pairwise masking also one X25519 key pair per simulated organization and their roster there.
+    ``node_seed``: every simulated node's private randomness derives from it and its index (a
+    reproducible run); None: OS entropy. ``settings.seed`` seeds only the public initial policy.
     """
     from flwr.simulation import run_simulation
 
@@ -57,14 +69,42 @@ def simulate(
     quiet_simulation_engine(verbose)
     run_simulation(
         server_app=build_server_app(settings, on_round=on_round, on_summary=summary.update),
-        client_app=build_client_app(settings, mods=client_mods),
+        client_app=build_client_app(settings, mods=client_mods, policy_for=simulated_policies(node_seed),
+                                    update_source=party_mix_update),
         num_supernodes=num_participants,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"log_to_driver": verbose}},
         verbose_logging=verbose,
     )
     if not summary:
         raise RuntimeError(f"the federation did not finish; see the log above and {out_dir}")
+    record_randomness(out_dir, node_seed)
     return summary
+
+
+def simulated_node_seed(node_seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([node_seed, index]).generate_state(1)[0])
+
+
+def simulated_policies(node_seed: int | None) -> PolicyFactory:
+    """Each simulated node's policy: permissive (one person runs every party), seeded if asked."""
+
+    def policy_for(context: Context) -> NodePolicy:
+        policy = NodePolicy.from_node_config(context.node_config)
+        seed = None if node_seed is None else simulated_node_seed(node_seed, policy.participant_index)
+        return replace(policy, masking="optional", permits=ALL_PERMITS, seed=seed)
+
+    return policy_for
+
+
+def record_randomness(out_dir: Path, node_seed: int | None) -> None:
+    """run.json: whether the participants' randomness can be replayed (here: only from --seed, which whoever
+    ran the simulation knows) and whether it is private to each node."""
+    path = out_dir / RUN_INFO_FILE
+    info = json.loads(path.read_text())
+    info.update(reproducible=node_seed is not None, private_randomness=node_seed is None,
+                randomness="fedhe simulate: node seeds derived from --seed" if node_seed is not None
+                else "fedhe simulate: every node's OS entropy")
+    path.write_text(json.dumps(info, indent=2) + "\n")
 
 
 class _DropRunSimulationDeprecation(logging.Filter):

@@ -1,22 +1,29 @@
-"""The egress audit: record every reply that leaves this participant and check it against an allowlist.
+"""The egress audit: check every reply that leaves this participant against an allowlist.
 
-Organizations can enable the recording mod to show their security team exactly what crosses the
-boundary; ``audit_reply`` then checks each recorded reply field by field. Every field must be
-either a valid ciphertext under the federation key (fresh: full depth, the profile's scale) or
-named metadata with its allowed values. Anything else (an unknown field, a new schema field no
-one declared here, a plaintext metric, an unrounded release) is a violation.
+``egress_guard_mod`` runs in every ClientApp (deployed and simulated): it checks each reply before it
+leaves and sends a reply that breaks the allowlist nowhere, replacing it with an error reply
+("withheld by this node's egress audit") and logging the violation locally. ``audit_reply`` checks
+a reply field by field: every field must be either a valid ciphertext under the federation key
+(fresh: full depth, the profile's scale) or named metadata with its allowed values. Anything else
+(an unknown field, a new schema field no one declared here, a plaintext metric, an unrounded
+release) is a violation. An error reply may carry only a fixed category with the organization's
+name (``protos.reply_errors``) or the refusal text this node's own policy produces for the run.
+Organizations can also enable the recording mod to show their security team exactly what crosses
+the boundary.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from google.protobuf.message import Message as ProtoMessage
 from google.protobuf.unknown_fields import UnknownFieldSet
@@ -27,8 +34,55 @@ from protos.codec import PROTOCOL_VERSION, from_proto
 from protos.errors import WireError
 from protos.fedhe.v1 import wire_pb2
 from protos.optimizer import STATE_NAMES
+from protos.reply_errors import REFUSED, WITHHELD, allowed_errors
 
 MANIFEST = "manifest.json"
+log = logging.getLogger("fedhe.participant")
+
+
+@dataclass(frozen=True)
+class EgressRules:
+    """What may leave this node in reply to one message."""
+
+    organization: str
+    backend: Callable[[], HEBackend] | None = None  # the federation key; None: the node could not set itself up
+    refusal: str | None = None  # the refusal text this node's policy produces for the run, if it refuses it
+    release: bool = True  # whether rounded federation statistics may leave (node policy and run both agree)
+
+
+def egress_guard_mod(rules_for: Callable[[Context], EgressRules]) -> Mod:
+    """A Flower mod that lets a reply leave only if it passes the allowlist; any other reply is withheld."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(msg, context)
+        rules = None
+        try:
+            rules = rules_for(context)
+            problems = egress_problems(msg, reply, rules)
+        except Exception as exc:  # noqa: BLE001 - an audit that cannot check lets nothing through
+            problems = [f"the audit itself failed ({type(exc).__name__})"]
+            log.error("egress audit failed", exc_info=True)
+        if not problems:
+            return reply
+        log.error("egress audit withheld the reply to a %s message: %s", msg.metadata.message_type,
+                  "; ".join(problems))
+        organization = rules.organization if rules else f"node-{context.node_id}"
+        return Message(Error(WITHHELD.code, WITHHELD.reason(organization)), reply_to=msg)
+
+    return mod
+
+
+def egress_problems(msg: Message, reply: Message, rules: EgressRules) -> list[str]:
+    """Every reason ``reply`` may not leave (empty: it may)."""
+    if reply.has_error():
+        allowed = allowed_errors(rules.organization) | ({(REFUSED.code, rules.refusal)} if rules.refusal else set())
+        if (reply.error.code, reply.error.reason) in allowed:
+            return []
+        return [f"error reply (code {reply.error.code}) whose reason is not one of this node's categories"]
+    if rules.backend is None:
+        return ["a reply with content from a node that could not set itself up"]
+    request_round = int(msg.content.config_records.get(messages.CONFIG, {}).get("round", -1))
+    return audit_reply(reply.content, request_round, rules.backend(), release=rules.release)
 
 
 def egress_audit_mod(directory: str | os.PathLike) -> Mod:
@@ -169,8 +223,9 @@ CONFIG_VALUES: dict[str, Check] = {
 }
 
 
-def audit_reply(content: RecordDict, request_round: int, backend: HEBackend) -> list[str]:
-    """Every violation of the allowlist in one reply (empty: the reply may leave)."""
+def audit_reply(content: RecordDict, request_round: int, backend: HEBackend, release: bool = True) -> list[str]:
+    """Every violation of the allowlist in one reply (empty: the reply may leave); ``release`` False: released
+    statistics are a violation too."""
     problems: list[str] = []
     if content.metric_records:
         problems.append(f"plaintext metric records {sorted(content.metric_records)}")
@@ -203,6 +258,8 @@ def audit_reply(content: RecordDict, request_round: int, backend: HEBackend) -> 
             problems.append(f"record {name!r} does not parse: {exc}")
             continue
         problems += [f"{name}: {p}" for p in audit_proto(proto, request_round, backend)]
+        if not release and isinstance(proto, wire_pb2.IntegrityReply) and proto.HasField("released"):
+            problems.append(f"{name}: released statistics, which this node does not release in this run")
     return problems
 
 

@@ -1,81 +1,109 @@
 """The participant as a Flower ClientApp.
 
-Node config (``flower-supernode --node-config``): ``key-dir`` (directory with participant.ctx and,
-with pairwise masking, roster.json and this organization's org.x25519), ``participant-index``
-(which organization: its roster entry and env kwargs), optional ``env-variant``.
-In simulation Flower sets ``partition-id`` instead, and the key directory comes from the run
-settings (everything runs on one machine there).
+The run config is the untrusted coordinator's voice: it says what to train. What this organization
+reveals is decided by its node (``participant.policy``): node config (``flower-supernode
+--node-config``) keys such as ``key-dir``, ``participant-index``, ``env-variant``, ``masking`` or a
+``policy-file``. A run the policy refuses gets one error reply saying which setting and which rule.
+
+The module-level ``app`` is what organizations deploy: the node's own policy, encryption mandatory,
+honest updates only. `fedhe simulate` and the threat lab build theirs with ``build_client_app``,
+passing a permissive policy per simulated node and the lab's update source. Either way every reply
+passes the egress guard (``participant.audit.egress_guard_mod``) and an error reply says only a
+fixed category (``participant.failures``).
 """
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
 from functools import lru_cache
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
-from flwr.common.constant import ErrorCode
 
 from participant.answer_rules import AnswerLedger
-from participant.local_update import NodeIdentity
-from participant.node import handle
+from participant.audit import EgressRules, egress_guard_mod
+from participant.failures import RunSettingsError, error_reply, log_to_stderr
+from participant.local_update import NodeIdentity, UpdateSource
+from participant.node import cached_keyholder, handle
+from participant.policy import NodePolicy, organization_of
 from protos import messages
-from protos.errors import FingerprintMismatchError
 from protos.settings import RunSettings
 from scenarios import Scenario, resolve_run
 
-log = logging.getLogger("fedhe.participant")
 # The "query.<name>" message types a participant answers without training.
 QUERIES = tuple(kind.split(".", 1)[1] for kind in messages.QUERIES)
+PolicyFactory = Callable[[Context], NodePolicy]
+
+
+def deployed_policy(context: Context) -> NodePolicy:
+    """An organization's node: its policy is its node config (and the policy file that names)."""
+    return NodePolicy.from_node_config(context.node_config)
 
 
 @lru_cache(maxsize=4)
 def resolved(settings: RunSettings) -> tuple[Scenario, RunSettings]:
     """The run's scenario and settings with defaults filled in (loaded once per process)."""
-    return resolve_run(settings)
+    try:
+        return resolve_run(settings)
+    except ValueError as exc:
+        raise RunSettingsError(str(exc)) from exc
 
 
-def failure_line(msg: Message, context: Context, exc: Exception) -> str:
-    """'participant 1, round 3: the environment returned a non-finite reward (step 7)'."""
-    node = context.node_config
-    who = node.get("participant-index", node.get("partition-id", f"node {context.node_id}"))
-    round_ = msg.content.config_records.get(messages.CONFIG, {}).get("round", "?")
-    cause = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
-    return f"participant {who}, round {round_}: {cause}"
+def run_settings(context: Context) -> RunSettings:
+    try:
+        return RunSettings.from_run_config(context.run_config)
+    except ValueError as exc:
+        raise RunSettingsError(str(exc)) from exc
 
 
-def identity_from(context: Context, run: RunSettings) -> NodeIdentity:
-    node = context.node_config
-    index = node.get("participant-index", node.get("partition-id"))
-    if index is None:
-        raise ValueError("node config needs participant-index (e.g. --node-config 'participant-index=0')")
-    variant = node.get("env-variant") or None
-    return NodeIdentity(
-        participant_index=int(index),
-        key_dir=str(node.get("key-dir", run.participant_key_dir)),
-        variant=str(variant) if variant else None,
-        run=run,
-    )
+def build_client_app(
+    settings: RunSettings | None = None,
+    mods: list[Mod] | None = None,
+    *,
+    policy_for: PolicyFactory = deployed_policy,
+    update_source: UpdateSource | None = None,
+) -> ClientApp:
+    """With no arguments: the deployed participant. `fedhe simulate` passes fixed ``settings``, each simulated
+    node's ``policy_for`` and the lab's ``update_source`` (None: honest updates only)."""
 
-
-def build_client_app(settings: RunSettings | None = None, mods: list[Mod] | None = None) -> ClientApp:
-    """``settings`` fixed by `fedhe simulate`; None reads them from each run's config."""
-    app = ClientApp(mods=mods or [])
+    def setup(context: Context) -> tuple[NodePolicy, RunSettings]:
+        return policy_for(context), settings or run_settings(context)
 
     def respond(msg: Message, context: Context, training: bool) -> Message:
-        """A failure becomes one error reply naming this participant, the round and the cause; the
-        traceback stays in this node's own log."""
+        """A failure or refusal becomes one error reply of a fixed category; the details stay in this node's log."""
+        organization = organization_of(context.node_config, context.node_id)
         try:
-            scenario, run = resolved(settings or RunSettings.from_run_config(context.run_config))
-            identity = identity_from(context, run)
+            policy, run = setup(context)
+            organization = policy.organization
+            policy.check(run)  # before anything the run names is loaded
+            scenario, run = resolved(run)
+            identity = NodeIdentity(policy.participant_index, policy.key_dir_for(run), policy.env_variant, run,
+                                    policy.seed, update_source, policy.organization, policy.min_masking_set,
+                                    policy.self_mask_threshold, policy.release_statistics and run.release_metrics)
             content = handle(msg.content, scenario, identity, context.run_id, training, AnswerLedger.of(context))
         except Exception as exc:  # every failure is reported to the coordinator, none crashes the node
-            log.debug("message handling failed", exc_info=True)
-            wrong_key = isinstance(exc, FingerprintMismatchError)
-            code = messages.WRONG_FEDERATION if wrong_key else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-            return Message(Error(code, failure_line(msg, context, exc)), reply_to=msg)
+            return error_reply(msg, organization, exc)
         return Message(content, reply_to=msg)
+
+    def egress_rules(context: Context) -> EgressRules:
+        try:
+            policy, run = setup(context)
+        except Exception:  # noqa: BLE001 - only a fixed error category may leave such a node
+            return EgressRules(organization_of(context.node_config, context.node_id))
+        try:
+            refusal = policy.refusal(run)
+        except Exception:  # noqa: BLE001 - e.g. an allowed scenario that does not load: no refusal text
+            refusal = None
+        return EgressRules(
+            policy.organization,
+            backend=lambda: cached_keyholder(policy.key_dir_for(run), run.plaintext, resolved(run)[1].he_profile),
+            refusal=str(refusal) if refusal else None,
+            release=policy.release_statistics and run.release_metrics,
+        )
+
+    # The guard wraps the handlers directly: whatever other mods do, no reply leaves the handlers unchecked.
+    app = ClientApp(mods=[*(mods or []), egress_guard_mod(egress_rules)])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -89,6 +117,7 @@ def build_client_app(settings: RunSettings | None = None, mods: list[Mod] | None
     return app
 
 
+log_to_stderr()
 app = build_client_app()
 
-__all__ = ["app", "build_client_app"]
+__all__ = ["app", "build_client_app", "deployed_policy"]

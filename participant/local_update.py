@@ -1,34 +1,35 @@
 """One participant's contribution to a round: train locally, then put the update in update units.
 
-Honest participants clip, add their DP noise share if the run uses DP, weight and pre-scale
-(``protos.update_units``). In the threat lab, malicious participants (``participant.malicious``)
-either poison their data and follow the protocol, or craft an update that is never clipped.
-Observations, actions, rewards and the raw update never leave this module in the clear.
+An honest participant clips, adds its DP noise share if the run uses DP, weights and pre-scales
+(``protos.update_units``). Observations, actions, rewards and the raw update never leave this
+module in the clear. The node calls its ``UpdateSource``: in a deployment always ``honest_update``;
+only `fedhe simulate` and the threat lab pass another (``fedhe/lab``), which this package never imports.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from participant.malicious import (
-    COLLUDING,
-    DATA_ATTACKS,
-    attacked_scenario,
-    behaviour_for,
-    colluders_honest_updates,
-    craft_update,
-)
 from participant.ppo import ParticipantTrainer
-from protos import messages
 from protos.dp import dp_clip_and_noise
 from protos.optimizer import HEAdamConfig
 from protos.settings import RunSettings
-from protos.update_units import UpdateUnits, clip_l2
+from protos.update_units import UpdateUnits
 from scenarios import Scenario
 
-STATS_NONE = np.zeros(messages.STATS_LENGTH)  # malicious participants report no rollout statistics
+# What each draw of a node's private randomness is for (``NodeIdentity.randomness``).
+STREAMS = {"ppo": 0, "dp": 1, "rollouts": 2}
+
+
+class UpdateSource(Protocol):
+    """(update in update units, rollout statistics [sum of returns, episodes, steps]) for one round."""
+
+    def __call__(
+        self, scenario: Scenario, identity: NodeIdentity, run_id: int, theta: np.ndarray, round_: int, n: int
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,24 @@ class NodeIdentity:
     key_dir: str
     variant: str | None
     run: RunSettings  # resolved (``scenarios.resolve_run``): seed, rounds and profile filled in
+    seed: int | None = None  # the node policy's opt-in private seed; None: OS entropy
+    update_source: UpdateSource | None = None  # None: ``honest_update``
+    organization: str = ""  # the node's name in its replies ("": participant-<index>)
+    min_members: int = 3  # the node's rule: never in a masked sum of fewer updates
+    self_mask_threshold: int = 0  # shares that rebuild its self-mask seed; 0: protos.masking.default_threshold
+    releases: bool = True  # whether this node decrypts and releases rounded federation statistics
+
+    @property
+    def name(self) -> str:
+        return self.organization or f"participant-{self.participant_index}"
+
+    def randomness(self, round_: int, stream: str) -> np.random.SeedSequence:
+        """This node's own randomness for ``stream`` in ``round_``: OS entropy, or derived from the node's
+        private seed and its index. Never from the public run seed: whoever knows theta and the run's
+        settings must not be able to re-run this participant's round and recover its update."""
+        if self.seed is None:
+            return np.random.SeedSequence()
+        return np.random.SeedSequence([self.seed, self.participant_index, round_, STREAMS[stream]])
 
 
 _trainers: dict[tuple, ParticipantTrainer] = {}
@@ -47,12 +66,12 @@ _trainers: dict[tuple, ParticipantTrainer] = {}
 def trainer_for(identity: NodeIdentity, scenario: Scenario, run_id: int, round_: int) -> ParticipantTrainer:
     """Environments live as long as the process does, so episodes span rounds when possible.
 
-    Deployed SuperNodes start a fresh ClientApp process per message: the round then enters the
-    seed so each round still sees new episodes.
+    Deployed SuperNodes start a fresh ClientApp process per message, so each round then gets a new
+    trainer with fresh private randomness (with a node seed, the round enters it).
     """
     key = (run_id, identity.participant_index, identity.run.scenario, identity.variant)
     if key not in _trainers:
-        seed = identity.run.seed + 1000 * (identity.participant_index + 1) + 7919 * (round_ - 1)
+        seed = identity.randomness(round_, "ppo")
         _trainers[key] = ParticipantTrainer(scenario, identity.participant_index, seed, identity.variant)
     return _trainers[key]
 
@@ -60,27 +79,25 @@ def trainer_for(identity: NodeIdentity, scenario: Scenario, run_id: int, round_:
 def local_update(
     scenario: Scenario, identity: NodeIdentity, run_id: int, theta: np.ndarray, round_: int, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(update in update units, rollout statistics [sum of returns, episodes, steps])."""
+    """This node's update for the round, from its update source."""
+    source = identity.update_source or honest_update
+    return source(scenario, identity, run_id, theta, round_, n)
+
+
+def honest_update(
+    scenario: Scenario, identity: NodeIdentity, run_id: int, theta: np.ndarray, round_: int, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train, then clip (plus the DP noise share), weight and pre-scale; statistics of this round's episodes."""
     run = identity.run
     adam = HEAdamConfig.for_scenario(scenario)
     units = UpdateUnits.of(adam, n)
-    behaviour = behaviour_for(scenario, run.party_mix, identity.participant_index)
-    if behaviour is not None and behaviour.attack in COLLUDING:
-        honest = colluders_honest_updates(behaviour, attacked_scenario(scenario, behaviour), theta, round_, run.seed,
-                                          identity.variant, adam.clip_bound, run.collusion_dir)
-        crafted = craft_update(behaviour, honest[0], n=n, attacker_seed=run.seed, colluder_updates=honest)
-        return units.encode_unclipped(crafted), STATS_NONE
-    trainer = trainer_for(identity, attacked_scenario(scenario, behaviour), run_id, round_)
-    result = trainer.train(theta, round_, run.num_server_rounds)
-    if behaviour is not None and behaviour.attack not in DATA_ATTACKS:
-        seed = run.seed * 1009 + identity.participant_index
-        crafted = craft_update(behaviour, clip_l2(result.update, adam.clip_bound), n=n, attacker_seed=seed)
-        return units.encode_unclipped(crafted), STATS_NONE  # never clipped
+    result = trainer_for(identity, scenario, run_id, round_).train(theta, round_, run.num_server_rounds)
     if run.dp_noise_multiplier > 0:
-        update = units.encode_unclipped(dp_clip_and_noise(result.update, adam.clip_bound, run.dp_noise_multiplier, n))
+        rng = np.random.default_rng(identity.randomness(round_, "dp"))
+        update = units.encode_unclipped(
+            dp_clip_and_noise(result.update, adam.clip_bound, run.dp_noise_multiplier, n, rng)
+        )
     else:
         update = units.encode(result.update)
-    if behaviour is not None:  # data poisoners follow the protocol but report no statistics
-        return update, STATS_NONE
     stats = np.array([float(np.sum(result.episode_returns)), float(result.episodes), float(result.steps)])
     return update, stats

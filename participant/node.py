@@ -47,7 +47,6 @@ from scenarios import Scenario
 
 log = logging.getLogger(__name__)
 P = TypeVar("P", bound=ProtoMessage)
-MIN_MEMBERS = 3  # with 2, each one's update is the sum minus its own: nothing to hide behind
 # Integrity check: slots of q S + m (q < 2, |m| <= 2^15) of an aggregate within its bound (a few
 # units per coordinate) stay below this; a value whose square could wrap the modulus does not.
 INTEGRITY_VALUE_LIMIT = 1.5 * MASK_BOUND
@@ -122,10 +121,6 @@ class Exchange:
     reply: RecordDict
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     theta: np.ndarray | None = None
-    min_members: int = MIN_MEMBERS  # the node's rule: never in a masked sum of fewer updates
-    self_mask_threshold: int = 0  # 0: protos.masking.default_threshold
-    releases: bool = True  # whether this node decrypts and releases rounded federation statistics
-    organization: str = ""  # this node's name, as the roster and its replies give it
 
     def has(self, record: str) -> bool:
         return record in self.content.array_records
@@ -145,7 +140,7 @@ def handle(
     exchange = open_exchange(content, scenario, identity, run_id, ledger)
     if bool(messages.config_of(content).get("identify", False)):  # who answers: public roster facts only
         exchange.reply.config_records[messages.CONFIG].update(
-            {"participant-index": identity.participant_index, "organization": exchange.organization})
+            {"participant-index": identity.participant_index, "organization": identity.name})
         return exchange.reply
     exchange.theta = read_theta(exchange)
     for record, reply in REPLIES:
@@ -189,8 +184,6 @@ def open_exchange(
         layout=layout_for_round(scenario, holder.slots, participants) if identity.run.mode == ROLLOUTS else None,
         masker=masker,
         reply=RecordDict({messages.CONFIG: reply_config}),
-        releases=identity.run.release_metrics,
-        organization=masker.roster.name(masker.index) if masker else f"participant-{identity.participant_index}",
     )
 
 
@@ -249,7 +242,7 @@ def reply_unmask(exchange: Exchange) -> None:
     limit = 4096 + 512 * masker.size
     request = exchange.unpack(messages.UNMASK_REQUEST, wire_pb2.UnmaskRequest, limit)
     index = exchange.identity.participant_index
-    check_unmask_request(request, exchange.round, index, exchange.min_members, exchange.ledger)
+    check_unmask_request(request, exchange.round, index, exchange.identity.min_members, exchange.ledger)
     if request.dropped:
         log.info("round %d: the coordinator reports roster members %s missing; cancelling masks with them",
                  exchange.round, sorted(request.dropped))
@@ -287,7 +280,7 @@ def reply_integrity(exchange: Exchange) -> None:
         protocol_version=PROTOCOL_VERSION, round=exchange.round, within_bound=within,
         stats_plausible=plausible_stats(stats, query.contributors, steps),
     )
-    if reply.stats_plausible and exchange.releases:
+    if reply.stats_plausible and exchange.identity.releases:
         reply.released.CopyFrom(released_metrics(stats, exchange.round))
     exchange.reply[messages.INTEGRITY_REPLY] = messages.pack(reply)
 
@@ -309,7 +302,8 @@ def train(exchange: Exchange) -> None:
         raise ChunkLayoutError(f"round-{round_} train message carries no theta and no init flag")
     holder, scenario, run_id = exchange.holder, exchange.scenario, exchange.run_id
     if exchange.layout is not None:
-        owner = owner_for(scenario, identity.participant_index, identity.variant, identity.run.seed, run_id, round_)
+        owner = owner_for(scenario, identity.participant_index, identity.variant,
+                          identity.randomness(round_, "rollouts"), run_id)
         exchange.reply[messages.ROLLOUT] = messages.pack(
             encrypted_rollout(holder, round_, owner.contribute(theta, exchange.participants, exchange.layout))
         )
@@ -327,10 +321,10 @@ def round_masks(exchange: Exchange) -> RoundMasks | None:
     if masker is None:
         return None
     config = messages.config_of(exchange.content)
-    members = check_members(list(config.get("members", [])), masker.index, masker.size, exchange.min_members)
+    members = check_members(list(config.get("members", [])), masker.index, masker.size, exchange.identity.min_members)
     exchange.ledger.claim("update", exchange.round)  # a round's pair masks never hide two different updates
     exchange.ledger.remember_members(exchange.round, members)
-    return masker.round(exchange.run_id, exchange.round, members, exchange.self_mask_threshold)
+    return masker.round(exchange.run_id, exchange.round, members, exchange.identity.self_mask_threshold)
 
 
 def encrypted_update(

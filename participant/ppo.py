@@ -60,12 +60,21 @@ def annealed(round: int, total_rounds: int, floor: float = 0.1) -> float:
 
 
 class ParticipantTrainer:
-    """Holds a participant's vector envs and RNG so episodes continue across rounds."""
+    """Holds a participant's vector envs and RNG so episodes continue across rounds.
 
-    def __init__(self, scenario: Scenario, participant_index: int, seed: int, variant: str | None = None) -> None:
+    ``seed`` is the participant's own randomness (``NodeIdentity.randomness``: OS entropy unless its
+    node policy opts into a seed); an int (tests, single-process benchmarks) is combined with the index.
+    Environment seeds, action sampling and minibatch order all come from it.
+    """
+
+    def __init__(
+        self, scenario: Scenario, participant_index: int, seed: int | np.random.SeedSequence, variant: str | None = None
+    ) -> None:
         self.scenario = scenario
         self.spec = scenario.policy_spec()
-        env_seed, rng_seed = np.random.SeedSequence([seed, participant_index]).generate_state(2)
+        entropy = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(
+            [seed, participant_index])
+        env_seed, rng_seed = entropy.generate_state(2)
         self.rng = np.random.default_rng(int(rng_seed))
         self.env = scenario.build_vector_env(participant_index, int(env_seed), variant)
         self.collector = RolloutCollector(self.env, int(env_seed))

@@ -39,12 +39,19 @@ class OwnerRound:
 
 
 class RolloutOwner:
-    """Holds an owner's vector envs and RNG so episodes continue across rounds."""
+    """Holds an owner's vector envs and RNG so episodes continue across rounds.
 
-    def __init__(self, scenario: Scenario, participant_index: int, seed: int, variant: str | None = None) -> None:
+    ``seed``: the owner's own randomness, as for ``participant.ppo.ParticipantTrainer``.
+    """
+
+    def __init__(
+        self, scenario: Scenario, participant_index: int, seed: int | np.random.SeedSequence, variant: str | None = None
+    ) -> None:
         cfg = scenario.rollout
         self.scenario, self.spec = scenario, scenario.poly_spec()
-        env_seed, rng_seed = np.random.SeedSequence([seed, participant_index, 17]).generate_state(2)
+        entropy = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(
+            [seed, participant_index, 17])
+        env_seed, rng_seed = entropy.generate_state(2)
         self.rng = np.random.default_rng(int(rng_seed))
         self.env = scenario.build_vector_env(participant_index, int(env_seed), variant, num_envs=cfg.num_envs)
         self.collector = RolloutCollector(self.env, int(env_seed))
@@ -110,11 +117,14 @@ def a2c_deltas(policy: PolyPolicy, obs: np.ndarray, actions: np.ndarray, adv: np
 _owners: dict[tuple, RolloutOwner] = {}
 
 
-def owner_for(scenario: Scenario, index: int, variant: str | None, seed: int, run_id: int, round_: int) -> RolloutOwner:
-    """Environments live as long as the process does (see ``participant.local_update.trainer_for``)."""
+def owner_for(
+    scenario: Scenario, index: int, variant: str | None, seed: np.random.SeedSequence, run_id: int
+) -> RolloutOwner:
+    """Environments live as long as the process does (see ``participant.local_update.trainer_for``);
+    ``seed`` is the owner's private randomness for a new one (``NodeIdentity.randomness``)."""
     key = (run_id, index, scenario.name, variant)
     if key not in _owners:
-        _owners[key] = RolloutOwner(scenario, index, seed + 1000 * (index + 1) + 7919 * (round_ - 1), variant)
+        _owners[key] = RolloutOwner(scenario, index, seed, variant)
     return _owners[key]
 
 

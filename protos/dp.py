@@ -23,14 +23,11 @@ def dp_clip_bound(clip: float, z: float, n: int) -> float:
     return clip / (1.0 + DP_SIGMA_MARGIN * z / max(n, 1))
 
 
-def dp_clip_and_noise(
-    update: np.ndarray, clip: float, z: float, n: int, rng: np.random.Generator | None = None
-) -> np.ndarray:
+def dp_clip_and_noise(update: np.ndarray, clip: float, z: float, n: int, rng: np.random.Generator) -> np.ndarray:
     """Clip to C_dp and add this participant's share of the noise, std z*C_dp/sqrt(n).
 
-    The n shares sum to std z*C_dp. The noise comes from OS entropy unless ``rng`` is given (tests):
-    nobody, this participant included, knows the total noise.
+    The n shares sum to std z*C_dp. ``rng`` is the participant's own randomness (OS entropy unless its
+    node policy opts into a private seed; never the public run seed): nobody knows the total noise.
     """
     bound = dp_clip_bound(clip, z, n)
-    rng = rng or np.random.default_rng()
     return clip_l2(update, bound) + rng.normal(0.0, z * bound / np.sqrt(n), update.size)

@@ -44,27 +44,9 @@ INTEGRITY = "query.integrity"  # every round: is the aggregate within its bound;
 IDENTIFY = "query.identify"  # once per node: its roster index and organization name (public)
 QUERIES = (REFRESH, NORMS, GRADIENT, UNMASK, INTEGRITY, IDENTIFY)
 
-# Data-free error replies: a participant's error reply carries one of these codes and, as its
-# reason, "<organization>: <text>" (a policy refusal: the refusal's own line). Details stay in the
-# node's log. The coordinator leaves a node with an excluding category out for the rest of the run.
-ERRORS: dict[int, tuple[str, str]] = {
-    1001: ("wrong-key", "holds another federation's key"),
-    1002: ("key-files", "its key files are missing or do not match the federation"),
-    1003: ("refused", "refuses the run under its policy"),
-    1004: ("protocol", "refused a request that breaks the protocol"),
-    1005: ("malformed", "could not read the coordinator's message"),
-    1006: ("environment", "its environment failed"),
-    1007: ("non-finite", "met a non-finite value"),
-    1008: ("internal", "failed with an internal error"),
-    1009: ("egress", "withheld a reply its egress audit refused"),
-}
+# Flower error code of a participant's reply when it holds another federation's key
+# (``protos.reply_errors``: every category of a data-free error reply).
 WRONG_FEDERATION = 1001
-EXCLUDING_ERRORS = ("wrong-key", "key-files", "refused")
-
-
-def error_category(code: int) -> str:
-    """The category of an error reply's code ("flower" for Flower's own codes)."""
-    return ERRORS[code][0] if code in ERRORS else "flower"
 
 # Encrypted rollout statistics: [sum of episode returns, episodes, env steps].
 STATS_LENGTH = 3

@@ -5,8 +5,10 @@ both sides call, ``scenarios.resolve_run``; everything downstream reads the reso
 
 They arrive as Flower run config (``[tool.flwr.app.config]`` in pyproject.toml, overridable with
 ``flwr run . <conn> --run-config 'k=v'``) or, for ``fedhe simulate``, straight from the CLI.
-Node-local facts (which participant am I, where is my key) come from the SuperNode's
-``--node-config`` instead, so key paths never travel through the coordinator in deployments.
+Run config is the coordinator's voice: a participant follows it for what to train, never for what
+it reveals. Node-local facts and rules (which participant am I, where is my key, encryption,
+masking, DP noise, misbehaviour) are the node's own (``participant.policy``, which classifies
+every field here), so key paths never travel through the coordinator in deployments.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ class RunSettings:
     scenario: str = "cartpole"  # built-in name, entry point, or path to a scenario .py file
     mode: str = "local-ppo"  # local-ppo | encrypted-rollouts (the coordinator learns from encrypted rollouts)
     num_server_rounds: int = 0  # 0: the scenario's default
-    plaintext: bool = False  # identical protocol, encryption replaced by identity
+    plaintext: bool = False  # identical protocol, encryption replaced by identity (simulation only)
     coordinator_key: str = ""  # coordinator.ctx on the coordinator's machine
-    participant_key_dir: str = ""  # simulation only: participant.ctx for all simulated nodes
+    participant_key_dir: str = ""  # simulation only: the key directory of every simulated node
     out_dir: str = "fedhe-run"  # checkpoints, metrics.jsonl, summary.json, learning_curve.png
     resume: bool = False
     participants: int = 0  # nodes sampled per round; 0: all available
@@ -48,12 +50,11 @@ class RunSettings:
     stop_on_solve: bool = False  # end early once the released mean return reaches the threshold
     release_metrics: bool = True  # a participant decrypts and releases rounded federation stats
     he_profile: str = ""  # "": the scenario's HE profile (robust defenses need one spare level: n16k-d7)
-    # Threat lab. party-mix: JSON list replacing the scenario's party_mix, e.g.
-    # '[{"attack": "sign-flip", "participants": [0, 1, 2]}]'. A lab facility: in a real
-    # deployment nobody would take misbehaviour orders from the run config.
+    # Threat lab (fedhe simulate and the lab's grids only; a deployed node refuses them). party-mix:
+    # JSON list replacing the scenario's party_mix, e.g. '[{"attack": "sign-flip", "participants": [0, 1, 2]}]'.
     party_mix: str = ""
-    collusion_dir: str = ""  # simulation: where colluding attackers (alie, ipm) cache honest updates
-    # Threat lab: JSON object of RobustConfig fields replacing the scenario's ppo.robust, e.g.
+    collusion_dir: str = ""  # where colluding attackers (alie, ipm) cache honest updates
+    # JSON object of RobustConfig fields replacing the scenario's ppo.robust, e.g.
     # '{"mode": "sa-ppo", "kappa": 0.02, "epsilon": 0.5}' (local robust training of every participant).
     robust_training: str = ""
     defense: str = "none"  # none | norm-bound | median-norm (encrypted, masked norms) | dp
@@ -81,8 +82,9 @@ class RunSettings:
                 continue
             kind = type(known[name].default)
             if not _of_type(value, kind):
+                quoted = isinstance(value, str) and kind is not str
                 problems.append(f"run config {key!r} must be {_TYPE_NAMES[kind]}, got {value!r}"
-                                + (" (a string: drop the quotes)" if isinstance(value, str) and kind is not str else ""))
+                                + (" (a string: drop the quotes)" if quoted else ""))
                 continue
             values[name] = kind(value)
         if problems:

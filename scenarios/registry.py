@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -117,6 +118,13 @@ def resolve_run(settings: S, participants: int = 0) -> tuple[Scenario, S]:
         masking=resolve_masking(settings, participants or settings.participants),
     )
     return scenario, resolved
+
+
+@functools.lru_cache(maxsize=1)
+def installed_scenarios() -> frozenset[str]:
+    """Names of the built-ins and installed entry points: code this machine's owner installed, not code a
+    run names (a ``.py`` path is imported from wherever the reference points)."""
+    return frozenset(name for name, _ in list_scenarios())
 
 
 def list_scenarios() -> list[tuple[str, str]]:

@@ -28,7 +28,12 @@ class Rollout:
     bootstrap: np.ndarray | None = None  # the scaled truncation bootstrap added into ``rewards``
 
 
-class NonFiniteEnvironmentError(ValueError):
+class EnvironmentFailure(RuntimeError):
+    """Environment code (building, reset, step) failed. The cause is chained; its text may hold an
+    observation or a local path, so a participant reports only that its environment failed."""
+
+
+class NonFiniteEnvironmentError(EnvironmentFailure, ValueError):
     """An environment returned NaN or infinity: nothing learned from it may leave the participant."""
 
 
@@ -46,7 +51,10 @@ class RolloutCollector:
         if env.metadata.get("autoreset_mode") != gym.vector.AutoresetMode.SAME_STEP:
             raise ValueError("RolloutCollector needs a vector env with AutoresetMode.SAME_STEP")
         self.env = env
-        self.obs, _ = env.reset(seed=seed)
+        try:
+            self.obs, _ = env.reset(seed=seed)
+        except Exception as exc:
+            raise EnvironmentFailure("the environment failed to reset") from exc
         space = env.single_action_space
         self._bounds = (space.low, space.high) if isinstance(space, gym.spaces.Box) else None
 
@@ -81,7 +89,10 @@ class RolloutCollector:
             actions, logp_buf[t] = policy.act(obs, rng)
             act_buf.append(actions)
             env_actions = actions if self._bounds is None else np.clip(actions, *self._bounds)
-            self.obs, rewards, terminated, truncated, info = self.env.step(env_actions)
+            try:
+                self.obs, rewards, terminated, truncated, info = self.env.step(env_actions)
+            except Exception as exc:
+                raise EnvironmentFailure(f"the environment failed at step {t + 1}") from exc
             raw = np.asarray(rewards, dtype=np.float64)
             check_finite(raw, np.asarray(self.obs, dtype=np.float64), t + 1)
             if reward_fn is not None:

@@ -19,6 +19,7 @@ import numpy as np
 from scenarios.policy import Policy, PolicySpec
 from scenarios.poly_net import PolyNetSpec
 from scenarios.poly_policy import PolyPolicy
+from scenarios.rollout import EnvironmentFailure
 
 UpdateKind = Literal["pseudo-gradient", "gradient"]
 
@@ -307,7 +308,10 @@ class Scenario:
         """
         count = num_envs or self.ppo.num_envs
         fns = [(lambda k=k: self.build_env(participant_index, seed + k, variant)) for k in range(count)]
-        vec = gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        try:
+            vec = gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        except Exception as exc:
+            raise EnvironmentFailure("building the environments failed") from exc
         return gym.wrappers.vector.RecordEpisodeStatistics(vec)
 
     def policy_spec(self) -> PolicySpec:

@@ -62,7 +62,7 @@ def run_federation_bench(
                                seed=seed, min_participants=n, stop_on_solve=stop_on_solve,
                                masking="off" if kind == "plaintext" else masking)
             t0 = time.perf_counter()
-            summary = simulate(settings, n)
+            summary = simulate(settings, n, node_seed=seed)  # paired and reproducible per seed
             rows = read_metrics(out)
             run = {
                 "seed": seed,

@@ -55,7 +55,7 @@ def _profile_one(settings: RunSettings, participants: int, profile_dir: Path) ->
     previous = os.environ.get(PROFILE_DIR_ENV)
     os.environ[PROFILE_DIR_ENV] = str(profile_dir)  # inherited by the simulation's worker processes
     try:
-        simulate(settings, participants)
+        simulate(settings, participants, node_seed=settings.seed)  # both runs see the same episodes
     finally:
         if previous is None:
             os.environ.pop(PROFILE_DIR_ENV, None)

@@ -65,7 +65,8 @@ def run_soak(
 
     settings = RunSettings(scenario=scenario, num_server_rounds=rounds, plaintext=plaintext, out_dir=str(out),
                            seed=seed, min_participants=max(1, participants // 2), round_timeout=120.0)
-    summary = simulate(settings, participants, on_round=record, client_mods=[failure_mod(fail_rate, seed)])
+    summary = simulate(settings, participants, on_round=record, client_mods=[failure_mod(fail_rate, seed)],
+                       node_seed=seed)
     failed = len(summary.get("failed_rounds", []))
     early = rss.get(min(20, rounds), float("nan"))
     last = rss.get(max(rss) if rss else rounds, float("nan"))

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.robust_aggregation import ROBUST_DEFENSES
+from fedhe.lab.malicious import ATTACKS, party_mix_for
 from protos.settings import DEFENSES
 from fedhe.run_dir import KEYS_DIR, ensure_keys
 from fedhe.simulate import simulate
-from participant.malicious import ATTACKS, party_mix_for
 from protos.settings import RunSettings
 from scenarios import load_scenario
 
@@ -128,7 +128,7 @@ def run_cell(spec: GridSpec, cell: dict[str, Any], key_dir: Path | None) -> dict
             import shutil
 
             shutil.rmtree(out)
-        summary = simulate(cell_settings(spec, cell, out), spec.participants, key_dir)
+        summary = simulate(cell_settings(spec, cell, out), spec.participants, key_dir, node_seed=cell["seed"])
     return {
         "scenario": summary["scenario"],
         "attack": cell["attack"],

@@ -99,7 +99,7 @@ def train_federation(
     scenario, resolved = resolve_run(settings)
     n = participants or scenario.num_participants
     settings = replace(settings, min_participants=max(1, n - 1))
-    summary = simulate(settings, n, key_dir or run_dir.parent / KEYS_DIR)
+    summary = simulate(settings, n, key_dir or run_dir.parent / KEYS_DIR, node_seed=seed)
     return decrypt_policy(run_dir, key_dir).theta, summary
 
 

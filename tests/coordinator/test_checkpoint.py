@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -17,11 +19,16 @@ from coordinator.he_adam import HEAdamState
 from participant.keyholder import decrypt_vector
 from protos.codec import decode_vector, encode_vector, encrypt_vector
 from protos.errors import CheckpointError
+from protos.fedhe.v1 import wire_pb2
 from protos.keyfile import load_evaluation_backend
 from protos.optimizer import HEAdamConfig
 
 D = 40
 CONFIG = HEAdamConfig().to_json()
+RECORD = json.dumps({"failed_rounds": [{"round": 5, "cause": "integrity: the aggregate exceeds the bound", "failed": []}],
+                     "resumed_from": [2], "wall_s": 12.5,
+                     "organizations": {"participant-0": {"index": 0, "status": "active", "rounds_answered": 6,
+                                                         "rounds_failed": 1, "why": {"timeout": 1}}}})
 
 
 @pytest.fixture()
@@ -32,18 +39,29 @@ def saved(tmp_path, coordinator_backend, holder):
         k: decode_vector(coordinator_backend, encode_vector(holder, encrypt_vector(holder, v)))
         for k, v in values.items()
     }
-    state = CoordinatorState(round=7, optimizer=HEAdamState(enc["theta"], enc["m"], enc["v"], enc["w"], step=7))
-    save_checkpoint(tmp_path, coordinator_backend, "cartpole", CONFIG, state)
+    state = CoordinatorState(round=7, optimizer=HEAdamState(enc["theta"], enc["m"], enc["v"], enc["w"], step=7),
+                             history=[wire_pb2.ReleasedMetrics(round=r, mean_return=20.5 + r, episodes=4, steps=90,
+                                                               valid=True) for r in range(1, 8)])
+    save_checkpoint(tmp_path, coordinator_backend, "cartpole", CONFIG, state, RECORD)
     return tmp_path, values
 
 
 def test_resume_restores_theta_and_optimizer_state_exactly(saved, coordinator_backend, holder):
     directory, values = saved
-    state = load_checkpoint(directory, coordinator_backend, "cartpole", D, CONFIG)
-    assert state.round == 7
+    state, _ = load_checkpoint(directory, coordinator_backend, "cartpole", D, CONFIG)
+    assert state.round == 7 and state.optimizer.step == 7
     for name in ("theta", "m", "v", "w"):
         back = decode_vector(holder, encode_vector(coordinator_backend, getattr(state.optimizer, name)))
         np.testing.assert_allclose(decrypt_vector(holder, back), values[name], atol=1e-6)
+
+
+def test_resume_restores_the_released_history_and_the_run_record(saved, coordinator_backend):
+    """Statistics are released in their own round: the history holds rounds 1..7, nothing pending."""
+    state, record = load_checkpoint(saved[0], coordinator_backend, "cartpole", D, CONFIG)
+    assert [h.round for h in state.history] == list(range(1, 8)) and state.history[-1].mean_return == 27.5
+    assert record.failed_rounds == json.loads(RECORD)["failed_rounds"] and record.resumed_from == [2]
+    assert record.wall_s_before == 12.5
+    assert record.organizations_before["participant-0"]["rounds_answered"] == 6
 
 
 def test_wrong_key_is_refused(saved, other_keys):

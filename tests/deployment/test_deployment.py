@@ -72,9 +72,13 @@ def test_encrypted_federation_on_real_superlink_and_supernodes(tmp_path, federat
     secret_copies = sorted(tmp_path.rglob(PARTICIPANT_KEY))
     assert secret_copies == sorted(d / PARTICIPANT_KEY for d in org_dirs)
 
-    node_configs = []
-    for i, d in enumerate(org_dirs):
-        cfg = {"key-dir": str(d.resolve()), "participant-index": i}
+    # Each organization's own policy; masking optional: the encrypted-rollout run has no pairwise masks (the
+    # default policy requires them). Organization 0 keeps its policy in a file, the others in the node config.
+    policy_file = tmp_path / "org-0-policy.toml"
+    policy_file.write_text(f'organization = "hospital-a"\nkey-dir = "{org_dirs[0].resolve()}"\nmasking = "optional"\n')
+    node_configs = [{"participant-index": 0, "policy-file": str(policy_file)}]
+    for i, d in enumerate(org_dirs[1:], start=1):
+        cfg = {"key-dir": str(d.resolve()), "participant-index": i, "masking": "optional"}
         if i in ENV_VARIANTS:
             cfg["env-variant"] = ENV_VARIANTS[i]
         node_configs.append(cfg)

@@ -1,17 +1,20 @@
-"""The egress allowlist: every reply field is a fresh ciphertext or named metadata with its allowed values."""
+"""The egress allowlist: every reply field is a fresh ciphertext or named metadata with its allowed values;
+the guard withholds a reply that is not, and an error reply that says more than its category."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from support.node_calls import node_context, request
 
-from participant.audit import ALLOWED_FIELDS, ALLOWED_RECORDS, audit_reply
+from participant.audit import ALLOWED_FIELDS, ALLOWED_RECORDS, EgressRules, audit_reply, egress_guard_mod
 from participant.node import answer_norm_query
 from protos import messages
 from protos.codec import PROTOCOL_VERSION, encrypt_vector, to_proto
 from protos.fedhe.v1 import wire_pb2
+from protos.reply_errors import ENVIRONMENT, INTERNAL, REFUSED, WITHHELD
 
 ROUND = 4
 
@@ -147,3 +150,76 @@ def test_what_the_key_holder_releases_passes(small_holder):
         }
     )
     assert audit_reply(reply, ROUND, small_holder) == []
+
+
+# -- the egress guard: every reply is checked before it leaves; a violating one is withheld --------------
+ORG = "hospital-b"
+
+
+def guarded(reply_content, rules: EgressRules, error: Error | None = None) -> Message:
+    """``reply_content`` (or ``error``) as the handlers produced it, after the guard."""
+    msg = request(round_=ROUND)
+    produced = Message(error, reply_to=msg) if error else Message(reply_content, reply_to=msg)
+    return egress_guard_mod(lambda context: rules)(msg, node_context({}), lambda m, c: produced)
+
+
+def withheld(reply: Message) -> bool:
+    return reply.has_error() and (reply.error.code, reply.error.reason) == (WITHHELD.code, WITHHELD.reason(ORG))
+
+
+@pytest.mark.parametrize("kind", REPLIES)
+def test_the_guard_lets_protocol_replies_leave_unchanged(small_holder, kind):
+    content = REPLIES[kind](small_holder)
+    reply = guarded(content, EgressRules(ORG, backend=lambda: small_holder))
+    assert not reply.has_error() and reply.content is content
+
+
+def test_the_guard_withholds_a_leaking_reply_and_logs_why(small_holder, caplog):
+    content = update_reply(small_holder)
+    content["metrics"] = MetricRecord({"mean_return": 187.3})
+    assert withheld(guarded(content, EgressRules(ORG, backend=lambda: small_holder)))
+    assert "egress audit withheld" in caplog.text and "plaintext metric records" in caplog.text
+
+
+def test_released_statistics_leave_only_where_node_and_run_release_them(small_holder):
+    assert not guarded(refresh_reply(small_holder), EgressRules(ORG, backend=lambda: small_holder)).has_error()
+    assert withheld(guarded(refresh_reply(small_holder), EgressRules(ORG, backend=lambda: small_holder, release=False)))
+
+
+REFUSAL = f"{ORG} refuses: the run asks masking=off, this node requires pairwise"
+
+
+@pytest.mark.parametrize("code, reason, rules, leaves", [
+    (ENVIRONMENT.code, f"{ORG}: environment failure", EgressRules(ORG), True),
+    (ENVIRONMENT.code, f"{ORG}: environment failure: obs [0.013, -0.2]", EgressRules(ORG), False),
+    (INTERNAL.code, f"{ORG}: environment failure", EgressRules(ORG), False),  # code and text belong together
+    (ENVIRONMENT.code, "participant-1: environment failure", EgressRules(ORG), False),  # another name
+    (REFUSED.code, REFUSAL, EgressRules(ORG, refusal=REFUSAL), True),
+    (REFUSED.code, REFUSAL, EgressRules(ORG), False),  # this node's policy refuses nothing in this run
+    (REFUSED.code, REFUSAL + " (state 0.013)", EgressRules(ORG, refusal=REFUSAL), False),
+])
+def test_an_error_reply_leaves_only_with_a_category_or_the_nodes_own_refusal(code, reason, rules, leaves):
+    reply = guarded(None, rules, Error(code, reason))
+    assert (reply.error.reason == reason) is leaves
+    assert leaves or withheld(reply)
+
+
+def test_content_from_a_node_that_could_not_set_itself_up_is_withheld(small_holder):
+    assert withheld(guarded(update_reply(small_holder), EgressRules(ORG)))
+
+
+def test_an_audit_that_cannot_check_lets_nothing_through(small_holder):
+    def broken() -> None:
+        raise OSError("/srv/fedhe/keys/participant.ctx: permission denied")
+
+    reply = guarded(update_reply(small_holder), EgressRules(ORG, backend=broken))
+    assert withheld(reply) and "permission" not in reply.error.reason
+
+
+def test_bench_egress_guard_times_both_kinds_of_reply():
+    from fedhe.bench.egress_guard import run_egress_guard_bench
+
+    result = run_egress_guard_bench(repeats=1, profile="n8k-d2")
+    assert result["num_params"] == 835
+    for kind in ("train_reply", "refresh_reply"):
+        assert result[kind]["guard_ms"] > 0 and result[kind]["bytes"] > 0

@@ -21,8 +21,7 @@ from coordinator.robust_aggregation import (
 )
 from coordinator.rounds import HEAdamCoordinator
 from fedhe.lab.aggregation_grid import COLUMNS, GridSpec, add_relative_columns, grid_cells, markdown_table
-from participant.keyholder import decrypt_vector, generate_keys, load_keyholder
-from participant.malicious import (
+from fedhe.lab.malicious import (
     Behaviour,
     PartyMixError,
     alie_z,
@@ -32,6 +31,7 @@ from participant.malicious import (
     parse_party_mix,
     party_mix_for,
 )
+from participant.keyholder import decrypt_vector, generate_keys, load_keyholder
 from participant.node import answer_norm_query
 from protos import messages
 from protos.codec import encrypt_vector, from_proto, to_proto

@@ -8,16 +8,22 @@ from pathlib import Path
 
 import pytest
 
+from participant.policy import COORDINATOR_MAY_SET, NODE_DECIDES
 from protos.settings import RunSettings
 from scenarios import load_scenario, resolve_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_app_run_config_declares_exactly_the_run_settings():
-    """Flower rejects run-config keys the app does not declare; RunSettings ignores unknown ones."""
+def test_app_run_config_declares_what_the_coordinator_may_set():
+    """Flower rejects run-config keys the app does not declare; RunSettings ignores unknown ones. What each node
+    decides itself is not declared, except participant-key-dir: the key directory of `flwr run`'s local simulation
+    (a deployed node refuses it)."""
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert set(declared) == {f.name.replace("_", "-") for f in fields(RunSettings)}
+    coordinator = {name.replace("_", "-") for name in COORDINATOR_MAY_SET}
+    assert set(declared) == coordinator | {"participant-key-dir"}
+    assert coordinator | {name.replace("_", "-") for name in NODE_DECIDES} == {
+        f.name.replace("_", "-") for f in fields(RunSettings)}
     assert RunSettings.from_run_config(declared) == RunSettings()
 
 

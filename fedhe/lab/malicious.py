@@ -1,6 +1,8 @@
 """Malicious participants for the threat lab: who misbehaves, how, and the crafted updates.
 
-A federation's *party mix* (``Scenario.party_mix``, or the ``party-mix`` run config that
+Lab code, never part of what an organization deploys: only `fedhe simulate` and the threat lab's
+grids apply it (``fedhe.lab.update_source``), and a deployed node refuses a run that asks for it.
+A federation's *party mix* (``Scenario.party_mix``, or the ``party-mix`` run setting that
 overrides it) lists behaviours and the participant indices that follow them::
 
     [{"attack": "sign-flip", "participants": [0, 1, 2], "k": 2.5}]
@@ -51,6 +53,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from participant.ppo import ParticipantTrainer
 from protos.update_units import clip_l2
 from scenarios import Scenario
 
@@ -242,8 +245,6 @@ def colluders_honest_updates(
     cache_dir: str = "",
 ) -> list[np.ndarray]:
     """Every colluder's honest, clipped update of this round (deterministic re-computation)."""
-    from participant.ppo import ParticipantTrainer
-
     digest = hashlib.sha256(np.ascontiguousarray(theta, dtype=np.float64).tobytes()).hexdigest()[:16]
     out = []
     for j in behaviour.colluders:
