@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -27,6 +28,7 @@ from participant.failures import RunSettingsError, error_reply, log_to_stderr
 from participant.local_update import NodeIdentity, UpdateSource
 from participant.node import cached_keyholder, handle
 from participant.policy import NodePolicy, organization_of
+from participant.worker import WorkerClient, state_dir
 from protos import messages
 from protos.settings import RunSettings
 from scenarios import Scenario, resolve_run
@@ -117,7 +119,41 @@ def build_client_app(
     return app
 
 
-log_to_stderr()
-app = build_client_app()
+@lru_cache(maxsize=1)
+def in_process_app() -> ClientApp:
+    """The deployed participant answering in this process (what its worker runs)."""
+    return build_client_app()
 
-__all__ = ["app", "build_client_app", "deployed_policy"]
+
+def forwarding_app() -> ClientApp:
+    """What organizations deploy: every message is answered by the organization's long-lived worker
+    (``participant.worker``), so environments, episodes in progress and loaded keys persist across
+    rounds as they do in simulation, although a SuperNode starts a fresh ClientApp process per
+    message. With ``worker=false`` in the node's policy (and on Flower's simulation runtime, whose
+    processes persist), it answers in this process."""
+    app = ClientApp()
+
+    def forward(msg: Message, context: Context) -> Message:
+        try:
+            policy = deployed_policy(context)
+        except Exception:  # noqa: BLE001 - the in-process app turns it into the right error reply
+            return in_process_app()(msg, context)
+        if not policy.worker or "partition-id" in context.node_config:
+            return in_process_app()(msg, context)
+        code_dir = Path(__file__).resolve().parents[1]
+        directory = state_dir(policy.key_dir, code_dir, policy.state_dir)
+        try:
+            return WorkerClient(directory, code_dir).forward(msg, context)
+        except Exception as exc:  # the worker could not answer: a fixed category, details in this log
+            return error_reply(msg, policy.organization, exc)
+
+    app.train()(forward)
+    for query in QUERIES:
+        app.query(query)(forward)
+    return app
+
+
+log_to_stderr()
+app = forwarding_app()
+
+__all__ = ["app", "build_client_app", "deployed_policy", "forwarding_app", "in_process_app"]

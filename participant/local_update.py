@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from participant.ppo import ParticipantTrainer
+from participant.run_state import kept_for_run
 from protos.dp import dp_clip_and_noise
 from protos.optimizer import HEAdamConfig
 from protos.settings import RunSettings
@@ -64,16 +65,10 @@ _trainers: dict[tuple, ParticipantTrainer] = {}
 
 
 def trainer_for(identity: NodeIdentity, scenario: Scenario, run_id: int, round_: int) -> ParticipantTrainer:
-    """Environments live as long as the process does, so episodes span rounds when possible.
-
-    Deployed SuperNodes start a fresh ClientApp process per message, so each round then gets a new
-    trainer with fresh private randomness (with a node seed, the round enters it).
-    """
+    """This participant's trainer for the run, kept across rounds (``participant.run_state``)."""
     key = (run_id, identity.participant_index, identity.run.scenario, identity.variant)
-    if key not in _trainers:
-        seed = identity.randomness(round_, "ppo")
-        _trainers[key] = ParticipantTrainer(scenario, identity.participant_index, seed, identity.variant)
-    return _trainers[key]
+    return kept_for_run(_trainers, key, lambda: ParticipantTrainer(
+        scenario, identity.participant_index, identity.randomness(round_, "ppo"), identity.variant))
 
 
 def local_update(

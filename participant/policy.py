@@ -122,6 +122,8 @@ NODE_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "seed": ("seed", _whole),
     "self-mask-threshold": ("self_mask_threshold", _whole),
     "min-masking-set": ("min_masking_set", _whole),
+    "worker": ("worker", _flag),
+    "state-dir": ("state_dir", _text),
 }
 POLICY_FILE = "policy-file"  # node config only: a TOML file with any of NODE_KEYS
 
@@ -143,6 +145,8 @@ class NodePolicy:
     seed: int | None = None  # opt-in reproducibility of its private randomness; None: OS entropy
     self_mask_threshold: int = 0  # 0: automatic
     min_masking_set: int = 3
+    worker: bool = True  # a deployed node answers through its long-lived worker (participant.worker)
+    state_dir: str = ""  # the worker's private directory; "": one under the system's temp directory
     permits: frozenset[str] = field(default=frozenset())  # code only: run settings the node lets the run decide
 
     def __post_init__(self) -> None:

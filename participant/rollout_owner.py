@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from participant.keyholder import KeyHolder
+from participant.run_state import kept_for_run
 from protos.codec import PROTOCOL_VERSION, encrypt_vector, to_proto
 from protos.fedhe.v1 import wire_pb2
 from protos.optimizer import HEAdamConfig
@@ -120,12 +121,10 @@ _owners: dict[tuple, RolloutOwner] = {}
 def owner_for(
     scenario: Scenario, index: int, variant: str | None, seed: np.random.SeedSequence, run_id: int
 ) -> RolloutOwner:
-    """Environments live as long as the process does (see ``participant.local_update.trainer_for``);
-    ``seed`` is the owner's private randomness for a new one (``NodeIdentity.randomness``)."""
-    key = (run_id, index, scenario.name, variant)
-    if key not in _owners:
-        _owners[key] = RolloutOwner(scenario, index, seed, variant)
-    return _owners[key]
+    """This owner's environments for the run, kept across rounds (``participant.run_state``); ``seed`` is
+    its private randomness for a new one (``NodeIdentity.randomness``)."""
+    return kept_for_run(_owners, (run_id, index, scenario.name, variant),
+                        lambda: RolloutOwner(scenario, index, seed, variant))
 
 
 def encrypted_rollout(holder: KeyHolder, round_: int, owner_round: OwnerRound) -> wire_pb2.RolloutUpload:

@@ -36,7 +36,9 @@ DEPLOYED_APPS = {"module app": lambda: client_app.app, "build_client_app()": lam
 
 
 def node(key_dir: str = "/srv/fedhe/keys", **extra) -> dict:
-    return {"participant-index": 1, "key-dir": key_dir, "organization": ORG, **extra}
+    """A deployed node's config; it answers in the test's process (``worker=false``) so its log is caplog
+    (tests/participant/test_worker.py covers the worker)."""
+    return {"participant-index": 1, "key-dir": key_dir, "organization": ORG, "worker": False, **extra}
 
 
 # run config, extra node config, what the refusal names

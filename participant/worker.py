@@ -1,0 +1,174 @@
+"""A long-lived local process per organization, so a deployment trains as a simulation does.
+
+A deployed SuperNode starts a fresh ClientApp process for every message (Flower 1.41, with either
+``--isolation``), so anything a process holds, its environments, their episodes in progress, the
+running statistics, the loaded keys, would start over every round: episodes would be cut at the
+round's step budget and training would be a different algorithm than in simulation. So the
+deployed ClientApp forwards each message to this worker and returns its answer. The worker lives
+on the organization's own machine, runs the same code as the ClientApp (the app bundle's directory
+is on its path) and holds everything a participant keeps between rounds.
+
+* One worker per code directory and key directory, found by a Unix socket in a private state
+  directory (mode 0700; node config ``state-dir``, default under the system's temp directory).
+  The first message of a run starts it; it exits after ``IDLE_S`` without a message, or at once
+  when the ClientApp asks it to (a new app bundle gets a new worker).
+* Connections are authenticated (``multiprocessing.connection``: HMAC challenge with a random
+  32-byte key in a 0600 file), so only this organization's user can talk to it. Nothing it
+  receives or returns leaves the machine except the reply the ClientApp then sends, through the
+  same egress guard as always.
+* Its own log (details, tracebacks) is ``worker.log`` in the state directory, its process id
+  ``worker.pid``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.common.serde import (
+    context_from_proto,
+    context_to_proto,
+    message_from_proto,
+    message_to_proto,
+    recorddict_from_proto,
+    recorddict_to_proto,
+)
+from flwr.proto.message_pb2 import Context as ProtoContext
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from protos.files import write_atomic
+
+log = logging.getLogger("fedhe.participant")
+SOCKET, AUTHKEY, LOG, PID = "worker.sock", "worker.key", "worker.log", "worker.pid"
+IDLE_S = 1800.0  # a worker nobody talked to for 30 minutes exits
+START_S = 60.0  # how long a ClientApp waits for a worker it started (TenSEAL and Gymnasium imports)
+
+
+def state_dir(key_dir: str, code_dir: Path, configured: str = "") -> Path:
+    """The worker's private directory: ``configured`` or one per (code, keys) under the temp directory."""
+    if configured:
+        return Path(configured)
+    tag = hashlib.sha256(f"{Path(code_dir).resolve()}\0{Path(key_dir).resolve()}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"fedhe-worker-{os.getuid()}-{tag}"
+
+
+class WorkerClient:
+    """The ClientApp's side: hand one message to the organization's worker, starting it if needed."""
+
+    def __init__(self, directory: Path, code_dir: Path) -> None:
+        self.directory, self.code_dir = Path(directory), Path(code_dir)
+
+    def forward(self, msg: Message, context: Context) -> Message:
+        """The worker's reply to ``msg``; ``context.state`` (the per-run node state) comes back updated."""
+        answer = self.call({"message": message_to_proto(msg).SerializeToString(),
+                            "context": context_to_proto(context).SerializeToString()})
+        state = recorddict_from_proto(ProtoRecordDict.FromString(answer["state"]))
+        for name in list(context.state):
+            del context.state[name]
+        for name, record in state.items():
+            context.state[name] = record
+        return message_from_proto(ProtoMessage.FromString(answer["message"]))
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self._connect() as conn:
+            conn.send(request)
+            return conn.recv()
+
+    def stop(self) -> None:
+        """Ask a running worker to exit (tests, or a node taken down)."""
+        try:
+            with self._open() as conn:
+                conn.send({"stop": True})
+        except (FileNotFoundError, ConnectionRefusedError, OSError):
+            pass
+
+    def _connect(self) -> Connection:
+        try:
+            return self._open()
+        except (FileNotFoundError, ConnectionRefusedError, OSError):
+            self._start()
+        deadline = time.monotonic() + START_S
+        while True:
+            try:
+                return self._open()
+            except (FileNotFoundError, ConnectionRefusedError, OSError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the participant worker did not start within {START_S:g} s; see {self.directory / LOG}"
+                    ) from None
+                time.sleep(0.1)
+
+    def _open(self) -> Connection:
+        key = (self.directory / AUTHKEY).read_bytes()
+        return Client(str(self.directory / SOCKET), family="AF_UNIX", authkey=key)
+
+    def _start(self) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+        for stale in (SOCKET, AUTHKEY):
+            (self.directory / stale).unlink(missing_ok=True)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(self.code_dir), os.environ.get("PYTHONPATH", "")]))
+        with open(self.directory / LOG, "ab") as out:
+            subprocess.Popen([sys.executable, "-m", "participant.worker", str(self.directory)], cwd=self.code_dir,
+                             env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+
+
+def answer(request: dict[str, Any]) -> dict[str, Any]:
+    """Run the organization's ClientApp on one forwarded message, here, where its state lives."""
+    from participant.client_app import in_process_app  # the same code the ClientApp runs
+
+    msg = message_from_proto(ProtoMessage.FromString(request["message"]))
+    context = context_from_proto(ProtoContext.FromString(request["context"]))
+    reply = in_process_app()(msg, context)
+    return {"message": message_to_proto(reply).SerializeToString(),
+            "state": recorddict_to_proto(context.state).SerializeToString()}
+
+
+def serve(directory: Path, idle_s: float = IDLE_S) -> None:
+    """The worker's loop: one request at a time."""
+
+    directory = Path(directory)
+    key = os.urandom(32)
+    listener = Listener(str(directory / SOCKET), family="AF_UNIX", authkey=key)
+    write_atomic(directory / PID, f"{os.getpid()}\n".encode())
+    write_atomic(directory / AUTHKEY, key, 0o600)  # only now can a ClientApp connect
+    last = [time.monotonic()]
+
+    def exit_when_idle() -> None:
+        while time.monotonic() - last[0] < idle_s:
+            time.sleep(min(idle_s, 5.0))
+        log.info("participant worker idle for %g s: exiting", idle_s)
+        os._exit(0)
+
+    threading.Thread(target=exit_when_idle, daemon=True).start()
+    log.info("participant worker serving on %s (pid %d)", directory / SOCKET, os.getpid())
+    while True:
+        try:
+            conn = listener.accept()
+        except Exception:  # a client that failed authentication: not ours
+            log.warning("refused a connection that did not authenticate", exc_info=True)
+            continue
+        with conn:
+            request = conn.recv()
+            if request.get("stop"):
+                log.info("participant worker asked to stop")
+                return
+            last[0] = time.monotonic()
+            conn.send(answer(request))
+            last[0] = time.monotonic()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(Path(sys.argv[1]))
