@@ -21,10 +21,9 @@ from typing import Any
 
 from coordinator.robust_aggregation import ROBUST_DEFENSES
 from fedhe.lab.malicious import ATTACKS, party_mix_for
-from protos.settings import DEFENSES
 from fedhe.run_dir import KEYS_DIR, ensure_keys
 from fedhe.simulate import simulate
-from protos.settings import RunSettings
+from protos.settings import DEFENSES, RunSettings
 from scenarios import load_scenario
 
 COLUMNS = [
