@@ -115,11 +115,13 @@ class Roster:
 
 def build_roster(fingerprint: str, public_key_files: Sequence[Path], names: Sequence[str] = ()) -> Roster:
     """The roster of organizations whose ``.x25519.pub`` files are given in participant-index order,
-    named ``names`` (default: each file's name without ``.x25519.pub``)."""
+    named ``names`` (default: each file's name without ``.x25519.pub`` if they differ, else
+    ``participant-<index>``)."""
     files = [Path(p) for p in public_key_files]
     if names and len(names) != len(files):
         raise RosterError(f"{len(names)} names for {len(files)} organizations; give one name per public key")
-    names = tuple(names) or tuple(f.name.removesuffix(".pub").removesuffix(".x25519") for f in files)
+    stems = tuple(f.name.removesuffix(".pub").removesuffix(".x25519") for f in files)
+    names = tuple(names) or (stems if len(set(stems)) == len(stems) else ())  # (): participant-<index>
     return Roster(fingerprint, tuple(raw_public_key(load_public_key(p)) for p in files), names)
 
 

@@ -10,8 +10,9 @@ is on its path) and holds everything a participant keeps between rounds.
 
 * One worker per code directory and key directory, found by a Unix socket in a private state
   directory (mode 0700; node config ``state-dir``, default under the system's temp directory).
-  The first message of a run starts it; it exits after ``IDLE_S`` without a message, or at once
-  when the ClientApp asks it to (a new app bundle gets a new worker).
+  The first message of a run starts it; it exits after ``IDLE_S`` without a message, when the
+  SuperNode's process that started it is gone, or when asked to (a new app bundle gets a new
+  worker).
 * Connections are authenticated (``multiprocessing.connection``: HMAC challenge with a random
   32-byte key in a 0600 file), so only this organization's user can talk to it. Nothing it
   receives or returns leaves the machine except the reply the ClientApp then sends, through the
@@ -120,8 +121,10 @@ class WorkerClient:
             (self.directory / stale).unlink(missing_ok=True)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(self.code_dir), os.environ.get("PYTHONPATH", "")]))
         with open(self.directory / LOG, "ab") as out:
-            subprocess.Popen([sys.executable, "-m", "participant.worker", str(self.directory)], cwd=self.code_dir,
-                             env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+            # it watches the process that started this ClientApp (the SuperNode's SuperExec): gone with it
+            subprocess.Popen([sys.executable, "-m", "participant.worker", str(self.directory), str(os.getppid())],
+                             cwd=self.code_dir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                             start_new_session=True)
 
 
 def answer(request: dict[str, Any]) -> dict[str, Any]:
@@ -135,8 +138,18 @@ def answer(request: dict[str, Any]) -> dict[str, Any]:
             "state": recorddict_to_proto(context.state).SerializeToString()}
 
 
-def serve(directory: Path, idle_s: float = IDLE_S) -> None:
-    """The worker's loop: one request at a time."""
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def serve(directory: Path, watch_pid: int, idle_s: float = IDLE_S) -> None:
+    """The worker's loop: one request at a time, until idle for ``idle_s`` or ``watch_pid`` is gone."""
 
     directory = Path(directory)
     key = os.urandom(32)
@@ -145,13 +158,13 @@ def serve(directory: Path, idle_s: float = IDLE_S) -> None:
     write_atomic(directory / AUTHKEY, key, 0o600)  # only now can a ClientApp connect
     last = [time.monotonic()]
 
-    def exit_when_idle() -> None:
-        while time.monotonic() - last[0] < idle_s:
-            time.sleep(min(idle_s, 5.0))
-        log.info("participant worker idle for %g s: exiting", idle_s)
+    def exit_when_idle_or_orphaned() -> None:
+        while time.monotonic() - last[0] < idle_s and alive(watch_pid):
+            time.sleep(min(idle_s, 1.0))
+        log.info("participant worker idle for %g s or its SuperNode is gone: exiting", idle_s)
         os._exit(0)
 
-    threading.Thread(target=exit_when_idle, daemon=True).start()
+    threading.Thread(target=exit_when_idle_or_orphaned, daemon=True).start()
     log.info("participant worker serving on %s (pid %d)", directory / SOCKET, os.getpid())
     while True:
         try:
@@ -171,4 +184,4 @@ def serve(directory: Path, idle_s: float = IDLE_S) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(Path(sys.argv[1]))
+    serve(Path(sys.argv[1]), int(sys.argv[2]))

@@ -13,6 +13,7 @@ from protos.keyfile import COORDINATOR_KEY, PARTICIPANT_KEY
 from support.deployment_harness import build_fab, fab_files
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+ORGANIZATIONS = ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e")
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ def distribute_keys(root: Path, organizations: int, name: str = "ceremony") -> F
     for d in org_dirs:
         d.mkdir(parents=True)
         publics.append(create_recipient(d / "org")[1])  # org.x25519 stays here; its .pub goes to the ceremony
-    roster = build_roster(ceremony.fingerprint, publics)
+    roster = build_roster(ceremony.fingerprint, publics, ORGANIZATIONS[:organizations])
     for d in org_dirs:
         shutil.copy2(ceremony.participant_key, d / PARTICIPANT_KEY)
         roster.write(d / ROSTER_FILE)
@@ -60,4 +61,6 @@ def snapshot_app(dest: Path) -> Path:
 
 
 def node_configs(keys: FederationKeys) -> list[dict]:
-    return [{"key-dir": str(d.resolve()), "participant-index": i} for i, d in enumerate(keys.org_dirs)]
+    """Each organization's node config; its worker's state directory sits next to its keys."""
+    return [{"key-dir": str(d.resolve()), "participant-index": i, "state-dir": str(d.parent.resolve() / "worker")}
+            for i, d in enumerate(keys.org_dirs)]
