@@ -14,9 +14,12 @@ fixed category (``participant.failures``).
 
 from __future__ import annotations
 
+import importlib
+import pickle
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -119,31 +122,48 @@ def build_client_app(
     return app
 
 
-@lru_cache(maxsize=1)
-def in_process_app() -> ClientApp:
-    """The deployed participant answering in this process (what its worker runs)."""
-    return build_client_app()
+DEPLOYED = "participant.client_app:build_client_app"  # the app a deployed node's worker runs
 
 
-def forwarding_app() -> ClientApp:
-    """What organizations deploy: every message is answered by the organization's long-lived worker
-    (``participant.worker``), so environments, episodes in progress and loaded keys persist across
-    rounds as they do in simulation, although a SuperNode starts a fresh ClientApp process per
-    message. With ``worker=false`` in the node's policy (and on Flower's simulation runtime, whose
-    processes persist), it answers in this process."""
-    app = ClientApp()
+@lru_cache(maxsize=8)
+def _app_from(factory: str, kwargs: bytes) -> ClientApp:
+    module, name = factory.split(":")
+    return getattr(importlib.import_module(module), name)(**pickle.loads(kwargs))
+
+
+def app_from(factory: str, kwargs: dict[str, Any] | None = None) -> ClientApp:
+    """The ClientApp a factory ("module:function") builds from ``kwargs``, built once per process."""
+    return _app_from(factory, pickle.dumps(kwargs or {}))
+
+
+def forwarding_app(
+    mods: list[Mod] | None = None,
+    *,
+    policy_for: PolicyFactory = deployed_policy,
+    factory: str = DEPLOYED,
+    factory_kwargs: dict[str, Any] | None = None,
+) -> ClientApp:
+    """The participant as organizations deploy it (and as `fedhe simulate` runs it): every message is
+    answered by the organization's long-lived worker (``participant.worker``), so environments,
+    episodes in progress and loaded keys persist across rounds, although a SuperNode starts a fresh
+    ClientApp process per message and a simulation hands a node's messages to any of its workers.
+    The worker runs ``factory(**factory_kwargs)``; with ``worker=false`` in the node's policy, this
+    process does. ``mods`` wrap the forwarding (the egress guard is inside the app the worker runs)."""
+    app = ClientApp(mods=mods or [])
+    code_dir = Path(__file__).resolve().parents[1]
 
     def forward(msg: Message, context: Context) -> Message:
+        local = app_from(factory, factory_kwargs)
         try:
-            policy = deployed_policy(context)
-        except Exception:  # noqa: BLE001 - the in-process app turns it into the right error reply
-            return in_process_app()(msg, context)
-        if not policy.worker or "partition-id" in context.node_config:
-            return in_process_app()(msg, context)
-        code_dir = Path(__file__).resolve().parents[1]
-        directory = state_dir(policy.key_dir, code_dir, policy.state_dir)
+            policy = policy_for(context)
+        except Exception:  # noqa: BLE001 - the app turns it into the right error reply
+            return local(msg, context)
+        if not policy.worker:
+            return local(msg, context)
+        tag = f"{policy.key_dir}\0{policy.participant_index}\0{factory}\0{factory_kwargs!r}"
+        client = WorkerClient(state_dir(tag, code_dir, policy.state_dir), code_dir, factory, factory_kwargs)
         try:
-            return WorkerClient(directory, code_dir).forward(msg, context)
+            return client.forward(msg, context)
         except Exception as exc:  # the worker could not answer: a fixed category, details in this log
             return error_reply(msg, policy.organization, exc)
 
@@ -156,4 +176,4 @@ def forwarding_app() -> ClientApp:
 log_to_stderr()
 app = forwarding_app()
 
-__all__ = ["app", "build_client_app", "deployed_policy", "forwarding_app", "in_process_app"]
+__all__ = ["app", "app_from", "build_client_app", "deployed_policy", "forwarding_app"]

@@ -56,24 +56,26 @@ IDLE_S = 1800.0  # a worker nobody talked to for 30 minutes exits
 START_S = 60.0  # how long a ClientApp waits for a worker it started (TenSEAL and Gymnasium imports)
 
 
-def state_dir(key_dir: str, code_dir: Path, configured: str = "") -> Path:
-    """The worker's private directory: ``configured`` or one per (code, keys) under the temp directory."""
+def state_dir(tag: str, code_dir: Path, configured: str = "") -> Path:
+    """The worker's private directory: ``configured`` or one per (code, ``tag``) under the temp directory."""
     if configured:
         return Path(configured)
-    tag = hashlib.sha256(f"{Path(code_dir).resolve()}\0{Path(key_dir).resolve()}".encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"fedhe-worker-{os.getuid()}-{tag}"
+    digest = hashlib.sha256(f"{Path(code_dir).resolve()}\0{tag}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"fedhe-worker-{os.getuid()}-{digest}"
 
 
 class WorkerClient:
     """The ClientApp's side: hand one message to the organization's worker, starting it if needed."""
 
-    def __init__(self, directory: Path, code_dir: Path) -> None:
+    def __init__(self, directory: Path, code_dir: Path, factory: str, factory_kwargs: dict | None = None) -> None:
         self.directory, self.code_dir = Path(directory), Path(code_dir)
+        self.factory, self.factory_kwargs = factory, factory_kwargs or {}
 
     def forward(self, msg: Message, context: Context) -> Message:
         """The worker's reply to ``msg``; ``context.state`` (the per-run node state) comes back updated."""
         answer = self.call({"message": message_to_proto(msg).SerializeToString(),
-                            "context": context_to_proto(context).SerializeToString()})
+                            "context": context_to_proto(context).SerializeToString(),
+                            "factory": self.factory, "kwargs": self.factory_kwargs})
         state = recorddict_from_proto(ProtoRecordDict.FromString(answer["state"]))
         for name in list(context.state):
             del context.state[name]
@@ -129,13 +131,22 @@ class WorkerClient:
 
 def answer(request: dict[str, Any]) -> dict[str, Any]:
     """Run the organization's ClientApp on one forwarded message, here, where its state lives."""
-    from participant.client_app import in_process_app  # the same code the ClientApp runs
+    from participant.client_app import app_from  # the same code the ClientApp runs
 
+    t0 = time.perf_counter()
     msg = message_from_proto(ProtoMessage.FromString(request["message"]))
     context = context_from_proto(ProtoContext.FromString(request["context"]))
-    reply = in_process_app()(msg, context)
+    reply = app_from(request["factory"], request["kwargs"])(msg, context)
+    log.info("answered a %s message of round %s in %.0f ms%s", msg.metadata.message_type, msg.metadata.group_id,
+             (time.perf_counter() - t0) * 1e3, " (an error reply)" if reply.has_error() else "")
     return {"message": message_to_proto(reply).SerializeToString(),
             "state": recorddict_to_proto(context.state).SerializeToString()}
+
+
+def remove_traces(directory: Path) -> None:
+    """An exiting worker leaves only its log."""
+    for name in (AUTHKEY, SOCKET, PID):
+        (directory / name).unlink(missing_ok=True)
 
 
 def alive(pid: int) -> bool:
@@ -162,6 +173,7 @@ def serve(directory: Path, watch_pid: int, idle_s: float = IDLE_S) -> None:
         while time.monotonic() - last[0] < idle_s and alive(watch_pid):
             time.sleep(min(idle_s, 1.0))
         log.info("participant worker idle for %g s or its SuperNode is gone: exiting", idle_s)
+        remove_traces(directory)
         os._exit(0)
 
     threading.Thread(target=exit_when_idle_or_orphaned, daemon=True).start()
@@ -176,6 +188,7 @@ def serve(directory: Path, watch_pid: int, idle_s: float = IDLE_S) -> None:
             request = conn.recv()
             if request.get("stop"):
                 log.info("participant worker asked to stop")
+                remove_traces(directory)
                 return
             last[0] = time.monotonic()
             conn.send(answer(request))

@@ -23,7 +23,7 @@ def node_config(tmp_path, keys):
     config = {"participant-index": 0, "key-dir": str(key_dir), "state-dir": str(tmp_path / "state"),
               "masking": "optional"}
     yield config
-    WorkerClient(tmp_path / "state", tmp_path).stop()
+    WorkerClient(tmp_path / "state", tmp_path, client_app.DEPLOYED).stop()
 
 
 def test_messages_are_answered_by_one_long_lived_worker(node_config, keys, tmp_path):
