@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Message
@@ -32,7 +33,7 @@ from coordinator.dp_accounting import DPAccountant
 from coordinator.encrypted_gradient import RolloutPlan
 from coordinator.exchange import Exchange, RoundOutcome
 from coordinator.he_adam import HEAdamState
-from coordinator.integrity import check_integrity
+from coordinator.integrity import Verdict, ask_verdict, integrity_query, read_verdict
 from coordinator.organizations import EXCLUDED, Organizations
 from coordinator.parallel_step import parallel_he_adam_step
 from coordinator.refresh import StateRefresh, init_config
@@ -56,6 +57,22 @@ HE_PHASES = ("he_adam", "encrypted_gradient")  # the coordinator's own HE work i
 NODE_WAIT_S = 60.0  # how long a run waits for the participants it asks for before going on without them
 
 
+@dataclass
+class Unverified:
+    """A stepped round whose aggregate the integrity check has not confirmed yet.
+
+    Its query rides on the next round's message to the refresher; if it fails, the state returns
+    to ``before`` (the step's starting point, at ``levels``) and the next round is discarded."""
+
+    round: int
+    query: ArrayRecord
+    before: HEAdamState
+    levels: dict[str, int]
+    row: dict  # its metrics row, without the release
+    contributors: int
+    participants: int
+
+
 class RoundDriver:
     """Encrypted federated training with HE-Adam; ``run`` drives the whole federation."""
 
@@ -75,6 +92,7 @@ class RoundDriver:
         self.record = RunRecord()
         self.checkpoints = CheckpointWriter(self.out_dir, backend, plan.scenario.name, plan.optimizer.to_json())
         self.probes: dict[str, int] = {}  # identify messages still unanswered: message id -> node
+        self.unverified: Unverified | None = None  # the last stepped round, until its integrity check
 
     def describe(self) -> None:
         cfg = self.plan.optimizer
@@ -100,20 +118,26 @@ class RoundDriver:
         try:
             for server_round in range(self.state.round + 1, settings.num_server_rounds + 1):
                 outcome = self.run_round(exchange, server_round)
-                rows = read_metrics(self.out_dir)
-                log.info("%s", round_line(outcome, settings.num_server_rounds, rows))
-                board.round(outcome, rows[-1] if outcome.completed and rows else None)
-                if self.on_round:
-                    self.on_round(outcome, rows[-1] if rows else None)
-                if settings.stop_on_solve and is_solved(rows, self.plan.scenario.reward_threshold):
-                    log.info("solved at round %d: stopping", server_round)
+                self.report(outcome, board)
+                threshold = self.plan.scenario.reward_threshold
+                if settings.stop_on_solve and is_solved(read_metrics(self.out_dir), threshold):
+                    log.info("solved at round %d: stopping", server_round - 1)
                     break
+            self.settle_last(exchange)
         finally:
             board.close()
             try:
                 self.checkpoints.close()  # the last round's write completes even on the way out
             finally:
                 self.workers.close()
+
+    def report(self, outcome: RoundOutcome, board: TensorBoardLog) -> None:
+        """The round's log line (``flwr log``), TensorBoard point and callback, with the latest confirmed row."""
+        rows = read_metrics(self.out_dir)
+        log.info("%s", round_line(outcome, self.plan.settings.num_server_rounds, rows))
+        board.round(outcome, rows[-1] if rows else None)
+        if self.on_round:
+            self.on_round(outcome, rows[-1] if rows else None)
 
     # -- one round --------------------------------------------------------------------------------
     def run_round(self, exchange: Exchange, server_round: int) -> RoundOutcome:
@@ -131,7 +155,8 @@ class RoundDriver:
         with outcome.timer.phase("messages_out"):
             outgoing, masks = self.train_messages(ctx, aggregation.train_config())
         pending = exchange.push(outgoing, outcome)
-        self.checkpoints.start()  # last round's checkpoint, written while participants train
+        self.checkpoints.start()  # the last confirmed round's checkpoint, written while participants train
+        verdict = None
         for node, reply in exchange.replies(pending, outcome):
             if reply.has_error():
                 exchange.error_reply(node, reply, outcome)
@@ -141,9 +166,16 @@ class RoundDriver:
                 with outcome.timer.phase("refresh_in"):
                     ctx.refreshed = self.take(ctx, node, "refresh", lambda r=reply: self.refresh.take(
                         r, server_round, masks, self.state.optimizer))
+                if self.unverified is not None:
+                    verdict = self.take(ctx, node, "integrity reply",
+                                        lambda r=reply: read_verdict(r, self.unverified.round))
         outcome.answered = [ctx.name(node) for node in aggregation.contributors]
         for node in aggregation.contributors:
             self.organizations.of(node).answered += 1
+        if self.unverified is not None and not self.settle(ctx, verdict):
+            outcome.cause = (f"discarded: its participants trained on round {outcome.round - 1}'s model, which the "
+                             "integrity check refused")
+            return self.finish(outcome, t0)
         if len(aggregation.contributors) < self.plan.settings.min_participants:
             outcome.cause = (f"only {len(aggregation.contributors)} of {len(nodes)} participants answered "
                              f"(minimum {self.plan.settings.min_participants})")
@@ -157,25 +189,63 @@ class RoundDriver:
         aggregate = aggregation.finish()
         if aggregate is None:
             return self.finish(outcome, t0)
-        verdict = check_integrity(ctx, aggregate)
-        if verdict is None or not verdict.passed:
-            outcome.cause = verdict.cause() if verdict else "no key holder answered the integrity check"
-            outcome.extras["integrity_failure"] = verdict is not None
-            return self.finish(outcome, t0)
         refreshed = ctx.refreshed
+        before = HEAdamState(refreshed.theta, **refreshed.state, step=self.steps())
         with outcome.timer.phase("he_adam"):
-            step = parallel_he_adam_step(self.workers, HEAdamState(refreshed.theta, **refreshed.state,
-                                                                   step=self.steps()),
-                                         aggregate.update, self.plan.optimizer, self.poly)
-        outcome.he_ms = sum(outcome.timer.ms[phase] for phase in HE_PHASES)
+            step = parallel_he_adam_step(self.workers, before, aggregate.update, self.plan.optimizer, self.poly)
+        outcome.he_ms = sum(outcome.timer.ms.get(phase, 0.0) for phase in HE_PHASES)
         self.refresh.stepped(refreshed.start_levels)
-        if self.dp:
-            outcome.extras.update(self.dp.completed(aggregate.contributors, len(nodes)))
         self.state.optimizer = step.state
-        if verdict.released is not None:
-            self.state.history.append(verdict.released)
         outcome.completed = True
-        return self.finish(outcome, t0, verdict.released)
+        query = integrity_query(ctx, aggregate)
+        self.finish(outcome, t0)
+        self.unverified = Unverified(server_round, query, before, refreshed.start_levels, self.row(outcome),
+                                     aggregate.contributors, len(nodes))
+        return outcome
+
+    def settle(self, ctx: RoundContext, verdict: Verdict | None) -> bool:
+        """Confirm or undo the last round's step (asking a key holder now if the refresher did not
+        answer its check); True if it stands."""
+        unverified, self.unverified = self.unverified, None
+        if verdict is None:
+            verdict = ask_verdict(ctx, unverified.query, unverified.round)
+        if verdict is None or not verdict.passed:
+            cause = verdict.cause() if verdict else "integrity: no key holder answered the check"
+            log.warning("round %d is undone: %s", unverified.round, cause)
+            self.record.failed_rounds.append({"round": unverified.round, "cause": cause, "failed": []})
+            self.state.optimizer, self.refresh.levels = unverified.before, unverified.levels
+            return False
+        row = dict(unverified.row)
+        released = verdict.released
+        row.update(mean_return=released.mean_return if released is not None and released.valid else None,
+                   episodes=int(released.episodes) if released is not None else 0,
+                   steps=int(released.steps) if released is not None else 0)
+        if self.dp:
+            row.update(self.dp.completed(unverified.contributors, unverified.participants))
+        if released is not None:
+            self.state.history.append(released)
+        self.confirm(unverified.round, row)
+        return True
+
+    def confirm(self, round_: int, row: dict) -> None:
+        """A round the integrity check confirmed: its row in metrics.jsonl and its state checkpointed."""
+        self.state.round = round_
+        append_metrics(self.out_dir, row)
+        self.checkpoints.save(self.state, self.record.snapshot(self.organizations), defer=True)
+
+    def settle_last(self, exchange: Exchange) -> None:
+        """After the last round: the check of its aggregate, in an exchange of its own."""
+        if self.unverified is None:
+            return
+        nodes = self.organizations.active([int(n) for n in exchange.grid.get_node_ids()])
+        if not nodes:
+            log.warning("no key holder left to check round %d: it is undone", self.unverified.round)
+            self.state.optimizer = self.unverified.before
+            self.unverified = None
+            return
+        outcome = RoundOutcome(self.unverified.round)
+        ctx = RoundContext(self.plan, self.backend, exchange, self.unverified.round, nodes, {}, nodes[0], outcome)
+        self.settle(ctx, None)
 
     def take(self, ctx: RoundContext, node: int, what: str, fn: Callable[[], object]):
         """Run ``fn`` on one reply; a reply that does not validate is that organization's failure."""
@@ -190,22 +260,17 @@ class RoundDriver:
     def steps(self) -> int:
         return self.state.optimizer.step if self.state.optimizer is not None else 0
 
-    def finish(self, outcome: RoundOutcome, t0: float, released=None) -> RoundOutcome:
-        """Write a completed round's row and checkpoint; a failed one leaves state and checkpoint as they were."""
+    def row(self, outcome: RoundOutcome) -> dict:
+        """A stepped round's metrics row; the released statistics come with the integrity check."""
+        return {"round": outcome.round, "wall_s": round(outcome.wall_s, 3), "bytes_up": outcome.bytes_up,
+                "bytes_down": outcome.bytes_down, "he_ms": round(outcome.he_ms, 1),
+                "participants": len(outcome.answered), "answered": outcome.answered, "failed": outcome.failed,
+                **outcome.extras, "phases_ms": outcome.timer.rounded()}
+
+    def finish(self, outcome: RoundOutcome, t0: float) -> RoundOutcome:
+        """A round that changed nothing is recorded; a stepped one waits for its integrity check."""
         outcome.wall_s = time.perf_counter() - t0
-        if outcome.completed:
-            self.state.round = outcome.round
-            row = {"round": outcome.round, "wall_s": round(outcome.wall_s, 3), "bytes_up": outcome.bytes_up,
-                   "bytes_down": outcome.bytes_down, "he_ms": round(outcome.he_ms, 1),
-                   "participants": len(outcome.answered), "answered": outcome.answered, "failed": outcome.failed,
-                   "mean_return": released.mean_return if released is not None and released.valid else None,
-                   "episodes": int(released.episodes) if released is not None else 0,
-                   "steps": int(released.steps) if released is not None else 0,
-                   **outcome.extras, "phases_ms": outcome.timer.rounded()}
-            append_metrics(self.out_dir, row)
-            with outcome.timer.phase("checkpoint"):  # a snapshot: the write overlaps the next round's wait
-                self.checkpoints.save(self.state, self.record.snapshot(self.organizations), defer=True)
-        else:
+        if not outcome.completed:
             log.warning("round %d changed nothing: %s", outcome.round, outcome.cause)
             self.record.failed_round(outcome)
         return outcome
@@ -274,12 +339,16 @@ class RoundDriver:
         return {messages.THETA: messages.pack(to_proto(self.backend, self.state.optimizer.theta))}
 
     def train_messages(self, ctx: RoundContext, config: dict) -> tuple[list[Message], object]:
+        """Theta for everybody; for the refresher also the state to refresh and last round's integrity check."""
         theta = self.theta_arrays()
         request, masks = self.refresh.request(ctx.round, self.state.optimizer)
+        refresher = {**theta, messages.REFRESH_REQUEST: request}
+        if self.unverified is not None:
+            refresher[messages.INTEGRITY_QUERY] = self.unverified.query
         config = {**config, **init_config(self.state.optimizer)}
         out = []
         for node in ctx.nodes:
-            arrays = {**theta, messages.REFRESH_REQUEST: request} if node == ctx.refresher else theta
+            arrays = refresher if node == ctx.refresher else theta
             out.append(ctx.exchange.message(node, ctx.round, ctx.participants, messages.TRAIN, arrays, config))
         return out, masks
 

@@ -3,23 +3,29 @@
 Masks and encryption hide a bad update as well as a good one: a ciphertext under another key, a
 replay relabelled to another round (its masks no longer cancel) or an inflated update would each
 pass unseen into HE-Adam. But every honest update is clipped, so the honest aggregate obeys a
-public L2 bound (``RunPlan.aggregate_bound``), which is also HE-Adam's interval guarantee. Before
-the step, the coordinator sends one key holder ``r |S|^2 - r bound^2``, spread over masked slots
+public L2 bound (``RunPlan.aggregate_bound``), which is also HE-Adam's interval guarantee. The
+coordinator sends one key holder ``r |S|^2 - r bound^2``, spread over masked slots
 (``robust_aggregation.masked_square_sum``, r a secret factor), and ``q S`` under masks uniform in
 +-2^15 (q a secret factor in [1, 2)): the key holder sums the first one's slots and reveals only
 whether the sum is negative and every slot of the second stays within the masks' range, so neither
 side learns the aggregate's norm. The second check stops a key holder's crafted update whose values
 are so large that their squares wrap around the ciphertext modulus and pass the first (a
 ciphertext under another key decrypts to such values); it tells the checking key holder each
-coordinate of S only up to that uniform mask (statistical distance |S_j| / 2^16 per coordinate). The same
-key holder decrypts the round's summed statistics, checks they are whole counts within the
-round's limits, and releases them rounded. A round that fails either check changes nothing and
-is reported as an integrity failure. Not caught: a poisoned update within the bound.
+coordinate of S only up to that uniform mask (statistical distance |S_j| / 2^16 per coordinate).
+The same key holder decrypts the round's summed statistics, checks they are whole counts within
+the round's limits, and releases them rounded.
+
+The check costs no exchange of its own: the step is taken at once and the query rides on the next
+round's message to its refresher (``coordinator.driver``); only a round the check confirms is
+recorded and checkpointed. A round that fails it is undone, with the next round that trained on
+it, and reported as an integrity failure. Not caught: a poisoned update within the bound.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, Message
 
 from coordinator.aggregation.base import Aggregate, RoundContext
 from coordinator.he_adam import add_plain_vector
@@ -49,8 +55,13 @@ class Verdict:
         return "integrity: " + "; ".join(problems)
 
 
-def check_integrity(ctx: RoundContext, aggregate: Aggregate) -> Verdict | None:
-    """One key holder's verdict on the aggregate (None: no key holder answered)."""
+def verdict_of(answer: wire_pb2.IntegrityReply) -> Verdict:
+    return Verdict(answer.within_bound, answer.stats_plausible,
+                   answer.released if answer.HasField("released") else None)
+
+
+def integrity_query(ctx: RoundContext, aggregate: Aggregate) -> ArrayRecord:
+    """The check of this round's aggregate, for a key holder to answer (with the next round's messages)."""
     bound = ctx.plan.aggregate_bound(aggregate.contributors, ctx.participants)
     factor = secret_factor()
     with ctx.outcome.timer.phase("integrity"):
@@ -60,12 +71,21 @@ def check_integrity(ctx: RoundContext, aggregate: Aggregate) -> Verdict | None:
                                         masked_values=to_proto(ctx.backend, masked_values(ctx, aggregate.update)),
                                         stats=to_proto(ctx.backend, aggregate.stats),
                                         contributors=aggregate.contributors)
-        answer = ctx.ask_one(messages.INTEGRITY, {messages.INTEGRITY_QUERY: messages.pack(query)},
-                             lambda _node, reply: read_integrity(reply, ctx.round), "integrity reply")
-    if answer is None:
+    return messages.pack(query)
+
+
+def read_verdict(reply: Message, round_: int) -> Verdict | None:
+    """The verdict a reply carries on round ``round_``'s aggregate, if it carries one."""
+    if messages.INTEGRITY_REPLY not in reply.content.array_records:
         return None
-    released = answer.released if answer.HasField("released") else None
-    return Verdict(answer.within_bound, answer.stats_plausible, released)
+    return verdict_of(read_integrity(reply, round_))
+
+
+def ask_verdict(ctx: RoundContext, query: ArrayRecord, round_: int) -> Verdict | None:
+    """A dedicated exchange with one key holder (when the refresher did not answer the check)."""
+    with ctx.outcome.timer.phase("integrity"):
+        return ctx.ask_one(messages.INTEGRITY, {messages.INTEGRITY_QUERY: query},
+                           lambda _node, reply: verdict_of(read_integrity(reply, round_)), "integrity reply")
 
 
 def masked_values(ctx: RoundContext, update: EncryptedVector) -> EncryptedVector:

@@ -171,8 +171,9 @@ ALLOWED_FIELDS: dict[str, dict[str, str | Check]] = {
         "x": lambda v, r: v >= 1,
         "share": lambda v, r: len(v) == 16,
     },
-    "fedhe.v1.IntegrityReply": {
-        **REPLY_HEADER,
+    "fedhe.v1.IntegrityReply": {  # answers this round's check or, with a train message, the previous round's
+        "protocol_version": lambda v, r: v == PROTOCOL_VERSION,
+        "round": lambda v, r: v in (r, r - 1),
         "within_bound": lambda v, r: True,  # one bit about the federation's aggregate
         "stats_plausible": lambda v, r: True,
         "released": "message",
@@ -193,7 +194,7 @@ ALLOWED_FIELDS: dict[str, dict[str, str | Check]] = {
         "gradient": "vector",
     },
     "fedhe.v1.ReleasedMetrics": {
-        "round": lambda v, r: v == r,  # released in the round it belongs to
+        "round": lambda v, r: v in (r, r - 1),  # with the integrity check of its round
         "mean_return": lambda v, r: _rounded(v, 2),
         "episodes": lambda v, r: True,  # a federation-wide integer count
         "steps": lambda v, r: True,

@@ -268,7 +268,7 @@ def reply_integrity(exchange: Exchange) -> None:
     limit = (max_bytes_for(holder, holder.slots) + max_bytes_for(holder, exchange.num_params)
              + max_bytes_for(holder, messages.STATS_LENGTH))
     query = exchange.unpack(messages.INTEGRITY_QUERY, wire_pb2.IntegrityQuery, limit)
-    check_integrity_query(query, exchange.round, exchange.participants, exchange.ledger)
+    check_integrity_query(query, exchange.round, exchange.ledger)
     masked = decrypt_vector(holder, from_proto(holder, query.masked_norm, expected_length=holder.slots))
     values = decrypt_vector(holder, from_proto(holder, query.masked_values, expected_length=exchange.num_params))
     require_masked(masked)
@@ -277,11 +277,11 @@ def reply_integrity(exchange: Exchange) -> None:
     steps = exchange.scenario.steps_per_round(exchange.identity.run.mode)
     within = bool(np.sum(masked) <= 0.0 and np.max(np.abs(values)) <= INTEGRITY_VALUE_LIMIT)
     reply = wire_pb2.IntegrityReply(
-        protocol_version=PROTOCOL_VERSION, round=exchange.round, within_bound=within,
+        protocol_version=PROTOCOL_VERSION, round=query.round, within_bound=within,
         stats_plausible=plausible_stats(stats, query.contributors, steps),
     )
     if reply.stats_plausible and exchange.identity.releases:
-        reply.released.CopyFrom(released_metrics(stats, exchange.round))
+        reply.released.CopyFrom(released_metrics(stats, query.round))
     exchange.reply[messages.INTEGRITY_REPLY] = messages.pack(reply)
 
 
