@@ -1,10 +1,11 @@
 """`fedhe bench egress-guard`: what checking every reply before it leaves costs a participant.
 
-Times ``participant.audit.egress_guard_mod`` (the mod every ClientApp runs) around two real replies
-of a CartPole participant under a fresh federation key: a train reply (update and statistics
-ciphertexts) and the refresher's heaviest reply (m, v and w re-encrypted plus the released
-statistics). The guard parses every record and deserializes every ciphertext to check it is fresh
-under the federation key. Medians over ``repeats``; ``build_ms`` is what producing the reply costs
+Times ``participant.audit.egress_guard_mod`` (the mod every ClientApp runs) around real replies of a
+CartPole participant under a fresh federation key: a train reply (update and statistics
+ciphertexts), the refresher's heaviest reply (m, v and w re-encrypted) and a key holder's integrity
+reply releasing the round's statistics (rounded; the guard also checks the node may release them).
+The guard parses every record and deserializes every ciphertext to check it is fresh under the
+federation key. Medians over ``repeats``; ``build_ms`` is what producing the reply costs
 (encrypting, re-encrypting), for scale.
 """
 
@@ -21,7 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from participant.audit import EgressRules, egress_guard_mod
 from participant.keyholder import generate_keys, load_keyholder
-from participant.node import encrypted_update, refresh
+from participant.node import encrypted_update, refresh, released_metrics
 from protos import messages
 from protos.codec import PROTOCOL_VERSION, encrypt_vector, to_proto
 from protos.fedhe.v1 import wire_pb2
@@ -60,8 +61,7 @@ def run_egress_guard_bench(repeats: int = 20, profile: str = DEFAULT_PROFILE, sc
     def encrypted(values: np.ndarray) -> wire_pb2.EncryptedVector:
         return to_proto(holder, encrypt_vector(holder, values))
 
-    masked = wire_pb2.RefreshRequest(protocol_version=PROTOCOL_VERSION, round=ROUND, stats_round=ROUND - 1,
-                                     stats_to_release=encrypted(np.array([600.0, 30.0, 6144.0])))
+    masked = wire_pb2.RefreshRequest(protocol_version=PROTOCOL_VERSION, round=ROUND)
     for name in STATE_NAMES:  # the coordinator's masked optimizer state
         masked.masked_state[name].CopyFrom(encrypted(rng.uniform(-(2.0**15), 2.0**15, num_params)))
 
@@ -69,8 +69,15 @@ def run_egress_guard_bench(repeats: int = 20, profile: str = DEFAULT_PROFILE, sc
         reply = refresh(holder, masked, None, num_params)
         return RecordDict({messages.CONFIG: config, messages.REFRESH_REPLY: messages.pack(reply)})
 
+    def integrity_reply() -> RecordDict:
+        reply = wire_pb2.IntegrityReply(protocol_version=PROTOCOL_VERSION, round=ROUND, within_bound=True,
+                                        stats_plausible=True,
+                                        released=released_metrics(np.array([600.0, 30.0, 6144.0]), ROUND))
+        return RecordDict({messages.CONFIG: config, messages.INTEGRITY_REPLY: messages.pack(reply)})
+
     result: dict = {"scenario": scenario, "num_params": num_params, "profile": profile, "repeats": repeats}
-    for kind, build in (("train_reply", train_reply), ("refresh_reply", refresh_reply)):
+    kinds = (("train_reply", train_reply), ("refresh_reply", refresh_reply), ("integrity_reply", integrity_reply))
+    for kind, build in kinds:
         build_ms, content = _timed(build, repeats)
         reply = Message(content, reply_to=request)
         guard_ms, checked = _timed(lambda reply=reply: guard(request, context, lambda m, c: reply), repeats)

@@ -16,6 +16,8 @@ from coordinator.checkpoint import (
     save_checkpoint,
 )
 from coordinator.he_adam import HEAdamState
+from coordinator.organizations import Organizations
+from coordinator.report import RunRecord
 from participant.keyholder import decrypt_vector
 from protos.codec import decode_vector, encode_vector, encrypt_vector
 from protos.errors import CheckpointError
@@ -25,7 +27,8 @@ from protos.optimizer import HEAdamConfig
 
 D = 40
 CONFIG = HEAdamConfig().to_json()
-RECORD = json.dumps({"failed_rounds": [{"round": 5, "cause": "integrity: the aggregate exceeds the bound", "failed": []}],
+RECORD = json.dumps({"failed_rounds": [{"round": 5, "cause": "integrity: the aggregate exceeds the bound",
+                                        "failed": []}],
                      "resumed_from": [2], "wall_s": 12.5,
                      "organizations": {"participant-0": {"index": 0, "status": "active", "rounds_answered": 6,
                                                          "rounds_failed": 1, "why": {"timeout": 1}}}})
@@ -90,28 +93,32 @@ def test_changed_optimizer_configuration_is_refused_naming_the_fields(saved, coo
 
 def test_an_unreadable_latest_generation_falls_back_to_the_previous_one(saved, coordinator_backend, holder, caplog):
     directory, values = saved
-    state = load_checkpoint(directory, coordinator_backend, "cartpole", D, CONFIG)
+    state, record = load_checkpoint(directory, coordinator_backend, "cartpole", D, CONFIG)
     state.round = 8
     save_checkpoint(directory, coordinator_backend, "cartpole", CONFIG, state)  # round 7 becomes the previous one
     latest = directory / CHECKPOINT_FILE
     latest.write_bytes(latest.read_bytes()[:1000])
     with caplog.at_level("WARNING"):
-        restored = load_checkpoint(directory, coordinator_backend, "cartpole", D, CONFIG)
+        restored, restored_record = load_checkpoint(directory, coordinator_backend, "cartpole", D, CONFIG)
     assert restored.round == 7 and "previous generation" in caplog.text
+    assert restored_record.failed_rounds == record.failed_rounds  # the record of that generation
     back = decode_vector(holder, encode_vector(coordinator_backend, restored.optimizer.theta))
     np.testing.assert_allclose(decrypt_vector(holder, back), values["theta"], atol=1e-6)
 
 
 def test_a_deferred_checkpoint_holds_the_state_as_it_was_saved(tmp_path, coordinator_backend):
-    """The round loop changes its history and pending row after deferring the write."""
+    """The round loop changes its round, history and run record after deferring the write."""
     writer = CheckpointWriter(tmp_path, coordinator_backend, "cartpole", CONFIG)
-    state = CoordinatorState(round=3, pending_round={"round": 3})
-    writer.save(state, defer=True)
-    state.round, state.pending_round["round"] = 4, 4
+    state, record = CoordinatorState(round=3), RunRecord()
+    record.failed_rounds.append({"round": 2, "cause": "no key holder answered the integrity check", "failed": []})
+    writer.save(state, record.snapshot(Organizations()), defer=True)
+    state.round = 4
     state.history.append(object())  # not a ReleasedMetrics: would fail the write if it were seen
+    record.failed_rounds.append({"round": 4, "cause": "later", "failed": []})
     writer.close()
     written = read_checkpoint(tmp_path / CHECKPOINT_FILE)
-    assert written.round == 3 and '"round": 3' in written.pending_round_json and not written.history
+    assert written.round == 3 and not written.history
+    assert [r["round"] for r in json.loads(written.run_record_json)["failed_rounds"]] == [2]
 
 
 def test_a_failed_background_write_is_raised_at_the_next_save(tmp_path, coordinator_backend):

@@ -16,8 +16,10 @@ import pytest
 import tenseal as ts
 from flwr.app import Message, Metadata, RecordDict
 
-from coordinator.replies import read_mask_correction, read_norms, read_refresh, read_update
-from coordinator.unmasking import MaskedRound
+from coordinator.aggregation import RoundContext
+from coordinator.aggregation.masked_sum import PairwiseMaskedSum
+from coordinator.exchange import RoundOutcome
+from coordinator.replies import read_integrity, read_norms, read_refresh, read_unmask, read_update
 from participant.keyholder import TensealKeyHolder, load_keyholder
 from protos import messages
 from protos.codec import PROTOCOL_VERSION, chunk_byte_limit, encrypt_vector, to_proto
@@ -145,56 +147,130 @@ def test_update_handler(small_coordinator, valid_update, mutator):
                 m.vector(update.update if target < 3 else update.rollout_stats)
         return as_reply(messages.UPDATE, update)
 
-    outcomes = fuzz(lambda r: read_update(small_coordinator, r, ROUND, D), make, mutator, 6000)
+    outcomes = fuzz(lambda r: read_update(small_coordinator, r, ROUND, D, masked=False), make, mutator, 6000)
     assert outcomes["parse"] == 0 and outcomes["project-check"] >= 5000, outcomes
+
+
+def masking(index: int, members=(0, 1, 2)) -> wire_pb2.PairwiseMasking:
+    """Well-formed masking metadata of roster index ``index`` (share contents are not read on admission)."""
+    shares = [wire_pb2.SealedShare(sender=index, recipient=j, nonce=bytes(12), ciphertext=bytes(34))
+              for j in members if j != index]
+    return wire_pb2.PairwiseMasking(participant_index=index, roster_size=3, members=list(members), threshold=2,
+                                    commitment=bytes(32), shares=shares)
 
 
 def test_masked_update_handler(small_coordinator, valid_update, mutator):
     """Pairwise masking: the masking metadata is mutated too; a reply admitted to the round is valid."""
     valid = wire_pb2.ParticipantUpdate()
     valid.CopyFrom(valid_update)
-    valid.masking.CopyFrom(wire_pb2.PairwiseMasking(participant_index=1, roster_size=3))
+    valid.masking.CopyFrom(masking(1))
 
     def make(m: Mutator) -> Message:
         update = wire_pb2.ParticipantUpdate()
         update.CopyFrom(valid)
-        target = m.rng.integers(0, 5)
+        target = m.rng.integers(0, 8)
+        mask = update.masking
         if target == 0:
             m.header(update)
         elif target == 1:
-            update.masking.participant_index = m.pick([0, 1, 2, 3, 2**32 - 1])
-            update.masking.roster_size = m.pick([0, 1, 3, 4, 2**32 - 1])
+            mask.participant_index = m.pick([0, 1, 2, 3, 2**32 - 1])
+            mask.roster_size = m.pick([0, 1, 3, 4, 2**32 - 1])
         elif target == 2:
+            mask.ClearField("members")
+            mask.members.extend(m.pick([[0, 1, 2], [0, 1], [1, 2], [0, 1, 2, 3], [2, 1, 0], [0, 1, 1, 2], []]))
+        elif target == 3:
+            mask.threshold = m.pick([0, 1, 2, 3, 2**32 - 1])
+        elif target == 4:
+            share = mask.shares[int(m.rng.integers(0, len(mask.shares)))] if len(mask.shares) else None
+            action = m.rng.integers(0, 4)
+            if action == 0 and share is not None:
+                mask.shares.remove(share)
+            elif action == 1:
+                mask.shares.add().CopyFrom(mask.shares[0])
+            elif share is not None:
+                setattr(share, "sender" if action == 2 else "recipient", m.pick([0, 1, 2, 3]))
+        elif target == 5:
             update.ClearField("masking")
         else:
-            m.vector(update.update if target == 3 else update.rollout_stats)
+            m.vector(update.update if target == 6 else update.rollout_stats)
         return as_reply(messages.UPDATE, update)
 
     def read(reply: Message):
-        masked = MaskedRound()
-        masked.admit(4, wire_pb2.PairwiseMasking(participant_index=0, roster_size=3))  # another node's update
-        read_update(small_coordinator, reply, ROUND, D, masked)
-        assert len(masked.nodes) == 2 and masked.roster_size == 3  # accepted: admitted, consistent with the round
+        # round ROUND over nodes 4, 5, 6 (roster indices 0, 1, 2); node 4's update is already in
+        ctx = RoundContext(None, small_coordinator, None, ROUND, [4, 5, 6], {4: 0, 5: 1, 6: 2}, 4, RoundOutcome(ROUND))
+        masked = PairwiseMaskedSum(ctx)
+        masked.admit(4, read_update(small_coordinator, as_reply(messages.UPDATE, first), ROUND, D, masked=True))
+        masked.admit(5, read_update(small_coordinator, reply, ROUND, D, masked=True))
+        admitted = masked.survivors[1].masking  # accepted: admitted, consistent with the round
+        assert sorted(masked.survivors) == [0, 1] and masked.roster_size == 3
+        assert admitted.participant_index == 1 and list(admitted.members) == [0, 1, 2]
+        assert admitted.threshold == 2 and sorted(s.recipient for s in admitted.shares) == [0, 2]
+
+    first = wire_pb2.ParticipantUpdate()
+    first.CopyFrom(valid_update)
+    first.masking.CopyFrom(masking(0))
+    outcomes = fuzz(read, make, mutator, 2000)
+    assert outcomes["parse"] == 0 and outcomes["project-check"] >= 1500, outcomes
+
+
+def test_unmask_handler(small_coordinator, valid_update, mutator):
+    """A survivor's opened shares and corrections: every mutation ends as a WireError or a valid reply."""
+    valid = wire_pb2.UnmaskReply(protocol_version=PROTOCOL_VERSION, round=ROUND, update=valid_update.update,
+                                 rollout_stats=valid_update.rollout_stats,
+                                 shares=[wire_pb2.RevealedShare(sender=j, x=1, share=bytes(16)) for j in (0, 2)])
+
+    def make(m: Mutator) -> Message:
+        answer = wire_pb2.UnmaskReply()
+        answer.CopyFrom(valid)
+        target = m.rng.integers(0, 5)
+        if target == 0:
+            m.header(answer)
+        elif target == 1:
+            action = m.rng.integers(0, 3)
+            if action == 0:
+                answer.shares.add(sender=3, x=2, share=bytes(16))
+            elif action == 1:
+                answer.shares[0].share = m.bytes_(m.pick([0, 15, 17, 1 << 10]))
+            else:
+                answer.ClearField("shares")
+        elif target == 2:
+            answer.ClearField(m.pick(["update", "rollout_stats"]))
+        else:
+            m.vector(answer.update if target == 3 else answer.rollout_stats)
+        return as_reply(messages.UNMASK_REPLY, answer)
+
+    def read(reply: Message):
+        shares, corrections = read_unmask(small_coordinator, reply, ROUND, D, True, 2)
+        assert len(shares) <= 2 and all(len(s.share) == 16 for s in shares) and corrections is not None
 
     outcomes = fuzz(read, make, mutator, 2000)
     assert outcomes["parse"] == 0 and outcomes["project-check"] >= 1500, outcomes
 
 
-def test_mask_correction_handler(small_coordinator, valid_update, mutator):
-    valid = wire_pb2.MaskCorrection(protocol_version=PROTOCOL_VERSION, round=ROUND, update=valid_update.update,
-                                    rollout_stats=valid_update.rollout_stats)
+def test_integrity_handler(mutator):
+    """A key holder's verdict and release: a reply for another round or releasing another round is refused."""
+    valid = wire_pb2.IntegrityReply(protocol_version=PROTOCOL_VERSION, round=ROUND, within_bound=True,
+                                    stats_plausible=True, released=wire_pb2.ReleasedMetrics(
+                                        round=ROUND, mean_return=21.5, episodes=4, steps=86, valid=True))
 
     def make(m: Mutator) -> Message:
-        answer = wire_pb2.MaskCorrection()
+        answer = wire_pb2.IntegrityReply()
         answer.CopyFrom(valid)
-        target = m.rng.integers(0, 3)
-        if target == 0:
+        target = m.rng.integers(0, 4)
+        if target < 2:
             m.header(answer)
+        elif target == 2:
+            answer.released.round = m.pick([0, ROUND - 1, ROUND + 1, 2**63])
         else:
-            m.vector(answer.update if target == 1 else answer.rollout_stats)
-        return as_reply(messages.MASK_CORRECTION, answer)
+            answer.released.round = m.pick([0, ROUND - 1, ROUND, 2**63])
+            answer.within_bound = bool(m.rng.integers(0, 2))
+        return as_reply(messages.INTEGRITY_REPLY, answer)
 
-    outcomes = fuzz(lambda r: read_mask_correction(small_coordinator, r, ROUND, D), make, mutator, 2000)
+    def read(reply: Message):
+        answer = read_integrity(reply, ROUND)
+        assert answer.round == ROUND and answer.released.round == ROUND
+
+    outcomes = fuzz(read, make, mutator, 2000)
     assert outcomes["parse"] == 0 and outcomes["project-check"] >= 1500, outcomes
 
 

@@ -17,10 +17,10 @@ from flwr.app import Error, Message, Metadata, RecordDict
 import participant.node as node
 from coordinator.aggregation import Aggregate, NormBound, RoundContext
 from coordinator.checkpoint import load_checkpoint
-from coordinator.driver import RoundDriver
+from coordinator.driver import RoundDriver, Unverified
 from coordinator.exchange import Exchange, RoundOutcome
 from coordinator.he_adam import HEAdamState
-from coordinator.integrity import check_integrity
+from coordinator.integrity import ask_verdict, integrity_query
 from participant.answer_rules import AnswerLedger, check_integrity_query, check_norm_query, check_refresh_request
 from participant.keyholder import decrypt_vector
 from participant.local_update import NodeIdentity
@@ -205,27 +205,47 @@ def test_norm_query_with_more_ciphertexts_than_participants_is_refused(coordinat
 
 
 # -- the integrity check: one bit about the aggregate, and the round's statistics ------------------------
+# Round 4 is stepped at once; its check rides on round 5's message to the refresher, or goes to one key
+# holder at a time in an exchange of its own (the refresher did not answer, or round 4 was the last).
 @pytest.fixture()
-def integrity(coordinator_backend, holder, tmp_path):
-    """The real integrity query of round 4 for an honest aggregate of 3 clipped updates, as its key holder gets it."""
+def integrity(coordinator_backend, holder, state_values, tmp_path):
+    """The real integrity query of round 4 for an honest aggregate of 3 clipped updates, as key holders get it."""
     rng = np.random.default_rng(5)
-    units = PLAN.units(3)
-    aggregate = sum(units.encode(rng.normal(0, 1, D)) for _ in range(3))
+    aggregate = sum(PLAN.units(3).encode(rng.normal(0, 1, D)) for _ in range(3))
     stats = np.array([3 * 42.0, 3.0, 3 * 42.0])
+    driver = driver_with_state(coordinator_backend, holder, state_values, tmp_path)
     grid = RecordingGrid()
-    ctx = round_context(RoundDriver(PLAN, coordinator_backend, tmp_path), 4, grid)
-    verdict = check_integrity(ctx, Aggregate(encrypted(coordinator_backend, holder, aggregate),
-                                             encrypted(coordinator_backend, holder, stats), 3))
-    assert verdict is None and sorted(m.metadata.dst_node_id for m in grid.sent) == NODES  # each asked once
-    first = grid.sent[0]
-    assert first.metadata.dst_node_id == REFRESHER and first.metadata.message_type == messages.INTEGRITY
-    query = messages.unpack(first.content, messages.INTEGRITY_QUERY, wire_pb2.IntegrityQuery, max_bytes=1 << 30)
-    return SimpleNamespace(aggregate=aggregate, stats=stats, message=first, query=query)
+    ctx = round_context(driver, 4, grid)
+    packed = integrity_query(ctx, Aggregate(encrypted(coordinator_backend, holder, aggregate),
+                                            encrypted(coordinator_backend, holder, stats), 3))
+    driver.unverified = Unverified(4, packed, driver.state.optimizer, dict.fromkeys(STATE_NAMES, 0), {}, 3, 3)
+    next_round, _ = driver.train_messages(round_context(driver, 5), {})
+    assert ask_verdict(ctx, packed, 4) is None  # every key holder of the recording grid fails
+    assert [m.metadata.dst_node_id for m in grid.sent] == [REFRESHER] + [n for n in NODES if n != REFRESHER]
+    dedicated = grid.sent[0]
+    assert dedicated.metadata.message_type == messages.INTEGRITY
+    query = messages.unpack(dedicated.content, messages.INTEGRITY_QUERY, wire_pb2.IntegrityQuery, max_bytes=1 << 30)
+    return SimpleNamespace(aggregate=aggregate, stats=stats, dedicated=dedicated, next_round=next_round, query=query,
+                           exchange=ctx.exchange)
+
+
+def test_the_check_rides_on_the_next_rounds_message_to_the_refresher_only(integrity):
+    for msg in integrity.next_round:
+        records = set(msg.content.array_records)
+        if msg.metadata.dst_node_id == REFRESHER:
+            assert records == {messages.THETA, messages.REFRESH_REQUEST, messages.INTEGRITY_QUERY}
+            riding = messages.unpack(msg.content, messages.INTEGRITY_QUERY, wire_pb2.IntegrityQuery, max_bytes=1 << 30)
+            assert riding == integrity.query and riding.round == 4
+            assert messages.config_of(msg.content)["round"] == 5
+        else:
+            assert records == {messages.THETA}
 
 
 def test_the_integrity_query_shows_a_key_holder_only_masked_values_and_the_statistics(integrity, holder):
     query, aggregate = integrity.query, integrity.aggregate
     assert query.round == 4 and query.contributors == 3
+    assert {f.name for f, _ in query.ListFields()} == {"protocol_version", "round", "masked_norm", "masked_values",
+                                                       "stats", "contributors"}
     slots = decrypt_vector(holder, from_proto(holder, query.masked_norm))
     assert np.max(np.abs(slots)) > MASK_BOUND / 2  # every slot under a +-2^15 mask
     assert abs(np.corrcoef(slots[:D], aggregate * aggregate)[0, 1]) < 0.15
@@ -236,31 +256,45 @@ def test_the_integrity_query_shows_a_key_holder_only_masked_values_and_the_stati
     assert decrypt_vector(holder, from_proto(holder, query.stats)) == pytest.approx(integrity.stats, abs=1e-3)
 
 
-def test_a_key_holder_answers_the_integrity_query_once_and_releases_that_rounds_statistics(integrity, keys):
+def answer(integrity, keys, content, ledger) -> wire_pb2.IntegrityReply:
     identity = NodeIdentity(1, str(keys.directory), None, PLAN.settings)
+    reply = node.handle(content, PLAN.scenario, identity, 1, False, ledger)
+    return messages.unpack(reply, messages.INTEGRITY_REPLY, wire_pb2.IntegrityReply, max_bytes=1 << 20)
+
+
+def test_a_key_holder_answers_a_rounds_check_once_and_releases_that_rounds_statistics(integrity, keys):
+    released = wire_pb2.ReleasedMetrics(round=4, mean_return=42.0, episodes=3, steps=126, valid=True)
     ledger = AnswerLedger()
-    content = node.handle(integrity.message.content, PLAN.scenario, identity, 1, False, ledger)
-    reply = messages.unpack(content, messages.INTEGRITY_REPLY, wire_pb2.IntegrityReply, max_bytes=1 << 20)
-    assert reply.round == 4 and reply.within_bound and reply.stats_plausible
-    assert reply.released == wire_pb2.ReleasedMetrics(round=4, mean_return=42.0, episodes=3, steps=126, valid=True)
+    reply = answer(integrity, keys, integrity.dedicated.content, ledger)
+    assert reply.round == 4 and reply.within_bound and reply.stats_plausible and reply.released == released
+    # the same check again, in round 4 or riding on a round-5 message: refused
     with pytest.raises(RequestRefusedError, match="already answered a integrity request for round 4"):
-        node.handle(integrity.message.content, PLAN.scenario, identity, 1, False, ledger)
+        answer(integrity, keys, integrity.dedicated.content, ledger)
+    arrays = {messages.INTEGRITY_QUERY: messages.pack(integrity.query)}
+    in_round_5 = integrity.exchange.message(REFRESHER, 5, 3, messages.INTEGRITY, arrays)
+    with pytest.raises(RequestRefusedError, match="already answered a integrity request for round 4"):
+        answer(integrity, keys, in_round_5.content, ledger)
+    # a key holder that has not answered it does so in round 5, for round 4: the previous round's release
+    reply = answer(integrity, keys, in_round_5.content, AnswerLedger())
+    assert reply.round == 4 and reply.released == released
 
 
 @pytest.mark.parametrize(
-    "change, expected",
+    "change, message_round, expected",
     [
-        (lambda q: setattr(q, "round", 3), "integrity query names round 3 inside a round-4 message"),
-        (lambda q: setattr(q, "contributors", 0), "counts 0 contributors in a round of 3"),
-        (lambda q: setattr(q, "contributors", 4), "counts 4 contributors in a round of 3"),
-        (lambda q: setattr(q, "protocol_version", 1), "protocol version 1"),
+        (lambda q: setattr(q, "round", 2), 4, "integrity query names round 2 inside a round-4 message"),
+        (lambda q: setattr(q, "round", 5), 4, "integrity query names round 5 inside a round-4 message"),
+        (lambda q: setattr(q, "round", 0), 1, "integrity query names round 0 inside a round-1 message"),
+        (lambda q: setattr(q, "contributors", 0), 4, "counts no contributors"),
+        (lambda q: setattr(q, "protocol_version", 1), 4, "protocol version 1"),
     ],
 )
-def test_integrity_queries_outside_the_protocol_are_refused(integrity, change, expected):
+def test_integrity_queries_outside_the_protocol_are_refused(integrity, change, message_round, expected):
     query = wire_pb2.IntegrityQuery()
     query.CopyFrom(integrity.query)
     change(query)
     ledger = AnswerLedger()
     with pytest.raises(WireError, match=expected):  # a RequestRefusedError, or the version's own error
-        check_integrity_query(query, 4, 3, ledger)
-    check_integrity_query(integrity.query, 4, 3, ledger)  # a refusal does not use up the round's answer
+        check_integrity_query(query, message_round, ledger)
+    check_integrity_query(integrity.query, 4, ledger)  # a refusal does not use up the round's answer
+    assert ledger.has("integrity", 4)

@@ -10,7 +10,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from support.node_calls import node_context, request
 
 from participant.audit import ALLOWED_FIELDS, ALLOWED_RECORDS, EgressRules, audit_reply, egress_guard_mod
-from participant.node import answer_norm_query
+from participant.node import answer_norm_query, released_metrics
 from protos import messages
 from protos.codec import PROTOCOL_VERSION, encrypt_vector, to_proto
 from protos.fedhe.v1 import wire_pb2
@@ -40,10 +40,38 @@ def refresh_reply(holder) -> RecordDict:
         protocol_version=PROTOCOL_VERSION,
         round=ROUND,
         theta=to_proto(holder, encrypt_vector(holder, np.ones(30))),
-        released=wire_pb2.ReleasedMetrics(round=ROUND - 1, mean_return=21.25, episodes=4, steps=85, valid=True),
     )
     reply.state["m"].CopyFrom(to_proto(holder, encrypt_vector(holder, np.ones(30))))
     return RecordDict({messages.CONFIG: config(holder), messages.REFRESH_REPLY: messages.pack(reply)})
+
+
+def integrity_reply(holder) -> RecordDict:
+    """The key holder's verdict on the round's aggregate, and the round's statistics released rounded."""
+    reply = wire_pb2.IntegrityReply(
+        protocol_version=PROTOCOL_VERSION,
+        round=ROUND,
+        within_bound=True,
+        stats_plausible=True,
+        released=released_metrics(np.array([85.0, 4.0, 85.0]), ROUND),
+    )
+    return RecordDict({messages.CONFIG: config(holder), messages.INTEGRITY_REPLY: messages.pack(reply)})
+
+
+def unmask_reply(holder) -> RecordDict:
+    """A survivor's opened shares of two other survivors' seeds and its corrections for the dropped."""
+    reply = wire_pb2.UnmaskReply(
+        protocol_version=PROTOCOL_VERSION,
+        round=ROUND,
+        shares=[wire_pb2.RevealedShare(sender=j, x=1, share=bytes(range(16))) for j in (1, 2)],
+        update=to_proto(holder, encrypt_vector(holder, np.ones(30))),
+        rollout_stats=to_proto(holder, encrypt_vector(holder, np.array([1.0, 2.0, 3.0]))),
+    )
+    return RecordDict({messages.CONFIG: config(holder), messages.UNMASK_REPLY: messages.pack(reply)})
+
+
+def identify_reply(holder) -> RecordDict:
+    """Who answers: its roster index and organization name (public roster facts)."""
+    return RecordDict({messages.CONFIG: config(holder, **{"participant-index": 2, "organization": "clinic-b"})})
 
 
 def norm_reply(holder) -> RecordDict:
@@ -51,7 +79,8 @@ def norm_reply(holder) -> RecordDict:
     return RecordDict({messages.CONFIG: config(holder), messages.NORM_REPLY: messages.pack(reply)})
 
 
-REPLIES = {"update": update_reply, "refresh": refresh_reply, "norms": norm_reply}
+REPLIES = {"update": update_reply, "refresh": refresh_reply, "norms": norm_reply, "integrity": integrity_reply,
+           "unmask": unmask_reply, "identify": identify_reply}
 
 
 @pytest.mark.parametrize("kind", REPLIES)
@@ -96,7 +125,8 @@ def test_a_new_plaintext_schema_field_fails(small_holder):
 
 def test_every_schema_field_of_a_reply_has_a_declared_rule():
     """A field added to a reply message must be declared here with its allowed values."""
-    for cls in [*ALLOWED_RECORDS.values(), wire_pb2.ReleasedMetrics, wire_pb2.PairwiseMasking]:
+    nested = [wire_pb2.ReleasedMetrics, wire_pb2.PairwiseMasking, wire_pb2.SealedShare, wire_pb2.RevealedShare]
+    for cls in [*ALLOWED_RECORDS.values(), *nested]:
         assert {f.name for f in cls.DESCRIPTOR.fields} == set(ALLOWED_FIELDS[cls.DESCRIPTOR.full_name])
 
 
@@ -114,12 +144,56 @@ def test_config_keys_and_values_are_checked(small_holder, change, expected):
     assert any(expected in p for p in audit_reply(content, ROUND, small_holder))
 
 
-def test_unrounded_release_and_unrounded_norm_sums_fail(small_holder):
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda r: setattr(r.released, "mean_return", 21.2537), "mean_return"),
+        # a check answers this round's aggregate or, riding on a train message, the previous round's
+        (lambda r: setattr(r.released, "round", ROUND - 2), "ReleasedMetrics.round"),
+        (lambda r: setattr(r.released, "round", ROUND + 1), "ReleasedMetrics.round"),
+        (lambda r: setattr(r, "round", ROUND + 1), "IntegrityReply.round"),
+        (lambda r: setattr(r, "round", ROUND - 2), "IntegrityReply.round"),
+    ],
+)
+def test_a_release_unrounded_or_of_another_round_fails(small_holder, change, expected):
+    content = integrity_reply(small_holder)
+    reply = messages.unpack(content, messages.INTEGRITY_REPLY, wire_pb2.IntegrityReply, max_bytes=1 << 30)
+    change(reply)
+    content[messages.INTEGRITY_REPLY] = messages.pack(reply)
+    assert any(expected in p for p in audit_reply(content, ROUND, small_holder))
+
+
+def test_a_train_reply_may_carry_the_previous_rounds_check_and_release(small_holder):
+    """The check of round r rides on round r+1's message to the refresher: its reply answers round r."""
+    content = update_reply(small_holder)
+    reply = wire_pb2.IntegrityReply(protocol_version=PROTOCOL_VERSION, round=ROUND - 1, within_bound=True,
+                                    stats_plausible=True,
+                                    released=released_metrics(np.array([85.0, 4.0, 85.0]), ROUND - 1))
+    content[messages.INTEGRITY_REPLY] = messages.pack(reply)
+    assert audit_reply(content, ROUND, small_holder) == []
+
+
+def test_a_refresh_reply_releases_nothing(small_holder):
+    """Statistics are released by the integrity check only: a refresh reply carrying them (the retired
+    field 5) is an unknown field."""
     content = refresh_reply(small_holder)
-    reply = messages.unpack(content, messages.REFRESH_REPLY, wire_pb2.RefreshReply, max_bytes=1 << 30)
-    reply.released.mean_return = 21.2537
-    content[messages.REFRESH_REPLY] = messages.pack(reply)
-    assert any("mean_return" in p for p in audit_reply(content, ROUND, small_holder))
+    data = content.array_records[messages.REFRESH_REPLY][wire_pb2.RefreshReply.DESCRIPTOR.full_name].data
+    released = wire_pb2.ReleasedMetrics(round=ROUND, mean_return=21.25, episodes=4, steps=85, valid=True)
+    field_5 = bytes([5 << 3 | 2, len(released.SerializeToString())]) + released.SerializeToString()
+    content[messages.REFRESH_REPLY] = messages.pack(wire_pb2.RefreshReply.FromString(data + field_5))
+    assert any("unknown field" in p for p in audit_reply(content, ROUND, small_holder))
+
+
+@pytest.mark.parametrize("length", [15, 17, 64])
+def test_an_opened_share_must_be_one_share_of_a_seed(small_holder, length):
+    content = unmask_reply(small_holder)
+    reply = messages.unpack(content, messages.UNMASK_REPLY, wire_pb2.UnmaskReply, max_bytes=1 << 30)
+    reply.shares[0].share = bytes(length)
+    content[messages.UNMASK_REPLY] = messages.pack(reply)
+    assert any("RevealedShare.share" in p for p in audit_reply(content, ROUND, small_holder))
+
+
+def test_unrounded_norm_sums_fail(small_holder):
     norms = norm_reply(small_holder)
     norms[messages.NORM_REPLY] = messages.pack(
         wire_pb2.NormReply(protocol_version=PROTOCOL_VERSION, round=ROUND, masked_sums=[1234.5678])
@@ -139,7 +213,12 @@ def test_a_plaintext_vector_in_place_of_a_ciphertext_fails(small_holder):
 
 
 def test_what_the_key_holder_releases_passes(small_holder):
-    """The participant's own norm answer is rounded as the allowlist demands."""
+    """The participant's own norm answer and statistics release are rounded as the allowlist demands."""
+    released = released_metrics(np.array([1234.5678, 7.0, 1999.6]), ROUND)
+    assert released.round == ROUND and released.mean_return == 176.37 and released.steps == 2000
+    reply = wire_pb2.IntegrityReply(protocol_version=PROTOCOL_VERSION, round=ROUND, released=released)
+    content = RecordDict({messages.CONFIG: config(small_holder), messages.INTEGRITY_REPLY: messages.pack(reply)})
+    assert audit_reply(content, ROUND, small_holder) == []
     query = wire_pb2.NormQuery(protocol_version=PROTOCOL_VERSION, round=ROUND)
     masked = np.random.default_rng(0).uniform(-(2.0**15), 2.0**15, small_holder.slots)
     query.masked.append(to_proto(small_holder, encrypt_vector(small_holder, masked)))
@@ -182,8 +261,16 @@ def test_the_guard_withholds_a_leaking_reply_and_logs_why(small_holder, caplog):
 
 
 def test_released_statistics_leave_only_where_node_and_run_release_them(small_holder):
-    assert not guarded(refresh_reply(small_holder), EgressRules(ORG, backend=lambda: small_holder)).has_error()
-    assert withheld(guarded(refresh_reply(small_holder), EgressRules(ORG, backend=lambda: small_holder, release=False)))
+    """Statistics leave only in an integrity reply's release; a node that does not release sends its verdict alone."""
+    rules, no_release = (EgressRules(ORG, backend=lambda: small_holder, release=r) for r in (True, False))
+    assert not guarded(integrity_reply(small_holder), rules).has_error()
+    assert withheld(guarded(integrity_reply(small_holder), no_release))
+    content = integrity_reply(small_holder)
+    reply = messages.unpack(content, messages.INTEGRITY_REPLY, wire_pb2.IntegrityReply, max_bytes=1 << 30)
+    reply.ClearField("released")
+    content[messages.INTEGRITY_REPLY] = messages.pack(reply)
+    assert not guarded(content, no_release).has_error()
+    assert not guarded(refresh_reply(small_holder), no_release).has_error()  # a refresh releases nothing
 
 
 REFUSAL = f"{ORG} refuses: the run asks masking=off, this node requires pairwise"
@@ -221,5 +308,5 @@ def test_bench_egress_guard_times_both_kinds_of_reply():
 
     result = run_egress_guard_bench(repeats=1, profile="n8k-d2")
     assert result["num_params"] == 835
-    for kind in ("train_reply", "refresh_reply"):
+    for kind in ("train_reply", "refresh_reply", "integrity_reply"):
         assert result[kind]["guard_ms"] > 0 and result[kind]["bytes"] > 0

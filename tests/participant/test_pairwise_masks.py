@@ -1,4 +1,5 @@
-"""Pairwise masks: the roster, masks that cancel exactly, and what a key holder sees of one update."""
+"""Double masks: the roster, pair masks that cancel exactly, self-masks whose seeds only a threshold of
+members can open, what a key holder sees of one update, and what a participant agrees to unmask."""
 
 from __future__ import annotations
 
@@ -7,25 +8,15 @@ import shutil
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Metadata, RecordDict
+from Crypto.Protocol.SecretSharing import Shamir
 from typer.testing import CliRunner
 
-from coordinator.replies import read_update
-from coordinator.rounds import RoundSums
-from coordinator.unmasking import MaskedRound
+from fedhe.bench.masking import LocalFederation
 from fedhe.cli import app
-from participant.answer_rules import AnswerLedger, check_mask_correction_request
+from participant.answer_rules import AnswerLedger, check_members, check_unmask_request
 from participant.audit import audit_reply
 from participant.keyholder import decrypt_vector
-from participant.node import encrypted_update, mask_correction
-from participant.pairwise_masks import (
-    STATS_STREAM,
-    UPDATE_STREAM,
-    PairwiseMasker,
-    hiding_bound,
-    mask_grid,
-    pair_bits,
-)
+from participant.pairwise_masks import PairwiseMasker
 from participant.roster import (
     ORG_KEY_FILE,
     ROSTER_FILE,
@@ -39,9 +30,20 @@ from participant.roster import (
 )
 from participant.sealing import create_recipient
 from protos import messages
-from protos.codec import PROTOCOL_VERSION, from_proto
+from protos.codec import PROTOCOL_VERSION, decode_vector, encode_vector, from_proto
 from protos.errors import RequestRefusedError
 from protos.fedhe.v1 import wire_pb2
+from protos.masking import (
+    SEED_BYTES,
+    STATS_STREAM,
+    UPDATE_STREAM,
+    SelfMaskContext,
+    default_threshold,
+    hiding_bound,
+    mask_bits,
+    mask_grid,
+    self_mask,
+)
 from protos.optimizer import HEAdamConfig
 from protos.update_units import UpdateUnits
 from scenarios import load_scenario
@@ -119,40 +121,63 @@ def test_keys_roster_builds_the_roster_from_the_organizations_public_keys(tmp_pa
 
 
 # -- masks ---------------------------------------------------------------------------------------------
+def self_masks(masks, stream, length: int) -> np.ndarray:
+    """A participant's self-mask, as the coordinator computes it once the seed is rebuilt (public arithmetic)."""
+    return self_mask(masks.seed, masks.context, stream, length, masks.masker.size)
+
+
 @pytest.mark.parametrize("n", [2, 3, 5, 9])
-def test_masks_cancel_exactly_in_float64(tmp_path, n):
+def test_pair_masks_cancel_exactly_in_float64(tmp_path, n):
     group = maskers(tmp_path, FINGERPRINT, n)
-    masks = [m.mask(np.zeros(1000), RUN, 7, UPDATE_STREAM) for m in group]
-    assert np.all(np.sum(masks, axis=0) == 0.0)  # exactly, not approximately
-    assert all(np.max(np.abs(mask)) <= (n - 1) * UPDATE_STREAM.bound for mask in masks)
-    assert pair_bits(n) + (max(n - 1, 1) - 1).bit_length() == 53
+    everyone = list(range(n))
+    pairs = [m.pair_mask([j for j in everyone if j != m.index], RUN, 7, UPDATE_STREAM, 1000) for m in group]
+    assert np.all(np.sum(pairs, axis=0) == 0)  # exactly, not approximately
+    grid = mask_grid(UPDATE_STREAM, n)
+    assert all(np.max(np.abs(p * grid)) <= (n - 1) * UPDATE_STREAM.bound for p in pairs)
+    assert mask_bits(n) + (max(n, 2) - 1).bit_length() == 53  # n masks on the grid sum exactly in float64
+    if n < 3:  # nothing to hide behind: a round cannot even be masked
+        with pytest.raises(RequestRefusedError, match="needs at least 3 members"):
+            group[0].round(RUN, 7, everyone)
+        return
+    for m, pair in zip(group, pairs):
+        masks = m.round(RUN, 7, everyone)
+        # what it adds: its pair masks plus its self-mask, each an integer on the grid
+        assert np.all(masks.mask(np.zeros(1000), UPDATE_STREAM) - self_masks(masks, UPDATE_STREAM, 1000)
+                      == pair * grid)
 
 
-def test_a_masked_update_is_exact_and_cancels_to_the_sum(five):
+def test_a_masked_update_is_exact_and_the_sum_less_the_self_masks_is_the_sum(five):
     rng = np.random.default_rng(0)
     values = [rng.uniform(-0.6, 0.6, 500) for _ in five]
-    masked = [m.mask(v, RUN, 3, UPDATE_STREAM) for m, v in zip(five, values)]
+    rounds = [m.round(RUN, 3, range(5)) for m in five]
+    masked = [r.mask(v, UPDATE_STREAM) for r, v in zip(rounds, values)]
+    unmasked = np.sum(masked, axis=0) - np.sum([self_masks(r, UPDATE_STREAM, 500) for r in rounds], axis=0)
     grid = mask_grid(UPDATE_STREAM, 5)
-    assert np.sum(masked, axis=0) == pytest.approx(np.sum(values, axis=0), abs=5 * grid)
-    assert np.all(np.sum(masked, axis=0) == np.sum([np.round(v / grid) * grid for v in values], axis=0))
+    assert unmasked == pytest.approx(np.sum(values, axis=0), abs=5 * grid)
+    assert np.all(unmasked == np.sum([np.round(v / grid) * grid for v in values], axis=0))
+    assert not np.allclose(np.sum(masked, axis=0), np.sum(values, axis=0), atol=1.0)  # the self-masks stay on
 
 
 def test_masks_are_fresh_per_round_and_stream_and_spread_over_the_bound(five):
-    a, b = five[0].mask(np.zeros(4000), RUN, 1, UPDATE_STREAM), five[0].mask(np.zeros(4000), RUN, 2, UPDATE_STREAM)
-    other_run = five[0].mask(np.zeros(4000), RUN + 1, 1, UPDATE_STREAM)
+    a, b = (five[0].pair_mask([1, 2], RUN, r, UPDATE_STREAM, 4000) for r in (1, 2))
+    other_run = five[0].pair_mask([1, 2], RUN + 1, 1, UPDATE_STREAM, 4000)
     assert abs(np.corrcoef(a, b)[0, 1]) < 0.1 and abs(np.corrcoef(a, other_run)[0, 1]) < 0.1
-    pair = five[0]._pair_integers(1, RUN, 1, UPDATE_STREAM, 20000) * mask_grid(UPDATE_STREAM, 5)
+    first, again = (five[0].round(RUN, 1, range(5)) for _ in range(2))  # a fresh seed every time
+    assert first.seed != again.seed and len(first.seed) == SEED_BYTES
+    assert abs(np.corrcoef(self_masks(first, UPDATE_STREAM, 4000), self_masks(again, UPDATE_STREAM, 4000))[0, 1]) < 0.1
+    pair = five[0].pair_mask([1], RUN, 1, UPDATE_STREAM, 20000) * mask_grid(UPDATE_STREAM, 5)
     assert pair.min() >= -UPDATE_STREAM.bound and pair.max() < UPDATE_STREAM.bound
     assert np.std(pair) == pytest.approx(UPDATE_STREAM.bound / np.sqrt(3), rel=0.03)  # uniform on [-R, R)
-    stats = five[0].mask(np.zeros(3), RUN, 1, STATS_STREAM)
+    assert np.std(self_masks(first, UPDATE_STREAM, 20000)) == pytest.approx(UPDATE_STREAM.bound / np.sqrt(3), rel=0.03)
+    stats = first.mask(np.zeros(3), STATS_STREAM)
     assert np.max(np.abs(stats)) > 2**20  # the statistics' masks are far wider than the update's
 
 
-def test_corrections_cancel_the_masks_with_the_dropped(five):
+def test_corrections_cancel_the_pair_masks_with_the_dropped(five):
     dropped = [1, 4]
-    survivors = [m for m in five if m.index not in dropped]
-    masked = [m.mask(np.zeros(300), RUN, 9, UPDATE_STREAM) for m in survivors]
-    corrections = [m.correction(dropped, RUN, 9, UPDATE_STREAM, 300) for m in survivors]
+    survivors = [m.round(RUN, 9, range(5)) for m in five if m.index not in dropped]
+    masked = [r.mask(np.zeros(300), UPDATE_STREAM) - self_masks(r, UPDATE_STREAM, 300) for r in survivors]
+    corrections = [r.correction(dropped, UPDATE_STREAM, 300) for r in survivors]
     assert np.all(np.sum(masked, axis=0) + np.sum(corrections, axis=0) == 0.0)
     assert not np.all(np.sum(masked, axis=0) == 0.0)
 
@@ -163,116 +188,195 @@ def test_the_hiding_bound_is_the_update_range_over_the_mask_range():
     assert bound == pytest.approx(units.clip * units.factor / 2**16) and bound < 1e-5
 
 
-# -- acceptance: a key holder reads nothing from one ciphertext; the sum is right -----------------------
-def reply(record: str, proto, node: int):
-    from flwr.app import Message
+# -- self-mask seeds: sealed shares, a threshold to rebuild ---------------------------------------------
+def test_a_seed_is_shared_one_sealed_share_per_other_member_and_a_threshold_rebuilds_it(five):
+    masks = five[2].round(RUN, 4, [0, 1, 2, 4])
+    metadata = masks.metadata()
+    assert list(metadata.members) == [0, 1, 2, 4] and metadata.participant_index == 2 and metadata.roster_size == 5
+    assert metadata.threshold == default_threshold(4) == 2
+    assert metadata.commitment == SelfMaskContext(FINGERPRINT, RUN, 4, 2).commitment(masks.seed)
+    assert [(s.sender, s.recipient) for s in metadata.shares] == [(2, 0), (2, 1), (2, 4)]
+    opened = [five[s.recipient].open_share(s, RUN, 4) for s in metadata.shares]
+    assert all(o.sender == 2 and len(o.share) == SEED_BYTES for o in opened)
+    assert Shamir.combine([(o.x, bytes(o.share)) for o in opened[:2]]) == masks.seed
+    assert Shamir.combine([(opened[0].x, bytes(opened[0].share)), (opened[1].x, bytes(16))]) != masks.seed
+    assert five[2].round(RUN, 4, range(5), threshold=4).metadata().threshold == 4
+    with pytest.raises(RequestRefusedError, match="threshold of 5 needs at least 6 members"):
+        five[2].round(RUN, 4, range(5), threshold=5)
 
-    metadata = Metadata(run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0,
-                        reply_to_message_id=f"q{node}", group_id="1", created_at=0.0, ttl=60.0, message_type="train")
-    return Message(RecordDict({record: messages.pack(proto)}), metadata=metadata)
+
+def test_a_sealed_share_opens_only_for_its_recipient_in_its_run_and_round(five):
+    share = five[2].round(RUN, 4, range(5)).metadata().shares[0]  # 2 -> 0
+    with pytest.raises(RequestRefusedError, match="is not this participant's"):
+        five[1].open_share(share, RUN, 4)
+    with pytest.raises(RequestRefusedError, match="does not open for round 5"):
+        five[0].open_share(share, RUN, 5)
+    with pytest.raises(RequestRefusedError, match="does not open"):
+        five[0].open_share(share, RUN + 1, 4)
+    altered = wire_pb2.SealedShare()
+    altered.CopyFrom(share)
+    altered.ciphertext = bytes([share.ciphertext[0] ^ 1]) + share.ciphertext[1:]
+    with pytest.raises(RequestRefusedError, match="altered or replayed"):
+        five[0].open_share(altered, RUN, 4)
+    assert five[0].open_share(share, RUN, 4).sender == 2
+
+
+# -- acceptance: a key holder reads nothing from one ciphertext; the sum is right -----------------------
+def decrypted(holder, backend, vec) -> np.ndarray:
+    """A vector the coordinator holds, decrypted with the secret key."""
+    return decrypt_vector(holder, decode_vector(holder, encode_vector(backend, vec)))
 
 
 def test_decrypted_updates_are_independent_of_the_true_ones_and_the_sum_is_exact(
     tmp_path, keys, holder, coordinator_backend
 ):
     """The secret key decrypts each participant's ciphertext: no correlation with its update (16384
-    coordinates, each over the full range an update coordinate can take); the sum is within 1e-6."""
+    coordinates, each over the full range an update coordinate can take); the coordinator's masked
+    sum (``PairwiseMaskedSum``, its unmask exchange included) is within 1e-6."""
     n, d = 3, 16384
-    group = maskers(tmp_path, keys.fingerprint, n)
+    simulated_organizations(tmp_path, keys.fingerprint, n)
     units = UpdateUnits.of(HEAdamConfig.for_scenario(load_scenario("cartpole")), n)
     bound = units.clip * units.factor
     rng = np.random.default_rng(1)
     updates = [rng.uniform(-bound, bound, d) for _ in range(n)]
     stats = [np.array([1234.5, 9.0, 2048.0]) for _ in range(n)]
-    protos = [encrypted_update(holder, 1, updates[i], stats[i], group[i].round(RUN, 1)) for i in range(n)]
-    for proto, update in zip(protos, updates):
-        seen = decrypt_vector(holder, from_proto(holder, proto.update))
+    federation = LocalFederation(tmp_path, holder, coordinator_backend, updates, stats)
+    aggregation, aggregate = federation.round(1)
+    uploads = federation.uploads(1)
+    for i, update in enumerate(updates):
+        seen = decrypt_vector(holder, from_proto(holder, uploads[i].update))
         assert abs(np.corrcoef(seen, update)[0, 1]) <= 0.05
         assert np.std(seen) > 1000 * np.std(update)  # what the key holder sees is the mask
-    sums, masked = RoundSums(coordinator_backend), MaskedRound()
-    for i, proto in enumerate(protos):
-        sums.add(*read_update(coordinator_backend, reply(messages.UPDATE, proto, i), 1, d, masked))
-    total = decrypt_vector(holder, sums.update)
+    total = decrypted(holder, coordinator_backend, aggregate.update)
     true = np.sum(updates, axis=0)
     assert np.linalg.norm(total - true) <= 1e-6 * np.linalg.norm(true)
     assert np.max(np.abs(total - true)) <= 1e-6 * np.max(np.abs(true))
-    assert decrypt_vector(holder, sums.stats) == pytest.approx(np.sum(stats, axis=0), abs=1e-3)
-    assert masked.dropped == [] and masked.roster_size == n
+    assert decrypted(holder, coordinator_backend, aggregate.stats) == pytest.approx(np.sum(stats, axis=0), abs=1e-3)
+    assert aggregate.contributors == 3 and aggregation.ctx.outcome.extras["mask_dropped"] == []
+    assert sorted(aggregation.survivors) == [0, 1, 2] and aggregation.roster_size == n
 
 
-def test_a_dropout_is_recovered_with_the_survivors_corrections(tmp_path, keys, holder, coordinator_backend):
+def test_a_dropout_is_recovered_in_the_unmask_exchange(tmp_path, keys, holder, coordinator_backend):
     n, d = 4, 1000
-    group = maskers(tmp_path, keys.fingerprint, n)
+    simulated_organizations(tmp_path, keys.fingerprint, n)
     rng = np.random.default_rng(2)
     updates = [rng.uniform(-0.3, 0.3, d) for _ in range(n)]
-    sums, masked = RoundSums(coordinator_backend), MaskedRound()
-    for i in (0, 1, 3):  # participant 2 never answers
-        proto = encrypted_update(holder, 5, updates[i], np.array([10.0, 1.0, 100.0]), group[i].round(RUN, 5))
-        sums.add(*read_update(coordinator_backend, reply(messages.UPDATE, proto, 10 + i), 5, d, masked))
-    assert masked.dropped == [2] and masked.nodes == {0: 10, 1: 11, 3: 13}
-    request = masked.correction_request(5)
-    from coordinator.replies import read_mask_correction
-
-    for i in (0, 1, 3):
-        answer = mask_correction(holder, group[i].round(RUN, 5), request, d)
-        sums.correct(*read_mask_correction(coordinator_backend, reply(messages.MASK_CORRECTION, answer, i), 5, d))
-    assert decrypt_vector(holder, sums.update) == pytest.approx(updates[0] + updates[1] + updates[3], abs=1e-6)
-    assert decrypt_vector(holder, sums.stats) == pytest.approx([30.0, 3.0, 300.0], abs=1e-3)
+    federation = LocalFederation(tmp_path, holder, coordinator_backend, updates, [np.array([10.0, 1.0, 100.0])] * n)
+    federation.silent = {2}  # participant 2 never answers
+    aggregation, aggregate = federation.round(5)
+    assert aggregation.ctx.outcome.extras["mask_dropped"] == [2] and sorted(aggregation.survivors) == [0, 1, 3]
+    total = decrypted(holder, coordinator_backend, aggregate.update)
+    assert total == pytest.approx(updates[0] + updates[1] + updates[3], abs=1e-6)
+    assert decrypted(holder, coordinator_backend, aggregate.stats) == pytest.approx([30.0, 3.0, 300.0], abs=1e-3)
+    unmasked = [(i, reply) for i, kind, r, _, reply, _ in federation.sent if kind == messages.UNMASK]
+    assert [i for i, _ in unmasked] == [0, 1, 3]
+    for i, content in unmasked:
+        reply = messages.unpack(content, messages.UNMASK_REPLY, wire_pb2.UnmaskReply, max_bytes=1 << 28)
+        assert sorted(s.sender for s in reply.shares) == [j for j in (0, 1, 3) if j != i]  # never 2's
+        assert reply.HasField("update") and reply.HasField("rollout_stats")  # corrections for 2
+    assert all(federation.ledgers[i].has("unmask", 5) for i in (0, 1, 3)) and not federation.ledgers[2].has("update", 5)
 
 
 def test_masked_replies_pass_the_egress_audit(tmp_path, small_keys, small_holder):
-    group = maskers(tmp_path, small_keys.fingerprint, 3)
-    config = ConfigRecord({"round": 2, "key-fingerprint": small_holder.fingerprint,
-                           "protocol-version": PROTOCOL_VERSION})
-    update = encrypted_update(small_holder, 2, np.ones(30), np.array([5.0, 1.0, 9.0]), group[1].round(RUN, 2))
-    assert update.masking.participant_index == 1 and update.masking.roster_size == 3
-    request = wire_pb2.MaskCorrectionRequest(protocol_version=PROTOCOL_VERSION, round=2, dropped=[2])
-    correction = mask_correction(small_holder, group[1].round(RUN, 2), request, 30)
-    for record, proto in [(messages.UPDATE, update), (messages.MASK_CORRECTION, correction)]:
-        assert audit_reply(RecordDict({messages.CONFIG: config, record: messages.pack(proto)}), 2, small_holder) == []
+    """A masked update with its sealed shares and an unmask reply with opened shares and corrections."""
+    simulated_organizations(tmp_path, small_keys.fingerprint, 4)
+    from protos.keyfile import load_evaluation_backend
+
+    backend = load_evaluation_backend(small_keys.coordinator_key)
+    federation = LocalFederation(tmp_path, small_holder, backend, [np.ones(30)] * 4, [np.array([5.0, 1.0, 9.0])] * 4)
+    federation.silent = {3}
+    assert federation.round(2)[1] is not None
+    kinds = [kind for _, kind, _, _, _, _ in federation.sent]
+    assert kinds.count(messages.TRAIN) == 3 and kinds.count(messages.UNMASK) == 3
+    for _, kind, round_, _, reply, _ in federation.sent:
+        assert audit_reply(reply, round_, small_holder) == [], kind
+    update = federation.uploads(2)[1]
+    assert update.masking.participant_index == 1 and update.masking.roster_size == 4
 
 
-# -- what a participant agrees to correct -------------------------------------------------------------
-def answered(round_: int = 3) -> AnswerLedger:
+# -- what a participant agrees to mask over and to unmask ---------------------------------------------
+@pytest.mark.parametrize(
+    "members, expected",
+    [
+        ([0, 2, 1], "not a sorted set of roster indices"),
+        ([0, 1, 1, 2], "not a sorted set of roster indices"),
+        ([0, 1, 7], "not a sorted set of roster indices"),
+        ([1, 2, 3], "does not include this participant"),
+        ([0, 1], "has 2 members; this node requires at least 3"),
+    ],
+)
+def test_masking_sets_outside_the_protocol_are_refused(members, expected):
+    with pytest.raises(RequestRefusedError, match=expected):
+        check_members(members, 0, 5, 3)
+    assert check_members([0, 1, 4], 0, 5, 3) == [0, 1, 4]
+
+
+def answered(round_: int = 3, members=(0, 1, 2, 3, 4)) -> AnswerLedger:
+    """Participant 0 masked its round-``round_`` update over ``members``."""
     ledger = AnswerLedger()
     ledger.claim("update", round_)
+    ledger.remember_members(round_, list(members))
     return ledger
 
 
+def unmask_request(round_=3, survivors=(0, 1, 2, 3), dropped=(4,), senders=(1, 2, 3), recipient=0):
+    shares = [wire_pb2.SealedShare(sender=j, recipient=recipient, nonce=bytes(12), ciphertext=bytes(34))
+              for j in senders]
+    return wire_pb2.UnmaskRequest(protocol_version=PROTOCOL_VERSION, round=round_, survivors=list(survivors),
+                                  dropped=list(dropped), shares=shares)
+
+
 @pytest.mark.parametrize(
-    "round_, dropped, ledger, expected",
+    "request_, ledger, expected",
     [
-        (4, [2], answered(), "names round 4"),
-        (3, [], answered(), "distinct missing"),
-        (3, [2, 2], answered(), "distinct missing"),
-        (3, [7], answered(), "the roster has 0..4"),
-        (3, [0, 2], answered(), "names this participant"),
-        (3, [1, 2, 3, 4], answered(), "leaves 1 of 5"),
-        (3, [2], AnswerLedger(), "sent no masked update in round 3"),
+        (unmask_request(round_=4), answered(), "names round 4"),
+        (unmask_request(), AnswerLedger(), "sent no masked update in round 3"),
+        (unmask_request(dropped=()), answered(),
+         r"splits \[0, 1, 2, 3\], but round 3 was masked over \[0, 1, 2, 3, 4\]"),
+        (unmask_request(dropped=(4, 5)), answered(), "splits"),
+        (unmask_request(survivors=(0, 1, 2, 3, 4)), answered(), "splits"),  # 4 both survivor and dropped
+        (unmask_request(survivors=(1, 2, 3), dropped=(0, 4)), answered(), "does not count this participant"),
+        (unmask_request(survivors=(0, 1), dropped=(2, 3, 4), senders=(1,)), answered(),
+         "leaves 2 updates in the sum; this node requires at least 3"),
+        # a member named as dropped never has its seed opened: its pair masks are being corrected
+        (unmask_request(senders=(1, 2, 4)), answered(), r"shares from \[1, 2, 4\]; only other survivors'"),
+        (unmask_request(senders=(0, 1)), answered(), "only other survivors'"),
+        (unmask_request(senders=(1, 1)), answered(), "only other survivors'"),
+        (unmask_request(recipient=2), answered(), "addressed to another participant"),
     ],
 )
-def test_correction_requests_outside_the_protocol_are_refused(round_, dropped, ledger, expected):
-    request = wire_pb2.MaskCorrectionRequest(protocol_version=PROTOCOL_VERSION, round=round_, dropped=dropped)
+def test_unmask_requests_outside_the_protocol_are_refused(request_, ledger, expected):
     with pytest.raises(RequestRefusedError, match=expected):
-        check_mask_correction_request(request, 3, 0, 5, ledger)
+        check_unmask_request(request_, 3, 0, 3, ledger)
+    assert not ledger.has("unmask", 3)
 
 
-def test_a_participant_corrects_once_per_round():
-    """Three of five missing still leaves a sum of two updates: allowed, once."""
+def test_a_participant_unmasks_once_per_round():
+    """One of five missing leaves a sum of four updates: allowed, once; a second request (say, now
+    naming 4 a survivor to get its seed opened too) is refused."""
     ledger = answered()
-    request = wire_pb2.MaskCorrectionRequest(protocol_version=PROTOCOL_VERSION, round=3, dropped=[1, 2, 3])
-    check_mask_correction_request(request, 3, 0, 5, ledger)
+    check_unmask_request(unmask_request(), 3, 0, 3, ledger)
     with pytest.raises(RequestRefusedError, match="already answered"):
-        check_mask_correction_request(request, 3, 0, 5, ledger)
+        check_unmask_request(unmask_request(survivors=(0, 1, 2, 3, 4), dropped=(), senders=(1, 2, 3, 4)), 3, 0, 3,
+                             ledger)
+    with pytest.raises(RequestRefusedError, match="this node requires at least 4"):  # a node's own stricter rule
+        check_unmask_request(unmask_request(survivors=(0, 1, 2), dropped=(3, 4), senders=(1, 2)), 3, 0, 4,
+                             answered())
 
 
 def test_bench_masking_reports_what_the_issue_asks_for():
-    result = CliRunner().invoke(app, ["bench", "masking", "--participants", "3", "--json"])
+    result = CliRunner().invoke(app, ["bench", "masking", "--participants", "4", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     for key in ("update_correlation", "sum_abs_err", "mask_bound", "hiding_bound", "ms_per_participant",
-                "ms_per_dropout_recovery"):
+                "unmask_ms", "unmask_ms_with_dropout", "unmask_bytes", "unmask_bytes_with_dropout"):
         assert key in report
     assert report["params"] >= 800 and report["update_correlation"] <= 0.05
     assert report["sum_rel_err"] <= 1e-6 and report["dropout_sum_abs_err"] <= 1e-6
     assert report["sum_rel_err"] <= 1.5 * report["unmasked_sum_rel_err"]  # masks add no error of their own
+    assert report["unmask_bytes_with_dropout"] > report["unmask_bytes"]  # the survivors' encrypted corrections
+
+
+def test_bench_masking_refuses_a_round_too_small_to_recover_a_dropout():
+    result = CliRunner().invoke(app, ["bench", "masking", "--participants", "3", "--json"])
+    assert result.exit_code != 0 and "needs at least 1 dropout and 3 survivors" in result.output

@@ -147,11 +147,16 @@ def _resident_mb() -> float:
 
 def test_a_detached_part_does_not_keep_its_parsed_message_alive():
     """A kept part of a parsed message pins the whole message (one arena): 100 kept parts of 4 MB
-    replies would hold 400 MB. The coordinator keeps released metrics for the run's history."""
-    reply = wire_pb2.RefreshReply(round=1, released=wire_pb2.ReleasedMetrics(round=1, mean_return=9.5))
-    reply.theta.chunks.append(os.urandom(4_000_000))
-    data = reply.SerializeToString()
+    replies would hold 400 MB. The coordinator keeps each masked update's masking metadata (its
+    sealed shares) until the round's unmask exchange, and each survivor's opened shares."""
+    masking = wire_pb2.PairwiseMasking(participant_index=1, roster_size=3, members=[0, 1, 2], threshold=2,
+                                       commitment=os.urandom(32), shares=[
+                                           wire_pb2.SealedShare(sender=1, recipient=j, nonce=os.urandom(12),
+                                                                ciphertext=os.urandom(34)) for j in (0, 2)])
+    update = wire_pb2.ParticipantUpdate(round=1, masking=masking)
+    update.update.chunks.append(os.urandom(4_000_000))
+    data = update.SerializeToString()
     before = _resident_mb()
-    kept = [messages.detached(wire_pb2.RefreshReply.FromString(data).released) for _ in range(100)]
+    kept = [messages.detached(wire_pb2.ParticipantUpdate.FromString(data).masking) for _ in range(100)]
     assert _resident_mb() - before < 100
-    assert all(k == reply.released for k in kept)
+    assert all(k == masking for k in kept)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -62,13 +63,24 @@ def test_masking_pairwise_is_refused_where_masks_cannot_work(settings, reason):
 
 
 def test_the_coordinator_refuses_masking_with_masked_norm_defenses_and_encrypted_rollouts():
+    """The coordinator resolves its run plan by the same rule (``protos.plan.resolve_plan``), and its
+    aggregation path takes masked updates only where masks can work."""
+    from coordinator.aggregation import AGGREGATIONS
     from coordinator.robust_aggregation import ROBUST_DEFENSES
-    from coordinator.unmasking import check_masking
+    from protos.plan import RunPlan, resolve_plan
 
     for defense in ROBUST_DEFENSES:
         with pytest.raises(ValueError, match="needs each update's own norm"):
-            check_masking("pairwise", defense, ROBUST_DEFENSES, rollouts=False)
+            resolve_plan(RunSettings(masking="pairwise", defense=defense))
+        assert resolve_plan(RunSettings(defense=defense)).aggregation == defense  # auto: masking off
+        # a plan that names both (unresolved) still sums each update's own norm: masks never reach it
+        plan = resolve_plan(RunSettings(defense=defense))
+        forced = RunPlan(plan.scenario, dataclasses.replace(plan.settings, masking="pairwise"), plan.optimizer)
+        assert forced.aggregation == defense and not getattr(AGGREGATIONS[defense], "masked", False)
     with pytest.raises(ValueError, match="encrypted-rollouts"):
-        check_masking("pairwise", "none", ROBUST_DEFENSES, rollouts=True)
-    check_masking("off", "median-norm", ROBUST_DEFENSES, rollouts=True)
-    check_masking("pairwise", "dp", ROBUST_DEFENSES, rollouts=False)
+        resolve_plan(RunSettings(masking="pairwise", mode="encrypted-rollouts"))
+    assert resolve_plan(RunSettings(mode="encrypted-rollouts")).aggregation == "rollout-gradient"
+    assert resolve_plan(RunSettings(masking="off", defense="median-norm")).aggregation == "median-norm"
+    dp = resolve_plan(RunSettings(masking="pairwise", defense="dp", dp_noise_multiplier=1.0))
+    assert dp.aggregation == "pairwise" and AGGREGATIONS[dp.aggregation].masked  # DP noise is added before masking
+    assert resolve_plan(RunSettings(masking="off")).aggregation == "sum" and not AGGREGATIONS["sum"].masked
