@@ -113,6 +113,8 @@ class Exchange:
         """A participant's data-free error reply, or Flower's for a node that is gone."""
         code, reason = reply.error.code, reply.error.reason
         category = category_of_code(code)
+        if category is not None:
+            self.organizations.named_in(node, reason)
         name = category.name if category else "flower"
         if code == NODE_UNAVAILABLE:
             self.organizations.mark(node, GONE)

@@ -42,6 +42,14 @@ class Organizations:
     def name(self, node: int) -> str:
         return self.of(node).name
 
+    def named_in(self, node: int, reason: str) -> None:
+        """A node that never identified itself may still name itself in an error reply ("hospital-c: ..."
+        or "hospital-c refuses: ..."): good enough to report it by."""
+        org = self.of(node)
+        name = reason.split(":", 1)[0].removesuffix(" refuses").strip()
+        if org.index is None and ":" in reason and name and len(name) <= 100:
+            org.name = name
+
     def identify(self, node: int, index: int, name: str) -> str | None:
         """Record a node's roster index and name; a problem (a second node claiming an index) as text."""
         for other in self.by_node.values():

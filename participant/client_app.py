@@ -15,6 +15,7 @@ fixed category (``participant.failures``).
 from __future__ import annotations
 
 import importlib
+import logging
 import pickle
 from collections.abc import Callable
 from functools import lru_cache
@@ -122,6 +123,7 @@ def build_client_app(
     return app
 
 
+log = logging.getLogger("fedhe.participant")
 DEPLOYED = "participant.client_app:build_client_app"  # the app a deployed node's worker runs
 
 
@@ -163,9 +165,13 @@ def forwarding_app(
         tag = f"{policy.key_dir}\0{policy.participant_index}\0{factory}\0{factory_kwargs!r}"
         client = WorkerClient(state_dir(tag, code_dir, policy.state_dir), code_dir, factory, factory_kwargs)
         try:
-            return client.forward(msg, context)
+            reply = client.forward(msg, context)
         except Exception as exc:  # the worker could not answer: a fixed category, details in this log
             return error_reply(msg, policy.organization, exc)
+        if reply.has_error():  # the node's own log says what it told the coordinator (details: worker.log)
+            log.warning("%s message, round %s: replied %r (details in %s)", msg.metadata.message_type,
+                        msg.metadata.group_id, reply.error.reason, client.directory / "worker.log")
+        return reply
 
     app.train()(forward)
     for query in QUERIES:

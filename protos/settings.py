@@ -87,10 +87,13 @@ class RunSettings:
                                 + (" (a string: drop the quotes)" if quoted else ""))
                 continue
             values[name] = kind(value)
+        settings = cls(**values)
+        try:
+            settings.check()
+        except RunConfigError as exc:
+            problems += exc.problems
         if problems:
             raise RunConfigError(problems)
-        settings = cls(**values)
-        settings.check()
         return settings
 
     def check(self) -> None:
@@ -104,7 +107,7 @@ class RunSettings:
                                           f"{self.num_server_rounds}"),
             (self.participants >= 0, f"participants must be >= 0 (0: every connected node), got {self.participants}"),
             (self.min_participants >= 1, f"min-participants must be >= 1, got {self.min_participants}"),
-            (self.participants == 0 or self.participants >= self.min_participants,
+            (self.participants <= 0 or self.participants >= self.min_participants,
              f"participants ({self.participants}) is below min-participants ({self.min_participants})"),
             (self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}"),
             (self.seed >= -1, f"seed must be >= 0 (or -1: the scenario's), got {self.seed}"),

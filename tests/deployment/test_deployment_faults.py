@@ -1,20 +1,21 @@
-"""Real deployments under TLS, SuperNode authentication and faults (SuperLink + SuperNodes on loopback).
+"""Real deployments under faults: what each party sees and what the run reports (SuperLink + SuperNodes on loopback).
 
 Every test starts its own processes (own FLWR_HOME each, free ports, nothing read from ~/.flwr)
 and, on failure, shows the tail of every process's log (``RunResult.check``, ``DeploymentError``).
+One deployment per test covers several faults: starting one costs more than a round.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from support.credentials import make_auth_key, make_tls
 from support.deployment_harness import LocalDeployment
-from support.federation_setup import distribute_keys, node_configs, snapshot_app
+from support.federation_setup import ORGANIZATIONS, distribute_keys, node_configs, snapshot_app
 
 from coordinator.report import METRICS_FILE, SUMMARY_FILE
 
@@ -42,93 +43,112 @@ def wait_until(condition, timeout: float, what: str, dep: LocalDeployment | None
         time.sleep(0.2)
 
 
-@pytest.mark.timeout(420)
-def test_tls_and_supernode_authentication(tmp_path):
-    """Registered SuperNodes train over TLS; an unregistered node and a node trusting another CA are refused."""
-    keys = distribute_keys(tmp_path, 3)
-    tls = make_tls(tmp_path / "certs")
-    other_ca = make_tls(tmp_path / "other-certs", ca_name="someone else's CA")
-    out = tmp_path / "run"
-    with LocalDeployment(3, tmp_path / "dep", node_configs(keys), tls=tls, auth=True) as dep:
-        unregistered_key, _ = make_auth_key(tmp_path / "intruder")
-        intruder = dep.spawn_node(0, auth_key=unregistered_key, name="unregistered")
-        stranger = dep.spawn_node(1, root_certificates=other_ca.ca_cert, name="other-ca")
-        result = dep.run_app(snapshot_app(tmp_path), run_config=run_config(keys, out, 2), timeout=300)
-        result.check()
-        for refused in (intruder, stranger):
-            wait_until(lambda p=refused: p.popen.poll() is not None, 90, f"{refused.name} to be refused")
-        assert len(dep.online_nodes()) == 3
-    assert [r["round"] for r in rows_of(out)] == [1, 2]
-    assert all(r["participants"] == 3 for r in rows_of(out))
-    assert intruder.popen.returncode != 0 and "Failed to activate SuperNode" in intruder.tail(200)
-    assert stranger.popen.returncode != 0 and "SSL/TLS handshake error" in stranger.tail(200)
+def in_background(dep: LocalDeployment, app: Path, config: dict, timeout: float) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=dep.run_app(app, run_config=config,
+                                                                               timeout=timeout)))
+    runner.start()
+    return runner, outcome
 
 
-@pytest.mark.timeout(480)
-def test_a_supernode_killed_mid_round_is_left_out_and_rejoins(tmp_path):
-    keys = distribute_keys(tmp_path, 3)
-    out = tmp_path / "run"
-    # 8 rounds: after the restart (at round 3 or 4) a loaded machine needs a few rounds to start the node
-    config = run_config(keys, out, 8, **{"min-participants": 2, "round-timeout": 25.0})
-    with LocalDeployment(3, tmp_path / "dep", node_configs(keys)) as dep:
-        outcome: dict = {}
-        runner = threading.Thread(target=lambda: outcome.update(result=dep.run_app(
-            snapshot_app(tmp_path), run_config=config, timeout=420)))
-        runner.start()
-        wait_until(lambda: len(rows_of(out)) >= 1, 240, "round 1", dep)
-        dep.kill_node(2)  # round 2 is under way
-        wait_until(lambda: len(rows_of(out)) >= 3, 240, "rounds without the dead node", dep)
-        dep.restart_node(2)
-        runner.join(timeout=420)
-        outcome["result"].check()
-    rows = rows_of(out)
-    assert [r["round"] for r in rows] == list(range(1, 9))
-    assert rows[0]["participants"] == 3
-    assert any(r["participants"] == 2 for r in rows[1:4])  # the round it died in completed with the others
-    silent = [line for r in rows for line in r["failed"]]
-    # the dead node by its id, not Flower's placeholder "node 1"
-    assert silent and all("participant node 1," not in line for line in silent)
-    assert rows[-1]["participants"] == 3  # the restarted node takes part again
-
-
-@pytest.mark.timeout(480)
-def test_the_coordinator_killed_mid_run_resumes_from_the_last_completed_round(tmp_path):
-    keys = distribute_keys(tmp_path, 3)
-    out = tmp_path / "run"
-    app = snapshot_app(tmp_path)
-    with LocalDeployment(3, tmp_path / "dep", node_configs(keys)) as dep:
-        outcome: dict = {}
-        runner = threading.Thread(target=lambda: outcome.update(result=dep.run_app(
-            app, run_config=run_config(keys, out, 4), timeout=300)))
-        runner.start()
-        wait_until(lambda: len(rows_of(out)) >= 2, 240, "two completed rounds", dep)
-        assert dep.kill_serverapp() >= 1
-        runner.join(timeout=300)
-        assert outcome["result"].status != "finished:completed"
-        done = [r["round"] for r in rows_of(out)]
-        resumed = dep.run_app(app, run_config=run_config(keys, out, 4, resume=True), timeout=300)
-        resumed.check()
-    rounds = [r["round"] for r in rows_of(out)]
-    assert rounds == [1, 2, 3, 4] and done == rounds[: len(done)]  # nothing lost, nothing repeated
-    assert json.loads((out / SUMMARY_FILE).read_text())["rounds"] == 4
-
-
-@pytest.mark.timeout(420)
-def test_a_supernode_with_another_federations_key_is_named_and_the_others_continue(tmp_path):
-    keys = distribute_keys(tmp_path, 3)
+@pytest.mark.timeout(600)
+def test_refusals_wrong_keys_operator_mistakes_and_a_killed_coordinator(tmp_path):
+    """Four organizations; the run asks masking=off. hospital-c's policy requires masks: it refuses;
+    hospital-d holds another federation's key. Both are named on both sides and left out, the other
+    two train. Then operators' mistakes are refused before round 1, a run asking for more
+    participants than are connected goes on with those present, and a coordinator killed mid-run
+    resumes from its last confirmed round, its summary covering both parts."""
+    keys = distribute_keys(tmp_path, 4)
     foreign = distribute_keys(tmp_path, 1, name="other-federation")
     configs = node_configs(keys)
-    configs[2]["key-dir"] = str(foreign.org_dirs[0].resolve())
+    for cfg in configs[:2]:
+        cfg["masking"] = "optional"
+    configs[3]["key-dir"] = str(foreign.org_dirs[0].resolve())
+    app = snapshot_app(tmp_path)
     out = tmp_path / "run"
-    config = run_config(keys, out, 2, **{"min-participants": 2, "round-timeout": 60.0})
-    with LocalDeployment(3, tmp_path / "dep", configs) as dep:
-        result = dep.run_app(snapshot_app(tmp_path), run_config=config, timeout=300)
+    with LocalDeployment(4, tmp_path / "dep", configs) as dep:
+        result = dep.run_app(app, run_config=run_config(keys, out, 2, masking="off", **{"min-participants": 2}),
+                             timeout=300)
         result.check()
-    node_log = dep.supernodes[2].log_path.read_text()  # the details stay in the organization's own log
-    assert "FingerprintMismatchError" in node_log and foreign.fingerprint[:12] in node_log
+        mistakes = dep.run_app(app, run_config=run_config(keys, tmp_path / "mistakes", "10", participants=-3),
+                               timeout=120)
+        misspelled = dep.run_app(app, run_config={**run_config(keys, tmp_path / "misspelled", 1), "num-servr-rounds": 3},
+                                 timeout=120)
+        short = dep.run_app(app, run_config=run_config(keys, tmp_path / "short", 1, participants=5, masking="off",
+                                                       **{"min-participants": 2, "round-timeout": 10.0}), timeout=180)
+        short.check()
+        resumed_out = tmp_path / "resumed"
+        config = run_config(keys, resumed_out, 4, masking="off", **{"min-participants": 2})
+        runner, outcome = in_background(dep, app, config, 300)
+        wait_until(lambda: len(rows_of(resumed_out)) >= 1, 240, "a confirmed round", dep)
+        assert dep.kill_serverapp() >= 1
+        runner.join(timeout=300)
+        done = [r["round"] for r in rows_of(resumed_out)]
+        resumed = dep.run_app(app, run_config={**config, "resume": True}, timeout=300)
+        resumed.check()
+
+    # refusal and wrong key: named in the coordinator's log, its summary, and each organization's own log
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    orgs = summary["organizations"]
+    assert orgs["hospital-c"]["status"] == "excluded" and orgs["hospital-c"]["why"] == {"refused": 1}
+    assert orgs["hospital-d"]["status"] == "excluded" and orgs["hospital-d"]["why"] == {"wrong-key": 1}
+    assert orgs["hospital-a"]["rounds_answered"] == orgs["hospital-b"]["rounds_answered"] == 2
+    assert "hospital-c refuses: the run asks masking=off, this node requires pairwise" in result.output
+    assert "hospital-d: wrong federation key; left out for the rest of this run" in result.output
+    assert "masking=off, this node requires pairwise" in dep.supernodes[2].log_path.read_text()
+    assert "replied 'hospital-d: wrong federation key'" in dep.supernodes[3].log_path.read_text()
+    assert "FingerprintMismatchError" in (keys.org_dirs[3].parent / "worker" / "worker.log").read_text()
     rows = rows_of(out)
     assert [r["round"] for r in rows] == [1, 2] and all(r["participants"] == 2 for r in rows)
-    wrong_key = [line for line in rows[0]["failed"] if "participant-2" in line]
-    assert wrong_key and wrong_key[0].endswith("participant-2: wrong federation key")  # no more than that
-    assert rows[1]["failed"] == []  # told once, then left out instead of being asked every round
-    assert "another federation's key; left out" in result.output
+    assert all(r["failed"] == [] for r in rows)  # told once, then left out instead of being asked every round
+
+    # operators' mistakes: one line each, a failed run, before round 1
+    assert mistakes.status == "finished:failed", mistakes.describe()
+    assert "run config 'num-server-rounds' must be an integer, got '10' (a string: drop the quotes)" in mistakes.output
+    assert "participants must be >= 0 (0: every connected node), got -3" in mistakes.output
+    assert not rows_of(tmp_path / "mistakes")
+    assert misspelled.returncode != 0 and "Invalid run configuration" in misspelled.output
+    assert "'num-servr-rounds' is not present" in dep.superlink.log_path.read_text()
+    assert "the run asks for 5 participants, 2 organizations are connected; waiting up to 10 s" in short.output
+    assert [r["participants"] for r in rows_of(tmp_path / "short")] == [2]
+
+    # the coordinator killed mid-run: the resumed run continues from the last confirmed round
+    assert outcome["result"].status != "finished:completed"
+    rounds = [r["round"] for r in rows_of(resumed_out)]
+    assert rounds == [1, 2, 3, 4] and done == rounds[: len(done)]  # nothing lost, nothing repeated
+    resumed_summary = json.loads((resumed_out / SUMMARY_FILE).read_text())
+    assert resumed_summary["resumed_from"] == done[-1] and resumed_summary["rounds"] == 4
+    assert resumed_summary["wall_s"] > resumed.duration_s * 0.5  # covers the first part too
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_supernode_is_named_costs_one_round_and_rejoins(tmp_path):
+    """Four organizations with pairwise masks; hospital-d's SuperNode is killed while round 2 is under way.
+    That round completes with the others (its masks corrected), later rounds mask over the three
+    left without any correction exchange, and the restarted node takes part again."""
+    keys = distribute_keys(tmp_path, 4)
+    out = tmp_path / "run"
+    config = run_config(keys, out, 9, **{"min-participants": 3, "round-timeout": 30.0})
+    with LocalDeployment(4, tmp_path / "dep", node_configs(keys)) as dep:
+        runner, outcome = in_background(dep, snapshot_app(tmp_path), config, 540)
+        wait_until(lambda: len(rows_of(out)) >= 1, 300, "round 1 confirmed", dep)
+        dep.kill_node(3)
+        wait_until(lambda: len(rows_of(out)) >= 5, 400, "rounds without the dead node", dep)
+        dep.restart_node(3)
+        runner.join(timeout=540)
+        outcome["result"].check()
+    rows = rows_of(out)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    died = next(r for r in rows if r["participants"] == 3)
+    assert died["failed"] and died["failed"][0]["organization"] == "hospital-d", died
+    after = [r for r in rows if r["round"] > died["round"] and r["participants"] == 3]
+    assert after and all(r["mask_dropped"] == [] for r in after)  # a dead node costs once
+    assert summary["organizations"]["hospital-d"]["rounds_failed"] >= 1
+    assert summary["failed_rounds"] == [] or all(f["round"] != died["round"] for f in summary["failed_rounds"])
+    assert rows[-1]["participants"] == 4  # the restarted node takes part again
+    before = [r["wall_s"] for r in rows if r["round"] < died["round"]]
+    steady = [r["wall_s"] for r in after]
+    print(f"round wall time: before the kill {statistics.median(before):.1f} s, the round it died in "
+          f"{died['wall_s']:.1f} s, after it {statistics.median(steady):.1f} s (median)")
+    assert statistics.median(steady) < died["wall_s"]
+    assert set(ORGANIZATIONS[:4]) == set(summary["organizations"])
