@@ -212,6 +212,22 @@ def bench_soak(
     typer.echo(json.dumps(result, indent=None if as_json else 2))
 
 
+@bench_app.command("seal-ops")
+def bench_seal_ops(
+    repeats: int = typer.Option(9, min=1, help="Timed runs of each operation (interleaved)."),
+    profiles: list[str] | None = typer.Option(None, "--profile", help="Repeatable; default: every profile."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
+) -> None:
+    """Seeded uploads and last-level downloads vs TenSEAL's defaults, per profile: median ms and bytes."""
+    from fedhe.bench.seal_ops import run_seal_ops_bench
+
+    try:
+        result = run_seal_ops_bench(repeats, profiles)
+    except ValueError as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         values = [int(float(part)) for part in text.split(",") if part.strip()]
