@@ -74,17 +74,20 @@ class RunRecord:
 
 
 def round_line(outcome: Any, rounds: int, rows: list[dict[str, Any]]) -> str:
-    """One line per round for the ServerApp's log (``flwr log --stream``)."""
+    """One line per round for the ServerApp's log (``flwr log --stream``): who answered, who is missing
+    and why, the time, and the latest round the integrity check confirmed, with its released return."""
     head = f"round {outcome.round}/{rounds}"
+    answered = ", ".join(outcome.answered) or "none"
     missing = ", ".join(f"{f['organization']} ({f['category']})" for f in outcome.failed) or "none"
     if not outcome.completed:
-        answered = ", ".join(outcome.answered) or "none"
         return f"{head}: changed nothing ({outcome.cause}); answered: {answered}; missing: {missing}"
-    row = rows[-1] if rows else {}
-    ret = row.get("mean_return")
-    shown = "n/a" if ret is None else f"{ret:g} over {row.get('episodes', 0)} episodes"
-    return (f"{head}: mean return {shown}; answered: {', '.join(outcome.answered)}; missing: {missing}; "
-            f"{outcome.wall_s:.1f} s")
+    line = f"{head}: answered: {answered}; missing: {missing}; {outcome.wall_s:.1f} s"
+    if rows:
+        ret = rows[-1].get("mean_return")
+        episodes = rows[-1].get("episodes", 0)
+        shown = "no episode ended" if ret is None else f"mean return {ret:g} over {episodes} episodes"
+        line += f"; round {rows[-1]['round']} confirmed: {shown}"
+    return line
 
 
 class TensorBoardLog:

@@ -72,8 +72,8 @@ def test_refusals_wrong_keys_operator_mistakes_and_a_killed_coordinator(tmp_path
         result.check()
         mistakes = dep.run_app(app, run_config=run_config(keys, tmp_path / "mistakes", "10", participants=-3),
                                timeout=120)
-        misspelled = dep.run_app(app, run_config={**run_config(keys, tmp_path / "misspelled", 1), "num-servr-rounds": 3},
-                                 timeout=120)
+        misspelled = dep.run_app(
+            app, run_config={**run_config(keys, tmp_path / "misspelled", 1), "num-servr-rounds": 3}, timeout=120)
         short = dep.run_app(app, run_config=run_config(keys, tmp_path / "short", 1, participants=5, masking="off",
                                                        **{"min-participants": 2, "round-timeout": 10.0}), timeout=180)
         short.check()

@@ -24,7 +24,8 @@ from coordinator.report import METRICS_FILE, SUMMARY_FILE
 from coordinator.server_app import RUN_INFO_FILE
 
 pytestmark = pytest.mark.deployment
-ROUND_LINE = re.compile(r"round (\d+)/60: mean return ([\d.]+) over \d+ episodes; answered: (.+?); missing: none")
+ROUND_LINE = re.compile(r"round (\d+)/60: answered: (.+?); missing: none; [\d.]+ s")
+CONFIRMED = re.compile(r"round (\d+) confirmed: mean return ([\d.]+) over \d+ episodes")
 
 
 @pytest.mark.timeout(900)
@@ -55,8 +56,10 @@ def test_a_deployed_run_trains_until_solved_and_reports_it(tmp_path):
     assert rows[-1]["episodes"] > 0 and rows[-1]["mean_return"] >= 400, rows[-1]
     # watchable: one line per round as it happens, naming the organizations
     lines = ROUND_LINE.findall(result.output)
-    assert [int(r) for r, _, _ in lines] == list(range(1, len(lines) + 1)) and len(lines) >= summary["rounds"]
-    assert all(set(who.split(", ")) == set(ORGANIZATIONS[:3]) for _, _, who in lines)
+    assert [int(r) for r, _ in lines] == list(range(1, len(lines) + 1)) and len(lines) >= summary["rounds"]
+    assert all(set(who.split(", ")) == set(ORGANIZATIONS[:3]) for _, who in lines)
+    confirmed = CONFIRMED.findall(result.output)  # each line also gives the latest round the check confirmed
+    assert [int(r) for r, _ in confirmed] == list(range(1, len(lines)))
     assert list(out.glob("events.out.tfevents.*"))  # tensorboard --logdir runs/
     assert json.loads((out / RUN_INFO_FILE).read_text())["reproducible"] is False
 
