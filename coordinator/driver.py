@@ -49,7 +49,7 @@ from coordinator.report import (
 from protos import messages
 from protos.backend import HEBackend
 from protos.chunk_workers import ChunkWorkers
-from protos.codec import to_proto
+from protos.codec import to_proto_for_decryption
 from protos.plan import RunPlan
 
 log = logging.getLogger("fedhe.coordinator")
@@ -336,7 +336,7 @@ class RoundDriver:
     def theta_arrays(self) -> dict[str, ArrayRecord]:
         if self.state.optimizer is None:
             return {}
-        return {messages.THETA: messages.pack(to_proto(self.backend, self.state.optimizer.theta))}
+        return {messages.THETA: messages.pack(to_proto_for_decryption(self.backend, self.state.optimizer.theta))}
 
     def train_messages(self, ctx: RoundContext, config: dict) -> tuple[list[Message], object]:
         """Theta for everybody; for the refresher also the state to refresh and last round's integrity check."""

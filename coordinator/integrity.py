@@ -33,7 +33,8 @@ from coordinator.replies import read_integrity
 from coordinator.robust_aggregation import masked_square_sum, secret_factor
 from coordinator.secret_random import secret_uniform
 from protos import messages
-from protos.codec import PROTOCOL_VERSION, EncryptedVector, map_chunks, to_proto
+from protos.codec import HEADROOM_LEVEL, PROTOCOL_VERSION, EncryptedVector, map_chunks
+from protos.codec import to_proto_for_decryption as for_key_holder
 from protos.fedhe.v1 import wire_pb2
 from protos.optimizer import MASK_BOUND
 
@@ -67,9 +68,10 @@ def integrity_query(ctx: RoundContext, aggregate: Aggregate) -> ArrayRecord:
     with ctx.outcome.timer.phase("integrity"):
         masked = masked_square_sum(ctx.backend, aggregate.update, factor, offset=-factor * bound**2)
         query = wire_pb2.IntegrityQuery(protocol_version=PROTOCOL_VERSION, round=ctx.round,
-                                        masked_norm=to_proto(ctx.backend, masked),
-                                        masked_values=to_proto(ctx.backend, masked_values(ctx, aggregate.update)),
-                                        stats=to_proto(ctx.backend, aggregate.stats),
+                                        masked_norm=for_key_holder(ctx.backend, masked, HEADROOM_LEVEL),
+                                        masked_values=for_key_holder(ctx.backend, masked_values(ctx, aggregate.update),
+                                                                     HEADROOM_LEVEL),
+                                        stats=for_key_holder(ctx.backend, aggregate.stats, HEADROOM_LEVEL),
                                         contributors=aggregate.contributors)
     return messages.pack(query)
 

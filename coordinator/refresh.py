@@ -29,7 +29,7 @@ from coordinator.he_adam import (
 from coordinator.replies import read_refresh
 from protos import messages
 from protos.backend import HEBackend
-from protos.codec import PROTOCOL_VERSION, EncryptedVector, to_proto
+from protos.codec import PROTOCOL_VERSION, EncryptedVector, to_proto_for_decryption
 from protos.fedhe.v1 import wire_pb2
 from protos.optimizer import HEAdamConfig, InverseSqrtPolynomial
 
@@ -69,7 +69,7 @@ class StateRefresh:
             named = optimizer.named()
             masked, masks = mask_state(self.backend, {name: named[name] for name in self.due()})
             for name, vec in masked.items():
-                request.masked_state[name].CopyFrom(to_proto(self.backend, vec))
+                request.masked_state[name].CopyFrom(to_proto_for_decryption(self.backend, vec))
         return messages.pack(request), masks
 
     def take(self, reply: Message, round_: int, masks: Masks | None, optimizer: HEAdamState | None) -> Refreshed:

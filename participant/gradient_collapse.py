@@ -39,8 +39,9 @@ import numpy as np
 
 from participant.keyholder import KeyHolder, decrypt_vector
 from protos.backend import Chunk
-from protos.codec import EncryptedVector, encrypt_vector
+from protos.codec import EncryptedVector, encrypt_to_proto
 from protos.errors import RequestRefusedError
+from protos.fedhe.v1 import wire_pb2
 from protos.optimizer import MASK_BOUND
 from protos.rollout_layout import BlockLayout
 
@@ -55,8 +56,8 @@ def collapse_masked(
     masked: Sequence[EncryptedVector | Chunk],
     layout: BlockLayout,
     grid: float = COLLAPSE_GRID,
-) -> EncryptedVector:
-    """Decrypt the masked per-slot gradients, collapse, round to ``grid``, re-encrypt fresh.
+) -> wire_pb2.EncryptedVector:
+    """Decrypt the masked per-slot gradients, collapse, round to ``grid``, re-encrypt fresh for the wire.
 
     ``masked``: ``layout.gradient_vectors`` items, each an ``EncryptedVector`` of one chunk holding
     ``holder.slots`` values, or a bare chunk. Returns ``layout.num_params`` values, encrypted at
@@ -80,7 +81,7 @@ def collapse_masked(
                 f"(the protocol's masks reach {MASK_BOUND:g}); refusing to re-encrypt its sums"
             )
     collapsed = layout.collapse(per_slot)
-    return encrypt_vector(holder, np.round(collapsed / grid) * grid)
+    return encrypt_to_proto(holder, np.round(collapsed / grid) * grid)
 
 
 def _decrypt_one(holder: KeyHolder, item: EncryptedVector | Chunk, n: int) -> np.ndarray:

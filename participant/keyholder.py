@@ -15,8 +15,9 @@ import numpy as np
 import tenseal as ts
 
 from protos.backend import PlainBackend, TensealBackend, public_fingerprint
-from protos.codec import EncryptedVector, encrypt_vector
+from protos.codec import EncryptedVector, encrypt_to_proto
 from protos.errors import KeyFileError, NonFiniteValueError
+from protos.fedhe.v1 import wire_pb2
 from protos.keyfile import (
     COORDINATOR_KEY,
     FINGERPRINT_FILE,
@@ -26,10 +27,16 @@ from protos.keyfile import (
     write_key_file,
 )
 from protos.profiles import DEFAULT_PROFILE, HEProfile, get_profile
+from protos.seal_ops import encrypt_seeded
 
 
 class TensealKeyHolder(TensealBackend):
     """A TenSEAL backend whose context holds the federation's secret key."""
+
+    def encrypt_serialized(self, values: np.ndarray) -> bytes:
+        """Seeded symmetric encryption (``protos.seal_ops``): every ciphertext a participant uploads
+        is half the bytes of a public-key one, and loads as an ordinary fresh ciphertext."""
+        return encrypt_seeded(self.context, values)
 
     def decrypt(self, chunk: ts.CKKSVector) -> np.ndarray:
         return np.asarray(chunk.decrypt(secret_key=self._secret_key), dtype=np.float64)
@@ -116,6 +123,6 @@ def finite_decryption(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def reencrypt(holder: KeyHolder, vector: EncryptedVector) -> EncryptedVector:
-    """Client-aided bootstrapping: a fresh full-depth encryption of the same values."""
-    return encrypt_vector(holder, decrypt_vector(holder, vector))
+def reencrypt(holder: KeyHolder, vector: EncryptedVector) -> wire_pb2.EncryptedVector:
+    """Client-aided bootstrapping: a fresh full-depth encryption of the same values, for the wire."""
+    return encrypt_to_proto(holder, decrypt_vector(holder, vector))

@@ -35,7 +35,7 @@ from participant.local_update import NodeIdentity, local_update
 from participant.pairwise_masks import PairwiseMasker, RoundMasks
 from participant.rollout_owner import ROLLOUTS, encrypted_rollout, owner_for, tiled_theta
 from protos import messages
-from protos.codec import PROTOCOL_VERSION, check_version, encrypt_vector, from_proto, max_bytes_for, to_proto
+from protos.codec import PROTOCOL_VERSION, check_version, encrypt_to_proto, from_proto, max_bytes_for
 from protos.errors import ChunkLayoutError, FingerprintMismatchError, KeyFileError, RequestRefusedError
 from protos.fedhe.v1 import wire_pb2
 from protos.masking import STATS_STREAM, UPDATE_STREAM
@@ -96,10 +96,9 @@ def refresh(
     before round 1, when the coordinator holds none: HE-Adam only subtracts from theta, which needs no level)."""
     reply = wire_pb2.RefreshReply(protocol_version=PROTOCOL_VERSION, round=request.round)
     if theta is not None:
-        reply.theta.CopyFrom(to_proto(holder, encrypt_vector(holder, theta)))
+        reply.theta.CopyFrom(encrypt_to_proto(holder, theta))
     for name, masked in request.masked_state.items():
-        fresh = reencrypt(holder, from_proto(holder, masked, expected_length=num_params))
-        reply.state[name].CopyFrom(to_proto(holder, fresh))
+        reply.state[name].CopyFrom(reencrypt(holder, from_proto(holder, masked, expected_length=num_params)))
     return reply
 
 
@@ -230,7 +229,7 @@ def reply_gradient_query(exchange: Exchange) -> None:
     masked = [from_proto(holder, vec, expected_length=holder.slots) for vec in query.masked]
     dense = collapse_masked(holder, masked, layout)
     reply = wire_pb2.GradientReply(protocol_version=PROTOCOL_VERSION, round=exchange.round,
-                                   gradient=to_proto(holder, dense))
+                                   gradient=dense)
     exchange.reply[messages.GRADIENT_REPLY] = messages.pack(reply)
 
 
@@ -255,10 +254,9 @@ def reply_unmask(exchange: Exchange) -> None:
     if request.dropped:
         masks = masker.round(exchange.run_id, exchange.round, exchange.ledger.members(exchange.round))
         dropped, holder = sorted(request.dropped), exchange.holder
-        reply.update.CopyFrom(to_proto(holder, encrypt_vector(
-            holder, masks.correction(dropped, UPDATE_STREAM, exchange.num_params))))
-        reply.rollout_stats.CopyFrom(to_proto(holder, encrypt_vector(
-            holder, masks.correction(dropped, STATS_STREAM, messages.STATS_LENGTH))))
+        reply.update.CopyFrom(encrypt_to_proto(holder, masks.correction(dropped, UPDATE_STREAM, exchange.num_params)))
+        reply.rollout_stats.CopyFrom(encrypt_to_proto(
+            holder, masks.correction(dropped, STATS_STREAM, messages.STATS_LENGTH)))
     exchange.reply[messages.UNMASK_REPLY] = messages.pack(reply)
 
 
@@ -335,8 +333,8 @@ def encrypted_update(
     if masks is not None:
         update, stats = masks.mask(update, UPDATE_STREAM), masks.mask(stats, STATS_STREAM)
         msg.masking.CopyFrom(masks.metadata())
-    msg.update.CopyFrom(to_proto(holder, encrypt_vector(holder, update)))
-    msg.rollout_stats.CopyFrom(to_proto(holder, encrypt_vector(holder, stats)))
+    msg.update.CopyFrom(encrypt_to_proto(holder, update))
+    msg.rollout_stats.CopyFrom(encrypt_to_proto(holder, stats))
     return msg
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from participant.keyholder import KeyHolder
 from participant.run_state import kept_for_run
-from protos.codec import PROTOCOL_VERSION, encrypt_vector, to_proto
+from protos.codec import PROTOCOL_VERSION, encrypt_to_proto
 from protos.fedhe.v1 import wire_pb2
 from protos.optimizer import HEAdamConfig
 from protos.rollout_layout import BlockLayout
@@ -131,11 +131,11 @@ def encrypted_rollout(holder: KeyHolder, round_: int, owner_round: OwnerRound) -
     """Every block as one vector of consecutive full chunks (the layout's X_j, D_actor_a, D_critic)."""
     upload = wire_pb2.RolloutUpload(protocol_version=PROTOCOL_VERSION, round=round_)
     for block in owner_round.blocks:
-        upload.blocks.append(to_proto(holder, encrypt_vector(holder, np.concatenate(block))))
-    upload.rollout_stats.CopyFrom(to_proto(holder, encrypt_vector(holder, owner_round.stats)))
+        upload.blocks.append(encrypt_to_proto(holder, np.concatenate(block)))
+    upload.rollout_stats.CopyFrom(encrypt_to_proto(holder, owner_round.stats))
     return upload
 
 
 def tiled_theta(holder: KeyHolder, theta: np.ndarray, layout: BlockLayout) -> wire_pb2.EncryptedVector:
     """The refresher's copy of theta in the block layout, so the coordinator can backpropagate."""
-    return to_proto(holder, encrypt_vector(holder, np.concatenate(layout.pack_theta(theta))))
+    return encrypt_to_proto(holder, np.concatenate(layout.pack_theta(theta)))

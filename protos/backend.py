@@ -21,6 +21,7 @@ import tenseal as ts
 from protos.errors import ChunkLayoutError, InvalidCiphertextError
 from protos.fedhe.v1 import wire_pb2
 from protos.profiles import HEProfile
+from protos.seal_ops import switch_to_level
 
 Chunk = Any  # a ts.CKKSVector or, in plaintext mode, a float64 ndarray
 
@@ -44,6 +45,15 @@ class HEBackend(ABC):
 
     @abstractmethod
     def serialize(self, chunk: Chunk) -> bytes: ...
+
+    def encrypt_serialized(self, values: np.ndarray) -> bytes:
+        """A fresh encryption's wire bytes (a key holder's: seeded, half the size)."""
+        return self.serialize(self.encrypt(values))
+
+    def serialize_for_decryption(self, chunk: Chunk, level: int = 0) -> bytes:
+        """Wire bytes for a receiver that only decrypts (CKKS: switched down to ``level``, or kept
+        at its own level if that is lower)."""
+        return self.serialize(chunk)
 
     @abstractmethod
     def deserialize(self, data: bytes, length: int, *, fresh: bool = False) -> Chunk:
@@ -99,6 +109,11 @@ class TensealBackend(HEBackend):
 
     def serialize(self, chunk: ts.CKKSVector) -> bytes:
         return chunk.serialize()
+
+    def serialize_for_decryption(self, chunk: ts.CKKSVector, level: int = 0) -> bytes:
+        if self.levels_left(chunk) <= level:
+            return self.serialize(chunk)
+        return switch_to_level(self.context, chunk, level)
 
     def deserialize(self, data: bytes, length: int, *, fresh: bool = False) -> ts.CKKSVector:
         try:

@@ -48,6 +48,7 @@ class EncryptedVector:
     # checkpoint and into the next round's messages, and serializing a chunk costs ~10 ms.
     # Safe because a vector is never changed in place (every operation makes a new one).
     serialized: list[bytes] | None = field(default=None, repr=False, compare=False)
+    serialized_for_decryption: list[bytes] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.length < 1 or not self.chunks:
@@ -86,6 +87,15 @@ def encrypt_vector(backend: HEBackend, values: np.ndarray) -> EncryptedVector:
     return EncryptedVector(chunks, int(flat.size))
 
 
+def encrypt_to_proto(backend: HEBackend, values: np.ndarray) -> wire_pb2.EncryptedVector:
+    """A flat vector encrypted for the wire, as ``to_proto(encrypt_vector(...))`` but with the
+    backend's own fresh encryption (a key holder's is seeded: half the bytes)."""
+    flat = encryptable(values)
+    padded = pad_to_chunks(flat, backend.slots)
+    chunks = [backend.encrypt_serialized(padded[i : i + backend.slots]) for i in range(0, padded.size, backend.slots)]
+    return proto_of_chunks(backend, chunks, int(flat.size))
+
+
 def map_chunks(fn: Callable[..., Chunk], *vectors: EncryptedVector) -> EncryptedVector:
     """Apply a chunk-wise operation to vectors with the same layout."""
     first = vectors[0]
@@ -98,6 +108,25 @@ def to_proto(backend: HEBackend, vector: EncryptedVector) -> wire_pb2.EncryptedV
     if vector.serialized is None:
         vector.serialized = [backend.serialize(c) for c in vector.chunks]
     return proto_of_chunks(backend, vector.serialized, vector.length)
+
+
+# A receiver that only decrypts needs one prime, where values stay below 2^19 (60-bit prime, 40-bit
+# scale): enough for masked state, theta and masked gradients. Where a hostile sender could make a
+# value arbitrarily large (integrity and norm checks, summed statistics), two primes keep 2^59 of
+# headroom, so a value wrapping around the modulus cannot pass for a small one by chance.
+LAST_LEVEL, HEADROOM_LEVEL = 0, 1
+
+
+def to_proto_for_decryption(backend: HEBackend, vector: EncryptedVector, level: int = LAST_LEVEL
+                            ) -> wire_pb2.EncryptedVector:
+    """For a receiver that only decrypts (a key holder): switched down to ``level`` first, so ~6x
+    smaller at N=16384 at the last level (``HEBackend.serialize_for_decryption``)."""
+    if level != LAST_LEVEL:
+        return proto_of_chunks(backend, [backend.serialize_for_decryption(c, level) for c in vector.chunks],
+                               vector.length)
+    if vector.serialized_for_decryption is None:
+        vector.serialized_for_decryption = [backend.serialize_for_decryption(c) for c in vector.chunks]
+    return proto_of_chunks(backend, vector.serialized_for_decryption, vector.length)
 
 
 def proto_of_chunks(backend: HEBackend, chunks: list[bytes], length: int) -> wire_pb2.EncryptedVector:

@@ -20,7 +20,7 @@ from coordinator.robust_aggregation import (
 )
 from protos import messages
 from protos.backend import HEBackend
-from protos.codec import PROTOCOL_VERSION, EncryptedVector, to_proto
+from protos.codec import HEADROOM_LEVEL, PROTOCOL_VERSION, EncryptedVector, to_proto_for_decryption
 from protos.fedhe.v1 import wire_pb2
 from protos.plan import RunPlan
 
@@ -49,7 +49,7 @@ class RobustSum(Aggregation):
         ctx = self.ctx
         masked, masks = masked_squared_norms(ctx.backend, self.kept)
         query = wire_pb2.NormQuery(protocol_version=PROTOCOL_VERSION, round=ctx.round,
-                                   masked=[to_proto(ctx.backend, vec) for vec in masked])
+                                   masked=[to_proto_for_decryption(ctx.backend, vec, HEADROOM_LEVEL) for vec in masked])
         read = lambda _node, reply: unmask_squared_norms(read_norms(reply, ctx.round, len(self.kept)), masks)  # noqa: E731
         squared = ctx.ask_one(messages.NORMS, {messages.NORM_QUERY: messages.pack(query)}, read, "norm reply")
         if squared is None:

@@ -13,7 +13,7 @@ from coordinator.aggregation.base import Aggregate, Aggregation, RoundContext, a
 from coordinator.encrypted_gradient import GradientSum, RolloutPlan, mask_for_collapse, unmask_collapsed
 from coordinator.replies import read_gradient, read_rollout
 from protos import messages
-from protos.codec import PROTOCOL_VERSION, EncryptedVector, to_proto
+from protos.codec import PROTOCOL_VERSION, EncryptedVector, to_proto_for_decryption
 from protos.fedhe.v1 import wire_pb2
 
 
@@ -46,7 +46,7 @@ class RolloutGradient(Aggregation):
                     gradient.add_block(theta_tiled.chunks, block.chunks)
             masked, masks = mask_for_collapse(ctx.backend, gradient.result())
         query = wire_pb2.GradientQuery(protocol_version=PROTOCOL_VERSION, round=ctx.round,
-                                       masked=[to_proto(ctx.backend, vec) for vec in masked])
+                                       masked=[to_proto_for_decryption(ctx.backend, vec) for vec in masked])
         read = lambda _node, reply: read_gradient(ctx.backend, reply, ctx.round, ctx.plan.num_params)  # noqa: E731
         dense = ctx.ask_one(messages.GRADIENT, {messages.GRADIENT_QUERY: messages.pack(query)}, read, "gradient")
         if dense is None:

@@ -164,7 +164,7 @@ def run_encrypted_gradient_bench(
     t0 = time.perf_counter()
     dense = collapse_masked(holder, received, layout)
     collapse_ms = (time.perf_counter() - t0) * 1e3
-    reply = encode_vector(holder, dense)
+    reply = dense.SerializeToString()
     dense_at_coordinator = decode_vector(coordinator, reply, expected_length=spec.num_params, fresh=True)
     t0 = time.perf_counter()
     aggregate = unmask_collapsed(coordinator, dense_at_coordinator, masks, layout)

@@ -17,7 +17,7 @@ from coordinator.he_adam import HEAdamConfig, HEAdamState, NumpyAdam, he_adam_st
 from participant.gradient_collapse import COLLAPSE_GRID, MASKED_MIN_MEDIAN, collapse_masked
 from participant.keyholder import PlainKeyHolder, decrypt_vector
 from protos.backend import PlainBackend
-from protos.codec import EncryptedVector, decode_vector, encode_vector, encrypt_vector
+from protos.codec import EncryptedVector, decode_vector, encode_vector, encrypt_vector, from_proto
 from protos.errors import ChunkLayoutError, RequestRefusedError
 from protos.optimizer import MASK_BOUND
 from protos.profiles import get_profile
@@ -108,7 +108,7 @@ def test_plain_protocol_collapses_to_the_numpy_gradient(spec):
     assert total.blocks == 6
     np.testing.assert_allclose(layout.collapse(total.result()), expected, rtol=1e-11, atol=1e-14)
     masked, masks = mask_for_collapse(backend, total.result())
-    dense = collapse_masked(PlainKeyHolder(backend.profile), masked, layout)
+    dense = from_proto(backend, collapse_masked(PlainKeyHolder(backend.profile), masked, layout))
     unmasked = unmask_collapsed(backend, dense, masks, layout).chunks[0][: spec.num_params]
     assert np.max(np.abs(unmasked - expected)) <= COLLAPSE_GRID
 
@@ -155,7 +155,7 @@ def test_masked_collapse_shows_the_key_holder_only_masks(encrypted_block, holder
     for values, mask in zip(seen, masks):
         assert np.median(np.abs(values)) > 0.4 * MASK_BOUND > 1000 * signal
         assert np.corrcoef(values, mask)[0, 1] > 0.999999
-    dense = collapse_masked(holder, _wire(coordinator_backend, holder, masked), layout)
+    dense = from_proto(holder, collapse_masked(holder, _wire(coordinator_backend, holder, masked), layout))
     assert dense.length == layout.num_params and holder.levels_left(dense.chunks[0]) == holder.profile.levels
     (back,) = _wire(holder, coordinator_backend, [dense], fresh=True)
     gradient = unmask_collapsed(coordinator_backend, back, masks, layout)
@@ -225,7 +225,7 @@ def test_one_round_through_he_adam_matches_numpy_adam(holder, coordinator_backen
         for block in layout.pack_blocks(obs, s * d_actor, s * d_critic):
             total.add_block(tiled, _send(holder, coordinator_backend, _encrypt_rows(holder, block), fresh=True))
     masked, masks = mask_for_collapse(coordinator_backend, total.result())
-    dense = collapse_masked(holder, _wire(coordinator_backend, holder, masked), layout)
+    dense = from_proto(holder, collapse_masked(holder, _wire(coordinator_backend, holder, masked), layout))
     (dense,) = _wire(holder, coordinator_backend, [dense], fresh=True)
     aggregate = unmask_collapsed(coordinator_backend, dense, masks, layout)
     (theta_enc,) = _wire(holder, coordinator_backend, [encrypt_vector(holder, theta0)], fresh=True)
