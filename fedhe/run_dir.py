@@ -84,7 +84,7 @@ def decrypt_policy(run_dir: Path, key_dir: Path | None = None, scenario_ref: str
         holder = PlainKeyHolder(get_profile(settings.he_profile))
     else:
         holder = load_keyholder(Path(key_dir) if key_dir else find_keys(run_dir))
-    state = load_checkpoint(Path(run_dir), holder, scenario.name, scenario.network(settings.mode).num_params)
+    state, _ = load_checkpoint(Path(run_dir), holder, scenario.name, scenario.network(settings.mode).num_params)
     if state.optimizer is None:
         raise CheckpointError(f"the checkpoint in {run_dir} has no policy yet (no round completed)")
     return TrainedPolicy(scenario, settings, decrypt_vector(holder, state.optimizer.theta), state.round)

@@ -7,7 +7,8 @@ starts). It goes through the wire format and the functions a round uses, with th
 of ``protos.chunk_workers`` on both sides:
 
 * coordinator (``coordinator_ms``): parse and validate each of the n updates and add it to the
-  running sum (``coordinator.rounds.RoundSums``: one update held at a time), the HE-Adam step
+  running sum (``coordinator.aggregation.base.add_vectors``, as ``PlainSum`` adds each reply as it
+  arrives: one update held at a time), the HE-Adam step
   (``parallel_he_adam_step``), masking and serializing the optimizer state for the refresh,
   checking the refresher's fresh ciphertexts and unmasking them (in-process here; a round can
   unmask in the next step's workers, ``parallel_unmask_step``), and serializing theta once. The
@@ -100,9 +101,9 @@ def _row_in_subprocess(key_dir: Path, params: int, participants: int, workers: i
 
 def run_row(key_dir: Path, params: int, participants: int, workers: int, seed: int = 0) -> dict:
     """One round's HE work at this size (call it in a fresh process: ``peak_rss_mb`` is the process's)."""
+    from coordinator.aggregation.base import add_vectors
     from coordinator.he_adam import HEAdamConfig, HEAdamState, initial_optimizer_state, mask_state, unmask_state
     from coordinator.parallel_step import parallel_he_adam_step
-    from coordinator.rounds import RoundSums
     from fedhe.bench.he_adam import reencrypt_request
     from fedhe.bench.proc_stats import peak_rss_mb
     from participant.keyholder import load_keyholder
@@ -133,17 +134,18 @@ def run_row(key_dir: Path, params: int, participants: int, workers: int, seed: i
 
         with timer("participant", "encrypt_update"):
             upload = encrypt_message(own, units.encode(rng.normal(size=params))).SerializeToString()
-        sums = RoundSums(coordinator)
+        total = total_stats = None
         for _ in range(participants):
             with timer("coordinator", "read_updates"):
                 update = from_proto(coordinator, parse_message(wire_pb2.EncryptedVector, upload),
                                     expected_length=params, fresh=True)
             with timer("coordinator", "sum"):
-                sums.add(update, stats)
+                total = add_vectors(coordinator, total, update)
+                total_stats = add_vectors(coordinator, total_stats, stats)
             del update
         with timer("coordinator", "he_adam"):
-            step = parallel_he_adam_step(coordinator_workers, state, sums.update, config, poly)
-        del sums, state
+            step = parallel_he_adam_step(coordinator_workers, state, total, config, poly)
+        del total, total_stats, state
         with timer("coordinator", "refresh_out"):
             masked, masks = mask_state(coordinator, step.state.named())
             request = {name: to_proto(coordinator, vec).SerializeToString() for name, vec in masked.items()}

