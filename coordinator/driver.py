@@ -162,17 +162,16 @@ class RoundDriver:
                 exchange.error_reply(node, reply, outcome)
                 continue
             outcome.bytes_up += messages.payload_bytes(reply.content)
+            if node == ctx.refresher and self.unverified is not None:  # whatever becomes of its update
+                verdict = self.verdict_in(ctx, node, reply)
             if self.take(ctx, node, "update", lambda r=reply, n=node: aggregation.add(n, r)) and node == ctx.refresher:
                 with outcome.timer.phase("refresh_in"):
                     ctx.refreshed = self.take(ctx, node, "refresh", lambda r=reply: self.refresh.take(
                         r, server_round, masks, self.state.optimizer))
-                if self.unverified is not None:
-                    verdict = self.take(ctx, node, "integrity reply",
-                                        lambda r=reply: read_verdict(r, self.unverified.round))
         outcome.answered = [ctx.name(node) for node in aggregation.contributors]
         for node in aggregation.contributors:
             self.organizations.of(node).answered += 1
-        if self.unverified is not None and not self.settle(ctx, verdict):
+        if self.unverified is not None and not self.settle(ctx, verdict, asked=(ctx.refresher,)):
             outcome.cause = (f"discarded: its participants trained on round {outcome.round - 1}'s model, which the "
                              "integrity check refused")
             return self.finish(outcome, t0)
@@ -203,12 +202,20 @@ class RoundDriver:
                                      aggregate.contributors, len(nodes))
         return outcome
 
-    def settle(self, ctx: RoundContext, verdict: Verdict | None) -> bool:
-        """Confirm or undo the last round's step (asking a key holder now if the refresher did not
-        answer its check); True if it stands."""
+    def verdict_in(self, ctx: RoundContext, node: int, reply: Message) -> Verdict | None:
+        """The refresher's answer to the last round's check, if its reply holds a valid one."""
+        try:
+            return read_verdict(reply, self.unverified.round)
+        except Exception as exc:  # a hostile reply must never stop the round
+            ctx.outcome.fail(self.organizations, node, "rejected", f"rejected integrity reply: {exc}")
+            return None
+
+    def settle(self, ctx: RoundContext, verdict: Verdict | None, asked: tuple[int, ...] = ()) -> bool:
+        """Confirm or undo the last round's step, asking a key holder other than ``asked`` (who were
+        sent its check already) if ``verdict`` is None; True if the step stands."""
         unverified, self.unverified = self.unverified, None
         if verdict is None:
-            verdict = ask_verdict(ctx, unverified.query, unverified.round)
+            verdict = ask_verdict(ctx, unverified.query, unverified.round, asked)
         if verdict is None or not verdict.passed:
             cause = verdict.cause() if verdict else "integrity: no key holder answered the check"
             log.warning("round %d is undone: %s", unverified.round, cause)

@@ -83,11 +83,13 @@ def read_verdict(reply: Message, round_: int) -> Verdict | None:
     return verdict_of(read_integrity(reply, round_))
 
 
-def ask_verdict(ctx: RoundContext, query: ArrayRecord, round_: int) -> Verdict | None:
-    """A dedicated exchange with one key holder (when the refresher did not answer the check)."""
+def ask_verdict(ctx: RoundContext, query: ArrayRecord, round_: int, asked: tuple[int, ...] = ()) -> Verdict | None:
+    """A dedicated exchange with one key holder, none of ``asked`` (a key holder answers a round's
+    check once, so one that was sent it already would refuse)."""
     with ctx.outcome.timer.phase("integrity"):
         return ctx.ask_one(messages.INTEGRITY, {messages.INTEGRITY_QUERY: query},
-                           lambda _node, reply: verdict_of(read_integrity(reply, round_)), "integrity reply")
+                           lambda _node, reply: verdict_of(read_integrity(reply, round_)), "integrity reply",
+                           exclude=asked)
 
 
 def masked_values(ctx: RoundContext, update: EncryptedVector) -> EncryptedVector:

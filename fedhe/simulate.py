@@ -32,6 +32,7 @@ from fedhe.lab.update_source import party_mix_update
 from fedhe.run_dir import KEYS_DIR, ensure_keys
 from participant.client_app import PolicyFactory, build_client_app, forwarding_app
 from participant.policy import ALL_PERMITS, NodePolicy
+from participant.worker import stop_worker
 from protos.keyfile import COORDINATOR_KEY
 from protos.optimizer import HEAdamConfig
 from protos.settings import RunSettings
@@ -79,6 +80,8 @@ def simulate(
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"log_to_driver": verbose}},
         verbose_logging=verbose,
     )
+    for worker in sorted((out_dir / WORKERS_DIR).glob("participant-*")):  # they would exit with Ray, a moment later
+        stop_worker(worker)
     if not summary:
         raise RuntimeError(f"the federation did not finish; see the log above and {out_dir}")
     record_randomness(out_dir, node_seed)

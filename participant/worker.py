@@ -88,13 +88,6 @@ class WorkerClient:
             conn.send(request)
             return conn.recv()
 
-    def stop(self) -> None:
-        """Ask a running worker to exit (tests, or a node taken down)."""
-        try:
-            with self._open() as conn:
-                conn.send({"stop": True})
-        except (FileNotFoundError, ConnectionRefusedError, OSError):
-            pass
 
     def _connect(self) -> Connection:
         try:
@@ -127,6 +120,27 @@ class WorkerClient:
             subprocess.Popen([sys.executable, "-m", "participant.worker", str(self.directory), str(os.getppid())],
                              cwd=self.code_dir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                              start_new_session=True)
+
+
+def stop_worker(directory: Path) -> None:
+    """Ask the worker of ``directory`` to exit now (a simulation that ended, a test), and clear what a
+    worker that died without exiting left behind."""
+    directory = Path(directory)
+    try:
+        key = (directory / AUTHKEY).read_bytes()
+        with Client(str(directory / SOCKET), family="AF_UNIX", authkey=key) as conn:
+            conn.send({"stop": True})
+    except (FileNotFoundError, ConnectionRefusedError, OSError):
+        pass
+    try:
+        pid = int((directory / PID).read_text())
+    except (FileNotFoundError, ValueError):
+        return
+    deadline = time.monotonic() + 5.0
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not alive(pid):
+        remove_traces(directory)
 
 
 def answer(request: dict[str, Any]) -> dict[str, Any]:

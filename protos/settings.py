@@ -113,6 +113,8 @@ class RunSettings:
             (self.seed >= -1, f"seed must be >= 0 (or -1: the scenario's), got {self.seed}"),
             (self.defense_bound >= 0, f"defense-bound must be >= 0, got {self.defense_bound}"),
             (self.dp_noise_multiplier >= 0, f"dp-noise-multiplier must be >= 0, got {self.dp_noise_multiplier}"),
+            (self.defense != "dp" or self.dp_noise_multiplier > 0,
+             "defense dp needs a noise multiplier: set dp-noise-multiplier > 0"),
             (0 < self.dp_delta < 1, f"dp-delta must be in (0, 1), got {self.dp_delta}"),
         ]
         problems = [message for ok, message in rules if not ok]

@@ -46,9 +46,11 @@ class RoundContext:
         return self.exchange.organizations.name(node)
 
     def ask_one(self, kind: str, arrays: dict[str, ArrayRecord], read: Callable[[int, Message], T],
-                what: str) -> T | None:
-        """A key holder's answer: the refresher first, then the others one at a time (None: nobody)."""
-        for node in [self.refresher] + [n for n in self.nodes if n != self.refresher]:
+                what: str, exclude: tuple[int, ...] = ()) -> T | None:
+        """A key holder's answer: the refresher first, then the others one at a time, none of ``exclude``
+        (None: nobody answered)."""
+        for node in [n for n in [self.refresher, *self.nodes] if n not in exclude]:
+            exclude = (*exclude, node)
             msg = self.exchange.message(node, self.round, self.participants, kind, arrays)
             for _, value in self.exchange.collect([msg], read, self.outcome, what):
                 return value

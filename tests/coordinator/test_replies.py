@@ -336,9 +336,6 @@ class RefusingGrid:
         return [self.replies.pop(i) for i in ids if i in self.replies]
 
 
-@pytest.mark.xfail(strict=True, reason="production: RoundDriver.settle asks the round's refresher first for a check "
-                   "it already sent it on the train message (RoundContext.ask_one); the refresher must refuse it "
-                   "(one answer per checked round) and is recorded as failing twice in that round")
 @pytest.mark.usefixtures("server_task")
 def test_a_refresher_already_sent_the_check_is_not_asked_it_again(driver):
     """Round 1's check rode on round 2's train message to the refresher (node 8), whose reply carried no
@@ -353,5 +350,5 @@ def test_a_refresher_already_sent_the_check_is_not_asked_it_again(driver):
     ctx = RoundContext(driver.plan, driver.backend, exchange, 2, list(NODES), dict(NODES), 8, RoundOutcome(2))
     query = messages.pack(wire_pb2.IntegrityQuery(protocol_version=PROTOCOL_VERSION, round=1, contributors=3))
     driver.unverified = Unverified(1, query, None, {}, {}, 3, 3)
-    assert driver.settle(ctx, None) is False  # nobody confirmed it: round 1 is undone
+    assert driver.settle(ctx, None, asked=(ctx.refresher,)) is False  # as run_round settles: undone, nobody confirmed
     assert 8 not in grid.asked and sorted(grid.asked) == [7, 9]

@@ -9,7 +9,7 @@ from support.node_calls import call, request
 
 import participant.client_app as client_app
 from participant.roster import simulated_organizations
-from participant.worker import PID, WorkerClient
+from participant.worker import PID, WorkerClient, stop_worker
 from protos import messages
 from protos.keyfile import PARTICIPANT_KEY
 
@@ -23,7 +23,7 @@ def node_config(tmp_path, keys):
     config = {"participant-index": 0, "key-dir": str(key_dir), "state-dir": str(tmp_path / "state"),
               "masking": "optional"}
     yield config
-    WorkerClient(tmp_path / "state", tmp_path, client_app.DEPLOYED).stop()
+    stop_worker(tmp_path / "state")
 
 
 def test_messages_are_answered_by_one_long_lived_worker(node_config, keys, tmp_path):

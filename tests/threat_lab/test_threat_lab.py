@@ -206,8 +206,6 @@ def test_robust_defense_needs_a_spare_level(coordinator_backend, tmp_path):
     check_profile_supports("median-norm", 7, 6, "n16k-d7")
 
 
-@pytest.mark.xfail(strict=True, reason="production: defense dp with dp-noise-multiplier 0 is no longer refused "
-                   "(HEAdamCoordinator raised DefenseError; neither RunSettings.check nor RoundDriver does now)")
 def test_defense_dp_without_a_noise_multiplier_is_refused_before_round_1(coordinator_backend, tmp_path):
     settings = RunSettings(scenario="cartpole", masking="off", defense="dp")
     with pytest.raises(ValueError, match="noise multiplier"):
