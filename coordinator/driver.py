@@ -231,14 +231,11 @@ class RoundDriver:
             row.update(self.dp.completed(unverified.contributors, unverified.participants))
         if released is not None:
             self.state.history.append(released)
-        self.confirm(unverified.round, row)
-        return True
-
-    def confirm(self, round_: int, row: dict) -> None:
-        """A round the integrity check confirmed: its row in metrics.jsonl and its state checkpointed."""
-        self.state.round = round_
+        self.state.round = unverified.round  # confirmed: its row and its state are the run's now
         append_metrics(self.out_dir, row)
-        self.checkpoints.save(self.state, self.record.snapshot(self.organizations), defer=True)
+        with ctx.outcome.timer.phase("checkpoint"):  # a snapshot; written while the next round trains
+            self.checkpoints.save(self.state, self.record.snapshot(self.organizations), defer=True)
+        return True
 
     def settle_last(self, exchange: Exchange) -> None:
         """After the last round: the check of its aggregate, in an exchange of its own."""

@@ -46,7 +46,7 @@ class RoundOutcome:
 
     def fail(self, organizations: Organizations, node: int, category: str, reason: str) -> None:
         name = organizations.name(node)
-        log.warning("round %d: %s: %s", self.round, name, reason)
+        log.warning("round %d: %s", self.round, reason if reason.startswith(name) else f"{name}: {reason}")
         organizations.failed(node, category)
         self.failed.append({"organization": name, "category": category, "reason": reason})
 

@@ -169,7 +169,8 @@ def simulate(
             fail(str(exc))
     print_summary(summary, out)
     if summary["rounds"] == 0:
-        causes = Counter(line.split(": ", 1)[-1] for r in summary.get("failed_rounds", []) for line in r["failed"])
+        failures = [f["reason"] for r in summary.get("failed_rounds", []) for f in r["failed"]]
+        causes = Counter(failures or [r["cause"] for r in summary.get("failed_rounds", [])])
         said = "; ".join(f"{cause} ({count}x)" for cause, count in causes.most_common(3)) or "see the log above"
         fail(f"no round completed: {said}. Fix the cause and run again (--verbose shows tracebacks)")
 

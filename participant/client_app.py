@@ -14,9 +14,7 @@ fixed category (``participant.failures``).
 
 from __future__ import annotations
 
-import importlib
 import logging
-import pickle
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -32,7 +30,7 @@ from participant.failures import RunSettingsError, error_reply, log_to_stderr
 from participant.local_update import NodeIdentity, UpdateSource
 from participant.node import cached_keyholder, handle
 from participant.policy import NodePolicy, organization_of
-from participant.worker import WorkerClient, state_dir
+from participant.worker import WorkerClient, app_from, state_dir
 from protos import messages
 from protos.settings import RunSettings
 from scenarios import Scenario, resolve_run
@@ -125,17 +123,6 @@ def build_client_app(
 
 log = logging.getLogger("fedhe.participant")
 DEPLOYED = "participant.client_app:build_client_app"  # the app a deployed node's worker runs
-
-
-@lru_cache(maxsize=8)
-def _app_from(factory: str, kwargs: bytes) -> ClientApp:
-    module, name = factory.split(":")
-    return getattr(importlib.import_module(module), name)(**pickle.loads(kwargs))
-
-
-def app_from(factory: str, kwargs: dict[str, Any] | None = None) -> ClientApp:
-    """The ClientApp a factory ("module:function") builds from ``kwargs``, built once per process."""
-    return _app_from(factory, pickle.dumps(kwargs or {}))
 
 
 def forwarding_app(

@@ -24,18 +24,22 @@ is on its path) and holds everything a participant keeps between rounds.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from functools import lru_cache
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 from flwr.common.serde import (
     context_from_proto,
     context_to_proto,
@@ -122,6 +126,17 @@ class WorkerClient:
                              start_new_session=True)
 
 
+@lru_cache(maxsize=8)
+def _app_from(factory: str, kwargs: bytes) -> ClientApp:
+    module, name = factory.split(":")
+    return getattr(importlib.import_module(module), name)(**pickle.loads(kwargs))
+
+
+def app_from(factory: str, kwargs: dict[str, Any] | None = None) -> ClientApp:
+    """The ClientApp a factory ("module:function") builds from ``kwargs``, built once per process."""
+    return _app_from(factory, pickle.dumps(kwargs or {}))
+
+
 def stop_worker(directory: Path) -> None:
     """Ask the worker of ``directory`` to exit now (a simulation that ended, a test), and clear what a
     worker that died without exiting left behind."""
@@ -145,8 +160,6 @@ def stop_worker(directory: Path) -> None:
 
 def answer(request: dict[str, Any]) -> dict[str, Any]:
     """Run the organization's ClientApp on one forwarded message, here, where its state lives."""
-    from participant.client_app import app_from  # the same code the ClientApp runs
-
     t0 = time.perf_counter()
     msg = message_from_proto(ProtoMessage.FromString(request["message"]))
     context = context_from_proto(ProtoContext.FromString(request["context"]))

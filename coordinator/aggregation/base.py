@@ -49,8 +49,9 @@ class RoundContext:
                 what: str, exclude: tuple[int, ...] = ()) -> T | None:
         """A key holder's answer: the refresher first, then the others one at a time, none of ``exclude``
         (None: nobody answered)."""
-        for node in [n for n in [self.refresher, *self.nodes] if n not in exclude]:
-            exclude = (*exclude, node)
+        for node in [self.refresher] + [n for n in self.nodes if n != self.refresher]:
+            if node in exclude:
+                continue
             msg = self.exchange.message(node, self.round, self.participants, kind, arrays)
             for _, value in self.exchange.collect([msg], read, self.outcome, what):
                 return value

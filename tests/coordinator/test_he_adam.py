@@ -22,7 +22,7 @@ from coordinator.he_adam import (
 )
 from participant.keyholder import PlainKeyHolder, decrypt_vector, reencrypt
 from protos.backend import PlainBackend
-from protos.codec import EncryptedVector, decode_vector, encode_vector, encrypt_vector
+from protos.codec import EncryptedVector, decode_vector, encode_vector, encrypt_vector, from_proto
 from protos.profiles import get_profile
 
 
@@ -76,8 +76,8 @@ def _run(backend, holder, grads, config, send=lambda v: v, back=lambda v: v):
         result = he_adam_step(backend, state, send(encrypt_vector(holder, g * config.update_scale)), config, poly)
         xs.append(decrypt_vector(holder, back(result.x)))
         masked, masks = mask_state(backend, result.state.named())
-        fresh = {k: send(reencrypt(holder, back(v))) for k, v in masked.items()}
-        theta = send(reencrypt(holder, back(result.state.theta)))
+        fresh = {k: from_proto(backend, reencrypt(holder, back(v))) for k, v in masked.items()}
+        theta = from_proto(backend, reencrypt(holder, back(result.state.theta)))
         state = HEAdamState(theta, **unmask_state(backend, fresh, masks), step=result.state.step)
         ws.append(decrypt_vector(holder, back(state.w)) / np.sqrt(config.tau_value))
     return theta0, decrypt_vector(holder, back(state.theta)), xs, ws
