@@ -8,8 +8,9 @@ deployed ClientApp forwards each message to this worker and returns its answer. 
 on the organization's own machine, runs the same code as the ClientApp (the app bundle's directory
 is on its path) and holds everything a participant keeps between rounds.
 
-* One worker per code directory and key directory, found by a Unix socket in a private state
-  directory (mode 0700; node config ``state-dir``, default under the system's temp directory).
+* One worker per code directory and key directory, with a private state directory (mode 0700;
+  node config ``state-dir``, default under the system's temp directory) and a Unix socket (a short
+  path in the temp directory, named after the state directory).
   The first message of a run starts it; it exits after ``IDLE_S`` without a message, when the
   SuperNode's process that started it is gone, or when asked to (a new app bundle gets a new
   worker).
@@ -55,9 +56,16 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from protos.files import write_atomic
 
 log = logging.getLogger("fedhe.participant")
-SOCKET, AUTHKEY, LOG, PID = "worker.sock", "worker.key", "worker.log", "worker.pid"
+AUTHKEY, LOG, PID = "worker.key", "worker.log", "worker.pid"
 IDLE_S = 1800.0  # a worker nobody talked to for 30 minutes exits
 START_S = 60.0  # how long a ClientApp waits for a worker it started (TenSEAL and Gymnasium imports)
+
+
+def socket_path(directory: Path) -> str:
+    """The worker's socket: a short path of its own (a Unix socket path holds at most 107 bytes, a
+    state directory may be longer), named after the state directory, in the temp directory."""
+    digest = hashlib.sha256(str(Path(directory).resolve()).encode()).hexdigest()[:20]
+    return os.path.join(tempfile.gettempdir(), f"fedhe-{digest}.sock")
 
 
 def state_dir(tag: str, code_dir: Path, configured: str = "") -> Path:
@@ -97,12 +105,14 @@ class WorkerClient:
         try:
             return self._open()
         except (FileNotFoundError, ConnectionRefusedError, OSError):
-            self._start()
+            started = self._start()
         deadline = time.monotonic() + START_S
         while True:
             try:
                 return self._open()
             except (FileNotFoundError, ConnectionRefusedError, OSError):
+                if started is not None and started.poll() is not None:
+                    raise RuntimeError(f"the participant worker exited at start; see {self.directory / LOG}") from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"the participant worker did not start within {START_S:g} s; see {self.directory / LOG}"
@@ -111,19 +121,18 @@ class WorkerClient:
 
     def _open(self) -> Connection:
         key = (self.directory / AUTHKEY).read_bytes()
-        return Client(str(self.directory / SOCKET), family="AF_UNIX", authkey=key)
+        return Client(socket_path(self.directory), family="AF_UNIX", authkey=key)
 
-    def _start(self) -> None:
+    def _start(self) -> subprocess.Popen | None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
-        for stale in (SOCKET, AUTHKEY):
-            (self.directory / stale).unlink(missing_ok=True)
+        remove_traces(self.directory)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(self.code_dir), os.environ.get("PYTHONPATH", "")]))
         with open(self.directory / LOG, "ab") as out:
             # it watches the process that started this ClientApp (the SuperNode's SuperExec): gone with it
-            subprocess.Popen([sys.executable, "-m", "participant.worker", str(self.directory), str(os.getppid())],
-                             cwd=self.code_dir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                             start_new_session=True)
+            return subprocess.Popen(
+                [sys.executable, "-m", "participant.worker", str(self.directory), str(os.getppid())],
+                cwd=self.code_dir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
 
 
 @lru_cache(maxsize=8)
@@ -143,7 +152,7 @@ def stop_worker(directory: Path) -> None:
     directory = Path(directory)
     try:
         key = (directory / AUTHKEY).read_bytes()
-        with Client(str(directory / SOCKET), family="AF_UNIX", authkey=key) as conn:
+        with Client(socket_path(directory), family="AF_UNIX", authkey=key) as conn:
             conn.send({"stop": True})
     except (FileNotFoundError, ConnectionRefusedError, OSError):
         pass
@@ -172,8 +181,9 @@ def answer(request: dict[str, Any]) -> dict[str, Any]:
 
 def remove_traces(directory: Path) -> None:
     """An exiting worker leaves only its log."""
-    for name in (AUTHKEY, SOCKET, PID):
+    for name in (AUTHKEY, PID):
         (directory / name).unlink(missing_ok=True)
+    Path(socket_path(directory)).unlink(missing_ok=True)
 
 
 def alive(pid: int) -> bool:
@@ -191,7 +201,8 @@ def serve(directory: Path, watch_pid: int, idle_s: float = IDLE_S) -> None:
 
     directory = Path(directory)
     key = os.urandom(32)
-    listener = Listener(str(directory / SOCKET), family="AF_UNIX", authkey=key)
+    os.umask(0o077)  # the socket, like the key, only for this organization's user
+    listener = Listener(socket_path(directory), family="AF_UNIX", authkey=key)
     write_atomic(directory / PID, f"{os.getpid()}\n".encode())
     write_atomic(directory / AUTHKEY, key, 0o600)  # only now can a ClientApp connect
     last = [time.monotonic()]
@@ -204,7 +215,7 @@ def serve(directory: Path, watch_pid: int, idle_s: float = IDLE_S) -> None:
         os._exit(0)
 
     threading.Thread(target=exit_when_idle_or_orphaned, daemon=True).start()
-    log.info("participant worker serving on %s (pid %d)", directory / SOCKET, os.getpid())
+    log.info("participant worker serving on %s (pid %d)", socket_path(directory), os.getpid())
     while True:
         try:
             conn = listener.accept()
