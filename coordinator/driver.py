@@ -34,6 +34,7 @@ from coordinator.encrypted_gradient import RolloutPlan
 from coordinator.exchange import Exchange, RoundOutcome
 from coordinator.he_adam import HEAdamState
 from coordinator.integrity import Verdict, ask_verdict, integrity_query, read_verdict
+from coordinator.offenders import OffenderSearch
 from coordinator.organizations import EXCLUDED, Organizations
 from coordinator.parallel_step import parallel_he_adam_step
 from coordinator.refresh import StateRefresh, init_config
@@ -69,7 +70,7 @@ class Unverified:
     before: HEAdamState
     levels: dict[str, int]
     row: dict  # its metrics row, without the release
-    contributors: int
+    contributors: list[int]  # the nodes whose updates are in its aggregate
     participants: int
 
 
@@ -93,6 +94,7 @@ class RoundDriver:
         self.checkpoints = CheckpointWriter(self.out_dir, backend, plan.scenario.name, plan.optimizer.to_json())
         self.probes: dict[str, int] = {}  # identify messages still unanswered: message id -> node
         self.unverified: Unverified | None = None  # the last stepped round, until its integrity check
+        self.offenders = OffenderSearch()
 
     def describe(self) -> None:
         cfg = self.plan.optimizer
@@ -187,6 +189,8 @@ class RoundDriver:
                 return self.finish(outcome, t0)
         aggregate = aggregation.finish()
         if aggregate is None:
+            if aggregation.offender is not None:
+                self.leave_out(self.offenders.self_mask_failed(aggregation.offender), outcome)
             return self.finish(outcome, t0)
         refreshed = ctx.refreshed
         before = HEAdamState(refreshed.theta, **refreshed.state, step=self.steps())
@@ -199,7 +203,7 @@ class RoundDriver:
         query = integrity_query(ctx, aggregate)
         self.finish(outcome, t0)
         self.unverified = Unverified(server_round, query, before, refreshed.start_levels, self.row(outcome),
-                                     aggregate.contributors, len(nodes))
+                                     list(aggregation.contributors), len(nodes))
         return outcome
 
     def verdict_in(self, ctx: RoundContext, node: int, reply: Message) -> Verdict | None:
@@ -221,14 +225,17 @@ class RoundDriver:
             log.warning("round %d is undone: %s", unverified.round, cause)
             self.record.failed_rounds.append({"round": unverified.round, "cause": cause, "failed": []})
             self.state.optimizer, self.refresh.levels = unverified.before, unverified.levels
+            if verdict is not None:
+                self.leave_out(self.offenders.refused(unverified.contributors), ctx.outcome)
             return False
+        self.leave_out(self.offenders.passed(unverified.contributors), ctx.outcome)
         row = dict(unverified.row)
         released = verdict.released
         row.update(mean_return=released.mean_return if released is not None and released.valid else None,
                    episodes=int(released.episodes) if released is not None else 0,
                    steps=int(released.steps) if released is not None else 0)
         if self.dp:
-            row.update(self.dp.completed(unverified.contributors, unverified.participants))
+            row.update(self.dp.completed(len(unverified.contributors), unverified.participants))
         if released is not None:
             self.state.history.append(released)
         self.state.round = unverified.round  # confirmed: its row and its state are the run's now
@@ -300,7 +307,17 @@ class RoundDriver:
                 self.record.warned_short = True
             self.checkpoints.start()  # no round starts soon: write the last one now
             time.sleep(0.5)
-        return active[: settings.participants] if settings.participants else active
+        active = active[: settings.participants] if settings.participants else active
+        return self.offenders.sample(active, outcome.round, max(settings.min_participants, self.aggregation.minimum))
+
+    def leave_out(self, node: int | None, outcome: RoundOutcome) -> None:
+        """An organization found to send updates the integrity check refuses: out for the rest of the run."""
+        if node is None:
+            return
+        self.organizations.mark(node, EXCLUDED)
+        outcome.fail(self.organizations, node, "integrity",
+                     "its updates broke the integrity check (found by leaving organizations out of rounds); left "
+                     "out for the rest of this run")
 
     def identify(self, exchange: Exchange, present: list[int], outcome: RoundOutcome, wait: bool) -> None:
         """Ask new and gone nodes who they are; read what answered (waiting only if ``wait``)."""

@@ -69,10 +69,12 @@ class Aggregation(ABC):
     """One round's aggregation; a fresh instance per round."""
 
     levels_used: ClassVar[int] = 0  # levels the aggregate has used when HE-Adam starts
+    minimum: ClassVar[int] = 1  # the fewest contributors the path can sum
 
     def __init__(self, ctx: RoundContext) -> None:
         self.ctx = ctx
         self.contributors: list[int] = []  # nodes whose reply is in the aggregate
+        self.offender: int | None = None  # a node ``finish`` found to break the protocol (its round fails)
 
     @classmethod
     def check(cls, plan: RunPlan, backend: HEBackend) -> None:

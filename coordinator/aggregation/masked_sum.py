@@ -41,6 +41,7 @@ class Survivor:
 
 class PairwiseMaskedSum(PlainSum):
     masked = True
+    minimum = MIN_SURVIVORS
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
@@ -133,6 +134,7 @@ class PairwiseMaskedSum(PlainSum):
             seed = Shamir.combine(shares) if len(shares) == threshold else None
             context = SelfMaskContext(ctx.backend.fingerprint, ctx.exchange.run_id, ctx.round, index)
             if seed is None or context.commitment(seed) != survivor.masking.commitment:
+                self.offender = survivor.node
                 self.fail(f"the self-mask of {ctx.name(survivor.node)} could not be rebuilt from "
                           f"{len(survivor.revealed)} revealed shares (needs {threshold})")
                 return None

@@ -335,3 +335,31 @@ def test_well_formed_hostile_updates_never_change_the_model(federation, key_dir,
     assert "self-mask of participant-3 could not be rebuilt" in causes[4]
     assert driver.record.summary(driver.organizations)["integrity_failures"] == [2, 6, 8]
     assert [row["round"] for row in read_metrics(tmp_path)] == [1, 5, 10]  # only confirmed rounds are recorded
+
+
+def test_a_persistent_offender_is_found_by_leaving_organizations_out_and_then_left_out(federation, key_dir,
+                                                                                         tmp_path):
+    """Participant 3 inflates its update every round from round 2: after the first refused round the
+    coordinator leaves suspects out of later rounds (still 3 members each), finds it, leaves it out of the
+    run, and training goes on without it."""
+    hostile = HostileUpdates(3, {r: "inflate-50" for r in range(2, 30)}, key_dir, tmp_path / "sent")
+    grid, driver = federation.grid, federation.driver
+    honest = grid.respond[FIRST_NODE + 3]
+
+    def attacker(msg: Message) -> Message:
+        reply = honest(msg)
+        if reply.has_error() or msg.metadata.message_type != messages.TRAIN:
+            return reply
+        return Message(hostile.rewrite(reply.content, int(msg.content.config_records[messages.CONFIG]["round"])),
+                       reply_to=msg)
+
+    grid.respond[FIRST_NODE + 3] = attacker
+    for r in range(1, 11):
+        federation.round(r)
+    driver.settle_last(federation.exchange)
+    summary = driver.organizations.summary()
+    assert summary["participant-3"]["status"] == "excluded" and summary["participant-3"]["why"].get("integrity") == 1
+    assert all(summary[f"participant-{i}"]["status"] == "active" for i in range(3))
+    rows = read_metrics(tmp_path)
+    assert rows[-1]["round"] == 10 and rows[-1]["answered"] == ["participant-0", "participant-1", "participant-2"]
+    assert all(len(r["answered"]) >= 3 for r in rows)  # every masked sum kept its minimum
