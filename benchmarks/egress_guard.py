@@ -2,7 +2,7 @@
 
 Times ``participant.audit.egress_guard_mod`` (the mod every ClientApp runs) around real replies of a
 CartPole participant under a fresh federation key: a train reply (update and statistics
-ciphertexts), the refresher's heaviest reply (m, v and w re-encrypted) and a key holder's integrity
+ciphertexts), the refresher's heaviest reply (m, z and w re-encrypted) and a key holder's integrity
 reply releasing the round's statistics (rounded; the guard also checks the node may release them).
 The guard parses every record and deserializes every ciphertext to check it is fresh under the
 federation key. Medians over ``repeats``; ``build_ms`` is what producing the reply costs

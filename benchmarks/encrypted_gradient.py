@@ -29,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.numpy_adam import NumpyAdam
+from benchmarks.wire_bytes import decode_vector, encode_vector
 from coordinator.encrypted_gradient import GradientSum, levels_used, mask_for_collapse, unmask_collapsed
-from coordinator.he_adam import HEAdamConfig, HEAdamState, NumpyAdam, he_adam_step, initial_optimizer_state
+from coordinator.he_adam import HEAdamConfig, HEAdamState, he_adam_step, initial_optimizer_state
 from participant.gradient_collapse import COLLAPSE_GRID, collapse_masked
 from participant.keyholder import KeyHolder, PlainKeyHolder, decrypt_vector, generate_keys, load_keyholder
 from protos.backend import HEBackend, PlainBackend
-from protos.codec import EncryptedVector, decode_vector, encode_vector, encrypt_vector
+from protos.codec import EncryptedVector, encrypt_vector
 from protos.keyfile import load_evaluation_backend
 from protos.profiles import DEFAULT_PROFILE, get_profile
 from protos.rollout_layout import BlockLayout, suggested_delta_scale

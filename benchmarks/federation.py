@@ -5,7 +5,7 @@ rounds, so `wall_ratio` is the cost of encryption alone and `return_gap` compare
 With ``--stop-on-solve`` runs end once solved (long modes): then compare `rounds_to_solve` and
 `wall_per_round_ratio`. Every trained policy is also decrypted and run greedily (`greedy_return`).
 `learning_curves.png` in the output directory shows every run against environment steps, beside the
-scenario's published single-machine curve if `fedhe/bench/references/` has one (`reference` in the result).
+scenario's published single-machine curve if `benchmarks/references/` has one (`reference` in the result).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from benchmarks.federation_plot import CURVES_FILE, plot_federation_curves
+from benchmarks.reference import reference_summary
 from coordinator.report import read_metrics
-from fedhe.bench.federation_plot import CURVES_FILE, plot_federation_curves
-from fedhe.bench.reference import reference_summary
 from fedhe.evaluate import evaluate_run
 from fedhe.simulate import simulate
 from protos.settings import RunSettings

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks.reference import reference_for
 from coordinator.report import read_metrics, recent_mean_return
-from fedhe.bench.reference import reference_for
 
 CURVES_FILE = "learning_curves.png"
 COLORS = {"encrypted": "tab:blue", "plaintext": "tab:orange"}

@@ -5,13 +5,13 @@ the pre-scaled gradient, the coordinator (evaluation-only context) steps, masks 
 refresher decrypts and re-encrypts it, the coordinator unmasks. As in a federation, theta is
 encrypted once and never refreshed (HE-Adam only subtracts from it), and of the rest only what the
 next step needs fresh is refreshed (``he_adam.refresh_due``: z and w every step, m every third).
-``ms_per_step`` (median) times the coordinator's unmasking and step (unmasking runs in the step's
-workers, ``parallel_unmask_step``); ``refresh_ms`` (mean over steps, so a multiple of 3 steps
+``ms_per_step`` (median) times the coordinator's unmasking and step (over workers, unmasking runs
+in the step's workers, ``benchmarks.parallel_unmask_step``); ``refresh_ms`` (mean over steps, so a multiple of 3 steps
 weighs the schedule right) the rest of the refresh, both sides (``refresh_key_holder_ms`` the
 refresher's part).
 
 With ``workers`` > 1 every step and refresh runs twice on the same inputs, in-process and over
-that many worker processes per side (``protos.chunk_workers``), so the two timings are paired
+that many worker processes per side (``coordinator.chunk_workers``), so the two timings are paired
 (same machine load) and the two steps are checked to give the same ciphertexts byte for byte.
 ``step_cpu_ms``, ``refresh_cpu_ms`` and their ``_workers`` twins are CPU time, the workers' included:
 on a shared machine the wall times depend on the other jobs, the CPU time shows what the workers
@@ -29,6 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.numpy_adam import reference_adam
+from benchmarks.parallel_keyholder import keyholder_workers, reencrypt_message
+from benchmarks.parallel_unmask_step import parallel_unmask_step
+from benchmarks.proc_stats import cpu_seconds
+from benchmarks.wire_bytes import decode_vector, encode_vector
+from coordinator.chunk_workers import ChunkWorkers, default_workers
 from coordinator.he_adam import (
     HEAdamConfig,
     HEAdamState,
@@ -36,22 +42,16 @@ from coordinator.he_adam import (
     he_adam_step,
     initial_optimizer_state,
     mask_state,
-    reference_adam,
     refresh_due,
     step_levels,
     unmask_state,
 )
-from coordinator.parallel_step import parallel_he_adam_step, parallel_unmask_step
-from fedhe.bench.proc_stats import cpu_seconds
+from coordinator.parallel_step import parallel_he_adam_step
 from participant.keyholder import decrypt_vector, generate_keys, load_keyholder
-from participant.parallel_keyholder import keyholder_workers, reencrypt_message
 from protos.backend import HEBackend
-from protos.chunk_workers import ChunkWorkers, default_workers
 from protos.codec import (
     EncryptedVector,
     chunk_count,
-    decode_vector,
-    encode_vector,
     encrypt_vector,
     from_proto,
     parse_message,

@@ -48,6 +48,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 import participant.node as node
+from benchmarks.wire_bytes import decode_vector, encode_vector
 from coordinator.aggregation import Aggregate, Aggregation, PlainSum, RoundContext
 from coordinator.aggregation.masked_sum import MIN_SURVIVORS, PairwiseMaskedSum
 from coordinator.exchange import Exchange, RoundOutcome
@@ -59,7 +60,7 @@ from participant.pairwise_masks import PairwiseMasker
 from participant.roster import simulated_organizations
 from protos import messages
 from protos.backend import HEBackend
-from protos.codec import PROTOCOL_VERSION, EncryptedVector, decode_vector, encode_vector, from_proto
+from protos.codec import PROTOCOL_VERSION, EncryptedVector, from_proto
 from protos.fedhe.v1 import wire_pb2
 from protos.keyfile import load_evaluation_backend
 from protos.masking import STATS_STREAM, UPDATE_STREAM, default_threshold, hiding_bound, mask_grid

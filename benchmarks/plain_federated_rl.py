@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coordinator.he_adam import NumpyAdam  # noqa: E402
+from benchmarks.numpy_adam import NumpyAdam  # noqa: E402
 from participant.ppo import ParticipantTrainer  # noqa: E402
 from protos.optimizer import HEAdamConfig  # noqa: E402
 from protos.update_units import clip_l2  # noqa: E402

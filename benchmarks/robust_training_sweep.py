@@ -25,11 +25,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also as `python benchmarks/robust_training_sweep.py`
 
-from plain_federated_rl import run  # noqa: E402
-
+from benchmarks.plain_federated_rl import run  # noqa: E402
 from fedhe.lab.policy_attacks import reference_std  # noqa: E402
 from fedhe.lab.policy_grid import evaluate_policy_robustness  # noqa: E402
 from scenarios import load_scenario  # noqa: E402

@@ -4,14 +4,15 @@ Each row (``params`` P, ``participants`` n) is one round's HE work on real ciphe
 synthetic updates, run in a fresh subprocess so its ``peak_rss_mb`` is its own (the largest
 worker process's peak is ``worker_peak_rss_mb``, 0 when the model fits one chunk and no worker
 starts). It goes through the wire format and the functions a round uses, with the worker pools
-of ``protos.chunk_workers`` on both sides:
+of ``coordinator.chunk_workers`` on both sides (a federation's participants run in-process; the
+refresher's pools here are ``benchmarks.parallel_keyholder`` and ``benchmarks.parallel_encryption``):
 
 * coordinator (``coordinator_ms``): parse and validate each of the n updates and add it to the
   running sum (``coordinator.aggregation.base.add_vectors``, as ``PlainSum`` adds each reply as it
   arrives: one update held at a time), the HE-Adam step
   (``parallel_he_adam_step``), masking and serializing the optimizer state for the refresh,
-  checking the refresher's fresh ciphertexts and unmasking them (in-process here; a round can
-  unmask in the next step's workers, ``parallel_unmask_step``), and serializing theta once. The
+  checking the refresher's fresh ciphertexts and unmasking them (in-process, as a round does;
+  ``benchmarks.parallel_unmask_step`` unmasks in the step's workers), and serializing theta once. The
   row refreshes all three state vectors: the heaviest round, as every third one is (a federation
   refreshes ``m~`` only then, ``he_adam.refresh_due``);
 * participant (``participant_ms``, the busiest one, the refresher): encrypt and serialize its
@@ -51,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhe.bench.proc_stats import cpu_seconds
+from benchmarks.proc_stats import cpu_seconds
 
 DEFAULT_PARAMS = (1_000, 10_000, 100_000, 1_000_000)
 DEFAULT_PARTICIPANTS = (3, 10, 30)
@@ -70,8 +71,8 @@ def run_scale_bench(
     on_row: Callable[[dict], None] | None = None,
 ) -> dict:
     """Every (params, participants) row in its own subprocess, then the fit."""
+    from coordinator.chunk_workers import default_workers
     from participant.keyholder import generate_keys
-    from protos.chunk_workers import default_workers
     from protos.profiles import DEFAULT_PROFILE
 
     if not params or not participants or min(*params, *participants) < 1:
@@ -93,7 +94,7 @@ def run_scale_bench(
 def _row_in_subprocess(key_dir: Path, params: int, participants: int, workers: int, seed: int) -> dict:
     args = json.dumps({"key_dir": str(key_dir), "params": params, "participants": participants,
                        "workers": workers, "seed": seed})
-    done = subprocess.run([sys.executable, "-m", "fedhe.bench.scale", args], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.scale", args], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"scale row params={params} participants={participants} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -101,19 +102,19 @@ def _row_in_subprocess(key_dir: Path, params: int, participants: int, workers: i
 
 def run_row(key_dir: Path, params: int, participants: int, workers: int, seed: int = 0) -> dict:
     """One round's HE work at this size (call it in a fresh process: ``peak_rss_mb`` is the process's)."""
+    from benchmarks.he_adam import reencrypt_request
+    from benchmarks.parallel_encryption import encrypt_message
+    from benchmarks.parallel_keyholder import decrypt_message, keyholder_workers
+    from benchmarks.proc_stats import peak_rss_mb
     from coordinator.aggregation.base import add_vectors
+    from coordinator.chunk_workers import ChunkWorkers
     from coordinator.he_adam import HEAdamConfig, HEAdamState, initial_optimizer_state, mask_state, unmask_state
     from coordinator.parallel_step import parallel_he_adam_step
-    from fedhe.bench.he_adam import reencrypt_request
-    from fedhe.bench.proc_stats import peak_rss_mb
     from participant.keyholder import load_keyholder
-    from participant.parallel_keyholder import decrypt_message, keyholder_workers
     from protos import messages
-    from protos.chunk_workers import ChunkWorkers
     from protos.codec import chunk_count, encrypt_vector, from_proto, parse_message, to_proto
     from protos.fedhe.v1 import wire_pb2
     from protos.keyfile import load_evaluation_backend
-    from protos.parallel_codec import encrypt_message
     from protos.update_units import UpdateUnits
 
     coordinator = load_evaluation_backend(Path(key_dir) / "coordinator.ctx")

@@ -9,7 +9,7 @@ alike), and the bytes each produces:
 * deserializing each form (full depth and seeded as the coordinator does, fresh; last level as
   a participant does).
 
-Key generation is left out of the timings. Also: ``python -m fedhe.bench.seal_ops --json``.
+Key generation is left out of the timings. Also: ``python -m benchmarks.seal_ops --json``.
 """
 
 from __future__ import annotations

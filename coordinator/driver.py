@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 
 from coordinator.aggregation import AGGREGATIONS, RoundContext
 from coordinator.checkpoint import CheckpointWriter, CoordinatorState, load_checkpoint
+from coordinator.chunk_workers import ChunkWorkers
 from coordinator.dp_accounting import DPAccountant
 from coordinator.encrypted_gradient import RolloutPlan
 from coordinator.exchange import Exchange, RoundOutcome
@@ -49,7 +50,6 @@ from coordinator.report import (
 )
 from protos import messages
 from protos.backend import HEBackend
-from protos.chunk_workers import ChunkWorkers
 from protos.codec import to_proto_for_decryption
 from protos.plan import RunPlan
 

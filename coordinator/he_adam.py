@@ -67,20 +67,20 @@ class HEAdamState:
     """Everything the coordinator keeps between rounds: all of it ciphertext."""
 
     theta: EncryptedVector
-    m: EncryptedVector
-    v: EncryptedVector
-    w: EncryptedVector
+    m: EncryptedVector  # m~
+    z: EncryptedVector  # z = (v + tau) / tau
+    w: EncryptedVector  # w~
     step: int = 0
 
     def named(self) -> dict[str, EncryptedVector]:
-        return {"m": self.m, "v": self.v, "w": self.w}
+        return {"m": self.m, "z": self.z, "w": self.w}
 
 
 def initial_optimizer_state(backend: HEBackend, length: int) -> dict[str, EncryptedVector]:
     """m~ = 0, z = 1, w~ = 1 (v = 0): public values, encrypted with the public key."""
     return {
         "m": encrypt_vector(backend, np.zeros(length)),
-        "v": encrypt_vector(backend, np.ones(length)),
+        "z": encrypt_vector(backend, np.ones(length)),
         "w": encrypt_vector(backend, np.ones(length)),
     }
 
@@ -101,7 +101,7 @@ def he_adam_step(
     """One HE-Adam step on the summed, pre-scaled updates ``aggregate`` (= s * G)."""
     parts = [
         step_chunk(backend, m, z, w, u, config, poly)
-        for m, z, w, u in zip(state.m.chunks, state.v.chunks, state.w.chunks, aggregate.chunks)
+        for m, z, w, u in zip(state.m.chunks, state.z.chunks, state.w.chunks, aggregate.chunks)
     ]
     return assemble_step(backend, state, parts, aggregate.length)
 
@@ -136,9 +136,9 @@ def step_chunk(
 def assemble_step(backend: HEBackend, state: HEAdamState, parts: list[tuple], length: int) -> StepResult:
     """Subtract each chunk's ``delta`` from theta and gather the per-chunk results into vectors."""
     theta = EncryptedVector([backend.sub(t, p[0]) for t, p in zip(state.theta.chunks, parts)], length)
-    m, v, w = (EncryptedVector([p[i] for p in parts], length) for i in range(1, 4))
+    m, z, w = (EncryptedVector([p[i] for p in parts], length) for i in range(1, 4))
     x = EncryptedVector([p[4] for p in parts], length) if parts[0][4] is not None else None
-    return StepResult(HEAdamState(theta, m, v, w, state.step + 1), x)
+    return StepResult(HEAdamState(theta, m, z, w, state.step + 1), x)
 
 
 class LevelCount:
@@ -164,8 +164,8 @@ class LevelCount:
 def step_levels(start: dict[str, int], aggregate_level: int, config: HEAdamConfig,
                 poly: InverseSqrtPolynomial) -> tuple[dict[str, int], int]:
     """Levels each state vector has used after a step from ``start`` levels, and the deepest value's."""
-    delta, m, z, w, x = step_chunk(LevelCount(), start["m"], start["v"], start["w"], aggregate_level, config, poly)
-    return {"m": m, "v": z, "w": w}, max(delta, m, z, w, x)
+    delta, m, z, w, x = step_chunk(LevelCount(), start["m"], start["z"], start["w"], aggregate_level, config, poly)
+    return {"m": m, "z": z, "w": w}, max(delta, m, z, w, x)
 
 
 def refresh_due(
@@ -227,48 +227,18 @@ def add_plain_vector(backend: HEBackend, vec: EncryptedVector, values: np.ndarra
     )
 
 
-class NumpyAdam:
-    """The same Adam in NumPy (no bias correction, tau in the denominator): the plaintext reference."""
-
-    def __init__(self, size: int, config: HEAdamConfig) -> None:
-        self.config, self.m, self.v = config, np.zeros(size), np.zeros(size)
-        self.w = np.full(size, config.tau_value**-0.5)
-
-    def step(self, theta: np.ndarray, g: np.ndarray) -> np.ndarray:
-        c = self.config
-        self.m = c.beta1 * self.m + (1 - c.beta1) * g
-        self.v = c.beta2 * self.v + (1 - c.beta2) * g**2
-        self.w = (self.v + c.tau_value) ** -0.5
-        return theta - c.lr * self.m * self.w
-
-
-def reference_adam(
-    theta0: np.ndarray, grads: list[np.ndarray], config: HEAdamConfig
-) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """NumpyAdam over a gradient sequence: final theta, and w_t, v_t per step."""
-    theta, adam = theta0.astype(np.float64).copy(), NumpyAdam(theta0.size, config)
-    ws, vs = [], []
-    for g in grads:
-        theta = adam.step(theta, g)
-        ws.append(adam.w)
-        vs.append(adam.v)
-    return theta, ws, vs
-
-
 __all__ = [
     "HEAdamConfig",
     "HEAdamConfigError",
     "HEAdamState",
     "InverseSqrtPolynomial",
     "Masks",
-    "NumpyAdam",
     "STATE_NAMES",
     "evaluate_polynomial",
     "assemble_step",
     "he_adam_step",
     "initial_optimizer_state",
     "mask_state",
-    "reference_adam",
     "refresh_due",
     "step_levels",
     "step_chunk",

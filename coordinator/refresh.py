@@ -56,7 +56,7 @@ class StateRefresh:
         self.levels: dict[str, int] | None = None
 
     def due(self) -> tuple[str, ...]:
-        """At the default profile v and w every round, m every third round."""
+        """At the default profile z and w every round, m every third round."""
         if self.levels is None:
             return STATE_NAMES
         return refresh_due(self.levels, self.aggregate_level, self.backend.profile.levels, self.config, self.poly)

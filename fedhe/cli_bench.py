@@ -29,8 +29,8 @@ def bench_he_adam(
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
     """HE-Adam on ciphertexts vs the same Adam in NumPy (gradient scale jumps 10x halfway)."""
+    from benchmarks.he_adam import run_he_adam_bench
     from coordinator.he_adam import HEAdamConfig, HEAdamConfigError
-    from fedhe.bench.he_adam import run_he_adam_bench
 
     config = HEAdamConfig(lr=0.01, clip_bound=1.0, degree=degree, interval_upper=interval_upper)
     try:
@@ -57,8 +57,8 @@ def bench_encrypted_gradient(
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
     """One encrypted-rollout round: gradient on ciphertexts, masked collapse, HE-Adam vs NumPy."""
+    from benchmarks.encrypted_gradient import run_encrypted_gradient_bench
     from coordinator.he_adam import HEAdamConfigError
-    from fedhe.bench.encrypted_gradient import run_encrypted_gradient_bench
     from protos.profiles import get_profile
     from protos.rollout_layout import BlockLayout
 
@@ -97,7 +97,7 @@ def bench_masking(
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
     """Pairwise masks under CKKS: what a key holder sees of one update, the sum's error, dropout recovery."""
-    from fedhe.bench.masking import run_masking_bench
+    from benchmarks.masking import run_masking_bench
 
     try:
         with progress_bar() as bar:
@@ -117,7 +117,7 @@ def bench_egress_guard(
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
     """What the egress guard costs per reply: a train reply and the refresher's reply, medians in ms."""
-    from fedhe.bench.egress_guard import run_egress_guard_bench
+    from benchmarks.egress_guard import run_egress_guard_bench
 
     try:
         result = run_egress_guard_bench(repeats, profile, scenario)
@@ -141,7 +141,7 @@ def bench_federation(
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
     """Encrypted vs plaintext federations over several seeds: returns, rounds to solve, wall-time ratio."""
-    from fedhe.bench.federation import run_federation_bench
+    from benchmarks.federation import run_federation_bench
 
     with progress_bar() as bar:
         task = bar.add_task("federations", total=2 * seeds)
@@ -175,7 +175,7 @@ def bench_round(
     Participant phases: decrypt_theta, refresh (the refresher's re-encryption), train,
     mask_encrypt. Example: fedhe bench round --scenario cartpole --json
     """
-    from fedhe.bench.round_profile import run_round_profile
+    from benchmarks.round_profile import run_round_profile
 
     with progress_bar() as bar:
         task = bar.add_task("federations", total=2)
@@ -198,7 +198,7 @@ def bench_soak(
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
     """A long run with random participant failures: every round completes or changes nothing, memory stays flat."""
-    from fedhe.bench.soak import run_soak
+    from benchmarks.soak import run_soak
 
     if not 0.0 <= fail_rate < 1.0:
         fail(f"--fail-rate is a probability in [0, 1), got {fail_rate}")
@@ -219,7 +219,7 @@ def bench_seal_ops(
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
     """Seeded uploads and last-level downloads vs TenSEAL's defaults, per profile: median ms and bytes."""
-    from fedhe.bench.seal_ops import run_seal_ops_bench
+    from benchmarks.seal_ops import run_seal_ops_bench
 
     try:
         result = run_seal_ops_bench(repeats, profiles)
@@ -254,7 +254,7 @@ def bench_scale(
     Each row runs in a fresh process: coordinator_ms, participant_ms, bytes_up, bytes_down, peak_rss_mb.
     Quick run: fedhe bench scale --params 1000,10000 --participants 3,10 --json
     """
-    from fedhe.bench.scale import run_scale_bench
+    from benchmarks.scale import run_scale_bench
 
     sizes, counts = _int_list(params, "--params"), _int_list(participants, "--participants")
     with progress_bar() as bar:

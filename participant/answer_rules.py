@@ -3,7 +3,7 @@
 Every participant holds the federation's secret key, so a coordinator that deviates could try
 to use one as a decryption oracle. These rules bound that (docs/threat-model.md, "A coordinator
 that deviates"): a request must name the round of its message and carry exactly the vectors the
-protocol defines (masked m, v, w of the model's length; at most one norm ciphertext per participant
+protocol defines (masked m, z, w of the model's length; at most one norm ciphertext per participant
 of the round; one masked norm and the round's statistics for the integrity check), each kind is
 answered at most once per round, a norm ciphertext must decrypt to values that are visibly masked,
 and only rounded aggregates are released. With pairwise masking a participant masks one update per
@@ -63,7 +63,7 @@ class AnswerLedger:
 
 
 def check_refresh_request(request: wire_pb2.RefreshRequest, round_: int, ledger: AnswerLedger) -> None:
-    """The masked state is some of m, v, w (those the next step needs fresh), once per round."""
+    """The masked state is some of m, z, w (those the next step needs fresh), once per round."""
     check_version(request.protocol_version, "refresh request")
     if request.round != round_:
         raise RequestRefusedError(f"refresh request names round {request.round} inside a round-{round_} message")

@@ -167,7 +167,7 @@ def check_header(backend: HEBackend, msg: wire_pb2.EncryptedVector, *, expected_
     """Everything but the chunks' ciphertexts: version, key, profile, layout and chunk sizes.
 
     ``from_proto`` checks the chunks next; callers that hand the chunks to worker processes
-    (``protos.chunk_workers``) have each worker check its own.
+    (``coordinator.chunk_workers``) have each worker check its own.
     """
     check_version(msg.protocol_version, "encrypted vector")
     if msg.key_fingerprint != backend.fingerprint:
@@ -231,22 +231,3 @@ def parse_message(cls: type[M], data: bytes, *, max_bytes: int = DEFAULT_MAX_BYT
             f"bytes are not a valid {cls.DESCRIPTOR.full_name} ({exc}); truncated or garbage?"
         ) from None
     return msg
-
-
-def encode_vector(backend: HEBackend, vector: EncryptedVector) -> bytes:
-    return to_proto(backend, vector).SerializeToString()
-
-
-def decode_vector(
-    backend: HEBackend,
-    data: bytes,
-    *,
-    expected_length: int | None = None,
-    max_bytes: int | None = None,
-    fresh: bool = False,
-) -> EncryptedVector:
-    limit = max_bytes if max_bytes is not None else max_bytes_for(backend, expected_length)
-    msg = parse_message(wire_pb2.EncryptedVector, data, max_bytes=limit)
-    return from_proto(
-        backend, msg, expected_length=expected_length, fresh=fresh
-    )

@@ -18,8 +18,9 @@ from protos.profiles import HEProfile
 # Additive refresh masks are uniform in [-MASK_BOUND, MASK_BOUND]: large against the state
 # (|m~| <= sqrt(B-1), w~ <= 1) yet far below the 2^19 headroom of a fully consumed ciphertext.
 MASK_BOUND = 2.0**15
-# The encrypted optimizer state next to theta: m~, z (stored as "v") and w~ (docs/he-adam.md).
-STATE_NAMES = ("m", "v", "w")
+# The encrypted optimizer state next to theta: m~ (stored as "m"), z = (v + tau) / tau and w~
+# (stored as "w"); docs/he-adam.md, "Normalized state".
+STATE_NAMES = ("m", "z", "w")
 
 
 class HEAdamConfigError(ValueError):
@@ -121,7 +122,7 @@ class HEAdamConfig:
             z_max = 1 + (self.x_bound - 1) / (1 - self.beta2)
             if z_max + MASK_BOUND >= 2.0 ** (profile.headroom_bits - 1):
                 raise HEAdamConfigError(
-                    f"v state can reach {z_max:.3g}, beyond profile {profile.name}'s headroom"
+                    f"z state can reach {z_max:.3g}, beyond profile {profile.name}'s headroom"
                 )
         poly = InverseSqrtPolynomial.fit(self.fit_interval, self.degree)
         if poly.max_rel_error > self.max_poly_error:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from benchmarks.wire_bytes import decode_vector, encode_vector
 from coordinator.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointWriter,
@@ -19,7 +20,7 @@ from coordinator.he_adam import HEAdamState
 from coordinator.organizations import Organizations
 from coordinator.report import RunRecord
 from participant.keyholder import decrypt_vector
-from protos.codec import decode_vector, encode_vector, encrypt_vector
+from protos.codec import encrypt_vector
 from protos.errors import CheckpointError
 from protos.fedhe.v1 import wire_pb2
 from protos.keyfile import load_evaluation_backend
@@ -37,12 +38,12 @@ RECORD = json.dumps({"failed_rounds": [{"round": 5, "cause": "integrity: the agg
 @pytest.fixture()
 def saved(tmp_path, coordinator_backend, holder):
     rng = np.random.default_rng(0)
-    values = {k: rng.normal(size=D) for k in ("theta", "m", "v", "w")}
+    values = {k: rng.normal(size=D) for k in ("theta", "m", "z", "w")}
     enc = {
         k: decode_vector(coordinator_backend, encode_vector(holder, encrypt_vector(holder, v)))
         for k, v in values.items()
     }
-    state = CoordinatorState(round=7, optimizer=HEAdamState(enc["theta"], enc["m"], enc["v"], enc["w"], step=7),
+    state = CoordinatorState(round=7, optimizer=HEAdamState(enc["theta"], enc["m"], enc["z"], enc["w"], step=7),
                              history=[wire_pb2.ReleasedMetrics(round=r, mean_return=20.5 + r, episodes=4, steps=90,
                                                                valid=True) for r in range(1, 8)])
     save_checkpoint(tmp_path, coordinator_backend, "cartpole", CONFIG, state, RECORD)
@@ -53,7 +54,7 @@ def test_resume_restores_theta_and_optimizer_state_exactly(saved, coordinator_ba
     directory, values = saved
     state, _ = load_checkpoint(directory, coordinator_backend, "cartpole", D, CONFIG)
     assert state.round == 7 and state.optimizer.step == 7
-    for name in ("theta", "m", "v", "w"):
+    for name in ("theta", "m", "z", "w"):
         back = decode_vector(holder, encode_vector(coordinator_backend, getattr(state.optimizer, name)))
         np.testing.assert_allclose(decrypt_vector(holder, back), values[name], atol=1e-6)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from benchmarks.numpy_adam import NumpyAdam
+from benchmarks.wire_bytes import decode_vector, encode_vector
 from coordinator.encrypted_gradient import (
     GRADIENT_DEPTH,
     GradientSum,
@@ -13,11 +15,11 @@ from coordinator.encrypted_gradient import (
     mask_for_collapse,
     unmask_collapsed,
 )
-from coordinator.he_adam import HEAdamConfig, HEAdamState, NumpyAdam, he_adam_step, initial_optimizer_state
+from coordinator.he_adam import HEAdamConfig, HEAdamState, he_adam_step, initial_optimizer_state
 from participant.gradient_collapse import COLLAPSE_GRID, MASKED_MIN_MEDIAN, collapse_masked
 from participant.keyholder import PlainKeyHolder, decrypt_vector
 from protos.backend import PlainBackend
-from protos.codec import EncryptedVector, decode_vector, encode_vector, encrypt_vector, from_proto
+from protos.codec import EncryptedVector, encrypt_vector, from_proto
 from protos.errors import ChunkLayoutError, RequestRefusedError
 from protos.optimizer import MASK_BOUND
 from protos.profiles import get_profile

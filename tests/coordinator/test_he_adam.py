@@ -8,6 +8,8 @@ import itertools
 import numpy as np
 import pytest
 
+from benchmarks.numpy_adam import reference_adam
+from benchmarks.wire_bytes import decode_vector, encode_vector
 from coordinator.he_adam import (
     HEAdamConfig,
     HEAdamConfigError,
@@ -15,14 +17,13 @@ from coordinator.he_adam import (
     he_adam_step,
     initial_optimizer_state,
     mask_state,
-    reference_adam,
     refresh_due,
     step_levels,
     unmask_state,
 )
 from participant.keyholder import PlainKeyHolder, decrypt_vector, reencrypt
 from protos.backend import PlainBackend
-from protos.codec import EncryptedVector, decode_vector, encode_vector, encrypt_vector, from_proto
+from protos.codec import EncryptedVector, encrypt_vector, from_proto
 from protos.profiles import get_profile
 
 
@@ -111,7 +112,7 @@ def test_a_step_leaves_its_inputs_untouched_and_frees_everything(coordinator_bac
     theta = encrypt_vector(coordinator_backend, np.zeros(n))
     state = HEAdamState(theta, **initial_optimizer_state(coordinator_backend, n))
     aggregate = encrypt_vector(coordinator_backend, np.full(n, 0.1))
-    inputs = [state.theta, state.m, state.v, state.w, aggregate]
+    inputs = [state.theta, state.m, state.z, state.w, aggregate]
     full = coordinator_backend.profile.levels
     gc.collect()
     gc.disable()
@@ -140,7 +141,7 @@ def test_plaintext_backend_runs_the_identical_algorithm():
 def test_unmask_rejects_a_reply_with_missing_state(coordinator_backend):
     state = initial_optimizer_state(coordinator_backend, 3)
     masked, masks = mask_state(coordinator_backend, state)
-    del masked["v"]
+    del masked["z"]
     with pytest.raises(ValueError, match="expected"):
         unmask_state(coordinator_backend, masked, masks)
 
@@ -176,8 +177,8 @@ def test_the_level_dry_run_is_tenseals_arithmetic(coordinator_backend):
     theta = encrypt_vector(coordinator_backend, np.zeros(8))
     u = encrypt_vector(coordinator_backend, np.full(8, 0.1))
     fitted = 0
-    for m_level, v_level, w_level, u_level in itertools.product((0, 2, 3), (0, 1), (0, 1), (0, 1)):
-        start = {"m": m_level, "v": v_level, "w": w_level}
+    for m_level, z_level, w_level, u_level in itertools.product((0, 2, 3), (0, 1), (0, 1), (0, 1)):
+        start = {"m": m_level, "z": z_level, "w": w_level}
         expected, deepest = step_levels(start, u_level, config, poly)
         state = HEAdamState(theta, **{name: _lowered(coordinator_backend, fresh[name], start[name]) for name in start})
         aggregate = _lowered(coordinator_backend, u, u_level)
@@ -191,12 +192,12 @@ def test_the_level_dry_run_is_tenseals_arithmetic(coordinator_backend):
     assert fitted == 2  # fresh z, w~ and aggregate; m~ fresh or two levels down
 
 
-def test_v_and_w_are_refreshed_every_round_and_m_every_third():
+def test_z_and_w_are_refreshed_every_round_and_m_every_third():
     config = HEAdamConfig()
     poly = config.validate(get_profile("n16k-d6"))
-    levels, schedule = dict.fromkeys(("m", "v", "w"), 0), []
+    levels, schedule = dict.fromkeys(("m", "z", "w"), 0), []
     for _ in range(6):
         due = refresh_due(levels, 0, 6, config, poly)
         schedule.append(due)
         levels = step_levels({name: 0 if name in due else used for name, used in levels.items()}, 0, config, poly)[0]
-    assert schedule == [(), ("v", "w"), ("v", "w"), ("m", "v", "w"), ("v", "w"), ("v", "w")]
+    assert schedule == [(), ("z", "w"), ("z", "w"), ("m", "z", "w"), ("z", "w"), ("z", "w")]

@@ -5,19 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.he_adam import (
-    HEAdamConfig,
-    HEAdamState,
-    he_adam_step,
-    initial_optimizer_state,
-    mask_state,
-    unmask_state,
-)
-from coordinator.parallel_step import parallel_he_adam_step, parallel_unmask_step
+from coordinator.chunk_workers import WORKERS_ENV, ChunkWorkers, default_workers
+from coordinator.he_adam import HEAdamConfig, HEAdamState, he_adam_step, initial_optimizer_state
+from coordinator.parallel_step import parallel_he_adam_step
 from participant.keyholder import decrypt_vector
-from participant.parallel_keyholder import keyholder_workers, reencrypt_message
-from protos.chunk_workers import ChunkWorkers
-from protos.codec import EncryptedVector, encrypt_vector, from_proto, to_proto
+from protos.codec import EncryptedVector, encrypt_vector
 
 
 def _state(backend, length: int, seed: int = 0) -> tuple[HEAdamState, EncryptedVector]:
@@ -31,7 +23,7 @@ def _state(backend, length: int, seed: int = 0) -> tuple[HEAdamState, EncryptedV
 
 def _vectors(result) -> list[EncryptedVector]:
     state = result.state
-    return [state.theta, state.m, state.v, state.w]
+    return [state.theta, state.m, state.z, state.w]
 
 
 def test_parallel_step_is_the_sequential_step_byte_for_byte(coordinator_backend, holder):
@@ -62,22 +54,11 @@ def test_one_chunk_or_one_worker_stays_in_process(coordinator_backend, holder):
     assert not ChunkWorkers(coordinator_backend, workers=1).parallel
 
 
-@pytest.mark.parametrize("due", [("m", "v", "w"), ("v", "w")])
-def test_unmasking_in_the_workers_is_unmask_state_then_the_step(coordinator_backend, holder, due):
-    """With every vector refreshed, or only those due (m is kept as it is two rounds in three)."""
-    config = HEAdamConfig(lr=0.01, clip_bound=1.0)
-    poly = config.validate(coordinator_backend.profile)
-    length = 2 * coordinator_backend.slots + 5
-    state, aggregate = _state(coordinator_backend, length, seed=1)
-    state = HEAdamState(state.theta, state.m, state.v, state.w, step=4)
-    masked, masks = mask_state(coordinator_backend, {name: state.named()[name] for name in due})
-    refresher = keyholder_workers(holder, workers=1)
-    reply = {name: reencrypt_message(refresher, to_proto(coordinator_backend, vec)) for name, vec in masked.items()}
-    fresh = {name: from_proto(coordinator_backend, msg, fresh=True) for name, msg in reply.items()}
-    unmasked = HEAdamState(state.theta, **{**state.named(), **unmask_state(coordinator_backend, fresh, masks)}, step=4)
-    sequential = he_adam_step(coordinator_backend, unmasked, aggregate, config, poly)
-    with ChunkWorkers(coordinator_backend, workers=2) as workers:
-        fused = parallel_unmask_step(workers, state, reply, masks, aggregate, config, poly)
-    for seq, par in zip(_vectors(sequential), _vectors(fused)):
-        assert [c.serialize() for c in par.chunks] == [c.serialize() for c in seq.chunks]
-    assert fused.state.step == 5
+def test_worker_count_follows_the_environment(monkeypatch):
+    monkeypatch.setenv(WORKERS_ENV, "3")
+    assert default_workers() == 3
+    monkeypatch.setenv(WORKERS_ENV, "many")
+    with pytest.raises(ValueError, match=WORKERS_ENV):
+        default_workers()
+    monkeypatch.delenv(WORKERS_ENV)
+    assert default_workers() >= 1

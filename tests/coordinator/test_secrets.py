@@ -15,6 +15,7 @@ import pytest
 from flwr.app import Error, Message, Metadata, RecordDict
 
 import participant.node as node
+from benchmarks.wire_bytes import decode_vector, encode_vector
 from coordinator.aggregation import Aggregate, NormBound, RoundContext
 from coordinator.checkpoint import load_checkpoint
 from coordinator.driver import RoundDriver, Unverified
@@ -25,7 +26,7 @@ from participant.answer_rules import AnswerLedger, check_integrity_query, check_
 from participant.keyholder import decrypt_vector
 from participant.local_update import NodeIdentity
 from protos import messages
-from protos.codec import PROTOCOL_VERSION, decode_vector, encode_vector, encrypt_vector, from_proto, to_proto
+from protos.codec import PROTOCOL_VERSION, encrypt_vector, from_proto, to_proto
 from protos.errors import RequestRefusedError, WireError
 from protos.fedhe.v1 import wire_pb2
 from protos.optimizer import MASK_BOUND, STATE_NAMES
@@ -76,7 +77,7 @@ def state_values() -> dict[str, np.ndarray]:
     return {
         "theta": rng.normal(0, 0.3, D),
         "m": rng.normal(0, 0.5, D),
-        "v": 1 + rng.random(D),
+        "z": 1 + rng.random(D),
         "w": 0.5 + 0.5 * rng.random(D),
     }
 
@@ -89,7 +90,7 @@ def encrypted(backend, holder, values: np.ndarray):
 def driver_with_state(backend, holder, values, out) -> RoundDriver:
     driver = RoundDriver(PLAN, backend, out)
     enc = {k: encrypted(backend, holder, v) for k, v in values.items()}
-    driver.state.optimizer = HEAdamState(enc["theta"], enc["m"], enc["v"], enc["w"], step=3)
+    driver.state.optimizer = HEAdamState(enc["theta"], enc["m"], enc["z"], enc["w"], step=3)
     driver.state.round = 3
     return driver
 
@@ -187,7 +188,7 @@ def test_key_holder_answers_each_request_once_per_round(coordinator_backend, hol
     with pytest.raises(RequestRefusedError, match="round 4 inside a round-5"):
         check_refresh_request(request, 5, AnswerLedger())
     assert not {f.name for f, _ in request.ListFields()} - {"protocol_version", "round", "masked_state"}
-    del request.masked_state["v"]  # some of the state: what the next step needs fresh
+    del request.masked_state["z"]  # some of the state: what the next step needs fresh
     check_refresh_request(request, 4, AnswerLedger())
     request.masked_state["theta"].CopyFrom(request.masked_state["m"])  # theta is never refreshed
     with pytest.raises(RequestRefusedError, match="expected some of"):

@@ -111,7 +111,7 @@ def test_theta_is_encrypted_once_and_never_refreshed(encrypted_run, coordinator_
             entry = next(iter(manifest["array_records"][messages.REFRESH_REPLY].values()))
             reply = wire_pb2.RefreshReply.FromString((folder / entry["file"]).read_bytes())
             refreshes.append((manifest["request_round"], reply.HasField("theta"), sorted(reply.state)))
-    state = ["v", "w"]
+    state = ["w", "z"]
     assert sorted(refreshes) == [(1, True, []), (2, False, state), (3, False, state)]
     checkpoint = wire_pb2.Checkpoint.FromString((encrypted_run[1] / "checkpoint.pb").read_bytes())
     assert coordinator_backend.levels_left(from_proto(coordinator_backend, checkpoint.theta).chunks[0]) == 0

@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from fedhe.bench.scale import fit
+from benchmarks.scale import fit
 from fedhe.cli import app
 
 ROW_KEYS = ("params", "participants", "coordinator_ms", "participant_ms", "bytes_up", "bytes_down", "peak_rss_mb",

@@ -304,7 +304,7 @@ def test_an_audit_that_cannot_check_lets_nothing_through(small_holder):
 
 
 def test_bench_egress_guard_times_both_kinds_of_reply():
-    from fedhe.bench.egress_guard import run_egress_guard_bench
+    from benchmarks.egress_guard import run_egress_guard_bench
 
     result = run_egress_guard_bench(repeats=1, profile="n8k-d2")
     assert result["num_params"] == 835

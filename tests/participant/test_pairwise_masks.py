@@ -11,7 +11,8 @@ import pytest
 from Crypto.Protocol.SecretSharing import Shamir
 from typer.testing import CliRunner
 
-from fedhe.bench.masking import LocalFederation
+from benchmarks.masking import LocalFederation
+from benchmarks.wire_bytes import decode_vector, encode_vector
 from fedhe.cli import app
 from participant.answer_rules import AnswerLedger, check_members, check_unmask_request
 from participant.audit import audit_reply
@@ -30,7 +31,7 @@ from participant.roster import (
 )
 from participant.sealing import create_recipient
 from protos import messages
-from protos.codec import PROTOCOL_VERSION, decode_vector, encode_vector, from_proto
+from protos.codec import PROTOCOL_VERSION, from_proto
 from protos.errors import RequestRefusedError
 from protos.fedhe.v1 import wire_pb2
 from protos.masking import (

@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from fedhe.bench.reference import reference_for, reference_summary
+from benchmarks.reference import reference_for, reference_summary
 from participant.ppo import ParticipantTrainer
 from protos.settings import RunSettings
 from scenarios import load_scenario, resolve_run

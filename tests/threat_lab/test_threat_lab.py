@@ -14,11 +14,12 @@ import pytest
 from flwr.app import Message, Metadata, RecordDict
 
 import coordinator.aggregation.robust as robust_path
+from benchmarks.numpy_adam import reference_adam
 from coordinator.aggregation import NormBound, RoundContext
 from coordinator.dp_accounting import effective_noise_multiplier, rdp_epsilon
 from coordinator.driver import RoundDriver
 from coordinator.exchange import Exchange, RoundOutcome
-from coordinator.he_adam import HEAdamState, he_adam_step, initial_optimizer_state, reference_adam
+from coordinator.he_adam import HEAdamState, he_adam_step, initial_optimizer_state
 from coordinator.organizations import Organizations
 from coordinator.robust_aggregation import (
     DefenseError,

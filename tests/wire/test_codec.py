@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.wire_bytes import decode_vector, encode_vector
 from participant.keyholder import PlainKeyHolder, decrypt_vector, load_keyholder
 from protos import messages
 from protos.backend import PlainBackend
-from protos.codec import chunk_count, decode_vector, encode_vector, encrypt_vector
+from protos.codec import chunk_count, encrypt_vector
 from protos.errors import (
     ChunkLayoutError,
     FingerprintMismatchError,

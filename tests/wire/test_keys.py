@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import tenseal as ts
 
+from benchmarks.wire_bytes import decode_vector, encode_vector
 from participant.keyholder import generate_keys, load_keyholder
-from protos.codec import decode_vector, encode_vector, encrypt_vector
+from protos.codec import encrypt_vector
 from protos.errors import KeyFileError
 from protos.fedhe.v1 import wire_pb2
 from protos.keyfile import inspect_key_file, load_evaluation_backend

@@ -1,11 +1,16 @@
-"""The key holder's decryption and re-encryption with one chunk per worker process.
+"""The key holder's decryption and re-encryption with one chunk per worker process (benchmarks only).
+
+A key holder in a federation decrypts and re-encrypts in its own process
+(``participant.keyholder``); ``fedhe bench he-adam --workers N`` and ``fedhe bench scale`` use
+these to measure what worker processes would save it.
 
 Both work from the wire message and the re-encryption back to one: each worker checks its chunk
 (``HEBackend.deserialize``), decrypts it and, for a re-encryption, encrypts and serializes the
 fresh chunk, so the only bytes crossing the process boundary are the ones on the wire anyway
-(``protos.chunk_workers``). The workers hold this organization's secret key; they are its own
-processes on its own machine. Results equal ``decrypt_vector(from_proto(...))`` and
-``to_proto(reencrypt(from_proto(...)))`` (re-encryption is randomized, so equal after decryption).
+(``coordinator.chunk_workers``, the same pool type as the coordinator's). The workers hold this
+organization's secret key; they are its own processes on its own machine. Results equal
+``decrypt_vector(from_proto(...))`` and ``to_proto(reencrypt(from_proto(...)))`` (re-encryption
+is randomized, so equal after decryption).
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import tenseal as ts
 
+from coordinator.chunk_workers import ChunkWorkers
 from participant.keyholder import KeyHolder, TensealKeyHolder, finite_decryption
-from protos.chunk_workers import ChunkWorkers
 from protos.codec import check_header, proto_of_chunks
 from protos.fedhe.v1 import wire_pb2
 from protos.profiles import get_profile

@@ -1,16 +1,19 @@
-"""Encrypting a vector straight to its wire message, one chunk per worker process.
+"""Encrypting a vector straight to its wire message, one chunk per worker process (benchmarks only).
+
+A participant encrypts in its own process (``protos.codec.encrypt_to_proto``); ``fedhe bench
+scale`` uses this for the encryption of large synthetic updates.
 
 Encryption (~14 ms per chunk) and serialization (~10 ms at full depth) are both per chunk, and
 the wire needs the bytes anyway, so a worker does both and only bytes come back
-(``protos.chunk_workers``). Same checks and layout as ``codec.to_proto(codec.encrypt_vector(...))``.
+(``coordinator.chunk_workers``). Same checks and layout as ``codec.to_proto(codec.encrypt_vector(...))``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from coordinator.chunk_workers import ChunkWorkers
 from protos.backend import HEBackend
-from protos.chunk_workers import ChunkWorkers
 from protos.codec import chunk_count, encryptable, pad_to_chunks, proto_of_chunks
 from protos.fedhe.v1 import wire_pb2
 

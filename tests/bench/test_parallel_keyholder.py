@@ -1,16 +1,17 @@
-"""Key-holder work over worker processes: same values as in-process, errors still typed."""
+"""Key-holder work and encryption over worker processes (benchmarks only): same values as in-process,
+errors still typed."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from benchmarks.parallel_encryption import encrypt_message
+from benchmarks.parallel_keyholder import decrypt_message, keyholder_workers, reencrypt_message
+from coordinator.chunk_workers import ChunkWorkers
 from participant.keyholder import decrypt_vector
-from participant.parallel_keyholder import decrypt_message, keyholder_workers, reencrypt_message
-from protos.chunk_workers import WORKERS_ENV, ChunkWorkers, default_workers
 from protos.codec import encrypt_vector, from_proto, to_proto
 from protos.errors import InvalidCiphertextError, NonFiniteValueError
-from protos.parallel_codec import encrypt_message
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +64,3 @@ def test_a_worker_rejects_a_corrupt_chunk_with_the_usual_error(workers, small_ho
         reencrypt_message(workers, msg)
     with pytest.raises(InvalidCiphertextError):
         decrypt_message(workers, msg)
-
-
-def test_worker_count_follows_the_environment(monkeypatch):
-    monkeypatch.setenv(WORKERS_ENV, "3")
-    assert default_workers() == 3
-    monkeypatch.setenv(WORKERS_ENV, "many")
-    with pytest.raises(ValueError, match=WORKERS_ENV):
-        default_workers()
-    monkeypatch.delenv(WORKERS_ENV)
-    assert default_workers() >= 1
