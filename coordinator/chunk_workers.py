@@ -205,8 +205,3 @@ def _process_context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
     return context
-
-
-def sequential(backend: HEBackend) -> ChunkWorkers:
-    """The in-process stand-in: every ``map`` runs in the calling process."""
-    return ChunkWorkers(backend, workers=1)
