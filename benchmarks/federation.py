@@ -22,8 +22,8 @@ from benchmarks.reference import reference_summary
 from coordinator.report import read_metrics
 from fedhe.evaluate import evaluate_run
 from fedhe.simulate import simulate
+from protos.plan import resolve_plan
 from protos.settings import RunSettings
-from scenarios import resolve_run
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -50,7 +50,8 @@ def run_federation_bench(
     masking: str = "auto",
 ) -> dict:
     base = RunSettings(scenario=scenario_ref, mode=mode, num_server_rounds=rounds or 0, masking=masking)
-    scenario, resolved = resolve_run(base)
+    plan = resolve_plan(base)
+    scenario, resolved = plan.scenario, plan.settings
     n = participants or scenario.num_participants
     total_rounds = resolved.num_server_rounds
     root = Path(out_root or tempfile.mkdtemp(prefix="fedhe-bench-federation-"))
@@ -105,7 +106,7 @@ def run_federation_bench(
     result = {
         "scenario": scenario.name,
         "mode": mode,
-        "masking": resolve_run(replace(base, plaintext=False), n)[1].masking,
+        "masking": resolve_plan(replace(base, plaintext=False), n).settings.masking,
         "stop_on_solve": stop_on_solve,
         "participants": n,
         "rounds": total_rounds,

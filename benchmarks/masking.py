@@ -65,6 +65,7 @@ from protos.fedhe.v1 import wire_pb2
 from protos.keyfile import load_evaluation_backend
 from protos.masking import STATS_STREAM, UPDATE_STREAM, default_threshold, hiding_bound, mask_grid
 from protos.optimizer import HEAdamConfig
+from protos.plan import resolve_plan
 from protos.profiles import DEFAULT_PROFILE
 from protos.settings import RunSettings
 from protos.update_units import UpdateUnits
@@ -130,6 +131,7 @@ class LocalFederation:
                  stats: list[np.ndarray], masked: bool = True) -> None:
         self.holder, self.backend, self.updates, self.stats = holder, backend, updates, stats
         self.size, self.params = len(updates), len(updates[0])
+        self.plan = resolve_plan(RunSettings(masking="pairwise"), self.size)  # only its node rules are read
         self.maskers = ([PairwiseMasker.load(key_dir, i, holder.fingerprint) for i in range(self.size)]
                         if masked else None)
         self.ledgers = [AnswerLedger() for _ in range(self.size)]
@@ -147,7 +149,7 @@ class LocalFederation:
         round_ = int(config["round"])
         reply = RecordDict({messages.CONFIG: ConfigRecord(
             {"round": round_, "key-fingerprint": self.holder.fingerprint, "protocol-version": PROTOCOL_VERSION})})
-        return node.Exchange(content=msg.content, scenario=None, identity=NodeIdentity(i, "", None, RunSettings()),
+        return node.Exchange(content=msg.content, scenario=None, identity=NodeIdentity(i, "", None, self.plan),
                              run_id=RUN, ledger=self.ledgers[i], holder=self.holder, round=round_,
                              participants=int(config["participants"]), num_params=self.params, layout=None,
                              masker=self.maskers[i] if self.maskers else None, reply=reply)
@@ -211,7 +213,7 @@ def run_masking_bench(
             f"survivor's self-mask {threshold} shares held by the other survivors)"
         )
     step = on_step or (lambda _: None)
-    units = UpdateUnits.of(HEAdamConfig.for_scenario(load_scenario(scenario)), participants)
+    units = UpdateUnits.of(HEAdamConfig.of(load_scenario(scenario).server), participants)
     bound = units.clip * units.factor  # the largest an update coordinate can be: C s / n
     rng = np.random.default_rng(seed)
     updates = [rng.uniform(-bound, bound, params) for _ in range(participants)]

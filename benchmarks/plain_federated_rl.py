@@ -5,7 +5,7 @@ L2 norm C and scaled by 1/n, and the sum goes through the same Adam variant the
 coordinator evaluates on ciphertexts.  Prints one JSON object.
 
     python benchmarks/plain_federated_rl.py --scenario cartpole --participants 3 --seed 0
-    python benchmarks/plain_federated_rl.py --scenario cartpole --set ppo.lr=3e-4 --set clip_bound=0.5
+    python benchmarks/plain_federated_rl.py --scenario cartpole --set ppo.lr=3e-4 --set server.clip_bound=0.5
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def run(scenario: Scenario, participants: int, seed: int, rounds: int, stop_on_s
     spec = scenario.policy_spec()
     theta = spec.init(seed)
     trainers = [ParticipantTrainer(scenario, i, seed) for i in range(participants)]
-    server = NumpyAdam(theta.size, HEAdamConfig.for_scenario(scenario))
+    server = NumpyAdam(theta.size, HEAdamConfig.of(scenario.server))
     window: deque[float] = deque(maxlen=100)
     history, norms = [], []
     solved_at, steps, episodes = None, 0, 0
@@ -50,7 +50,7 @@ def run(scenario: Scenario, participants: int, seed: int, rounds: int, stop_on_s
         for trainer in trainers:
             result = trainer.train(theta, rnd + 1, rounds)  # rounds count from 1, as in the federation
             norms.append(float(np.linalg.norm(result.update)))
-            total += clip_l2(result.update, scenario.clip_bound) / participants
+            total += clip_l2(result.update, scenario.server.clip_bound) / participants
             round_returns += result.episode_returns
             steps += result.steps
             episodes += result.episodes
@@ -92,15 +92,17 @@ def parse_override(text: str) -> tuple[str, object]:
 
 def apply_overrides(scenario: Scenario, overrides: list[str]) -> Scenario:
     top: dict[str, object] = {}
-    ppo: dict[str, object] = {}
+    nested: dict[str, dict[str, object]] = {"ppo": {}, "server": {}}
     for text in overrides:
         key, value = parse_override(text)
-        if key.startswith("ppo."):
-            ppo[key[4:]] = value
+        group, _, field = key.partition(".")
+        if field and group in nested:
+            nested[group][field] = value
         else:
             top[key] = value
-    if ppo:
-        top["ppo"] = dataclasses.replace(scenario.ppo, **ppo)
+    for group, fields in nested.items():
+        if fields:
+            top[group] = dataclasses.replace(getattr(scenario, group), **fields)
     return scenario.with_overrides(**top) if top else scenario
 
 
@@ -113,7 +115,7 @@ def main() -> None:
     parser.add_argument("--no-stop", action="store_true", help="keep training after the threshold is reached")
     parser.add_argument("--eval-episodes", type=int, default=20, help="greedy evaluation of the final theta")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a scenario field, e.g. ppo.lr=3e-4 or clip_bound=0.5")
+                        help="override a scenario field, e.g. ppo.lr=3e-4 or server.clip_bound=0.5")
     parser.add_argument("--history", action="store_true", help="include the per-round last-100 mean")
     args = parser.parse_args()
 

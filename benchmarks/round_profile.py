@@ -28,8 +28,8 @@ from pathlib import Path
 from coordinator.report import read_metrics
 from fedhe.simulate import simulate
 from protos.phase_timer import PROFILE_DIR_ENV
+from protos.plan import resolve_plan
 from protos.settings import RunSettings
-from scenarios import resolve_run
 
 WARMUP_ROUNDS = 1
 IDLE_PHASES = ("push", "wait")  # the coordinator waiting on the runtime and the participants
@@ -103,7 +103,7 @@ def run_round_profile(
     if rounds <= WARMUP_ROUNDS:
         raise ValueError(f"--rounds must exceed the {WARMUP_ROUNDS} warm-up round(s)")
     base = RunSettings(scenario=scenario_ref, num_server_rounds=rounds, seed=seed)
-    scenario, resolved = resolve_run(base)
+    scenario = resolve_plan(base).scenario
     n = participants or scenario.num_participants
     root = Path(out_root or tempfile.mkdtemp(prefix="fedhe-bench-round-"))
     result: dict = {"scenario": scenario.name, "participants": n, "warmup_rounds": WARMUP_ROUNDS}
@@ -114,7 +114,7 @@ def run_round_profile(
         if on_run:
             on_run(kind)
     enc, plain = result["encrypted"], result["plaintext"]
-    result["masking"] = resolve_run(replace(base, plaintext=False), n)[1].masking
+    result["masking"] = resolve_plan(replace(base, plaintext=False), n).settings.masking
     result["wall_per_round_ratio"] = round(enc["wall_s_per_round"] / plain["wall_s_per_round"], 3)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     runtime_s = plain["wall_s_per_round"] - plain["work_ms_per_round"]["total"] / 1e3 / cores

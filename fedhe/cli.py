@@ -121,9 +121,9 @@ def simulate(
     """
     from coordinator.checkpoint import CHECKPOINT_FILE, PREVIOUS_FILE
     from fedhe.simulate import simulate as run
+    from protos.plan import resolve_plan
     from protos.settings import RunSettings
-    from scenarios import resolve_run
-    from scenarios.registry import resolve_masking
+    from scenarios import load_scenario
 
     settings = RunSettings(
         scenario=scenario,
@@ -135,8 +135,10 @@ def simulate(
         stop_on_solve=stop_on_solve,
         resume=resume,
     )
-    try:
-        spec, resolved = resolve_run(settings)
+    try:  # resolved once, with the number of organizations (auto masking depends on it)
+        n = participants or load_scenario(scenario).num_participants
+        plan = resolve_plan(settings, n)
+        spec, resolved = plan.scenario, plan.settings
     except (ValueError, OSError) as exc:
         fail(str(exc))
     if out is None:
@@ -148,8 +150,6 @@ def simulate(
         fail(f"--resume: no checkpoint in {out}; run without --resume first")
     if not resume and has_checkpoint:
         fail(f"{out} already holds a run; use --resume to continue it or choose another --out")
-    n = participants or spec.num_participants
-    resolved = replace(resolved, masking=resolve_masking(settings, n))  # auto: decided by the organizations
     total = resolved.num_server_rounds
     settings = replace(settings, out_dir=str(out), min_participants=max(1, n - 1))
     kind = "plaintext baseline" if plaintext else f"encrypted, {resolved.he_profile}, masking {resolved.masking}"

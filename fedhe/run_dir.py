@@ -18,9 +18,10 @@ from participant.keyholder import KeyHolder, PlainKeyHolder, decrypt_vector, gen
 from participant.roster import simulated_organizations
 from protos.errors import CheckpointError, KeyFileError
 from protos.keyfile import PARTICIPANT_KEY, inspect_key_file
+from protos.plan import resolve_plan
 from protos.profiles import get_profile
 from protos.settings import RunSettings
-from scenarios import Scenario, resolve_run
+from scenarios import Scenario
 
 KEYS_DIR = "keys"
 
@@ -65,7 +66,8 @@ def recorded_settings(run_dir: Path, scenario_ref: str | None = None) -> tuple[S
                            seed=info.get("seed", -1), he_profile=info.get("he_profile", ""),
                            robust_training=info.get("robust_training", ""), mode=info.get("mode", "local-ppo"),
                            masking=info.get("masking", "auto"))
-    return resolve_run(settings)
+    plan = resolve_plan(settings)
+    return plan.scenario, plan.settings
 
 
 @dataclass

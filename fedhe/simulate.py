@@ -34,9 +34,8 @@ from participant.client_app import PolicyFactory, build_client_app, forwarding_a
 from participant.policy import ALL_PERMITS, NodePolicy
 from participant.worker import stop_worker
 from protos.keyfile import COORDINATOR_KEY
-from protos.optimizer import HEAdamConfig
+from protos.plan import resolve_plan
 from protos.settings import RunSettings
-from scenarios import resolve_run
 
 WORKERS_DIR = "workers"  # each simulated organization's worker state and log
 
@@ -61,10 +60,11 @@ def simulate(
 
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scenario, resolved = resolve_run(settings, participants=num_participants)
+    plan = resolve_plan(settings, participants=num_participants)
+    resolved = plan.settings
     settings = replace(settings, masking=resolved.masking)  # auto resolved with the number of organizations
     if settings.resume:  # refuse here, with the coordinator's message, before any process starts
-        check_resumable(out_dir, HEAdamConfig.for_scenario(scenario, resolved.mode).to_json())
+        check_resumable(out_dir, plan.optimizer.to_json())
     if not settings.plaintext:
         organizations = num_participants if resolved.masking == "pairwise" else 0
         keys = ensure_keys(key_dir or out_dir / KEYS_DIR, resolved.he_profile, organizations).resolve()

@@ -32,8 +32,8 @@ from participant.node import cached_keyholder, handle
 from participant.policy import NodePolicy, organization_of
 from participant.worker import WorkerClient, app_from, state_dir
 from protos import messages
+from protos.plan import RunPlan, resolve_plan
 from protos.settings import RunSettings
-from scenarios import Scenario, resolve_run
 
 # The "query.<name>" message types a participant answers without training.
 QUERIES = tuple(kind.split(".", 1)[1] for kind in messages.QUERIES)
@@ -46,10 +46,10 @@ def deployed_policy(context: Context) -> NodePolicy:
 
 
 @lru_cache(maxsize=4)
-def resolved(settings: RunSettings) -> tuple[Scenario, RunSettings]:
-    """The run's scenario and settings with defaults filled in (loaded once per process)."""
+def planned(settings: RunSettings) -> RunPlan:
+    """The run's plan (``protos.plan``), resolved once per process."""
     try:
-        return resolve_run(settings)
+        return resolve_plan(settings)
     except ValueError as exc:
         raise RunSettingsError(str(exc)) from exc
 
@@ -81,11 +81,11 @@ def build_client_app(
             policy, run = setup(context)
             organization = policy.organization
             policy.check(run)  # before anything the run names is loaded
-            scenario, run = resolved(run)
-            identity = NodeIdentity(policy.participant_index, policy.key_dir_for(run), policy.env_variant, run,
+            plan = planned(run)
+            identity = NodeIdentity(policy.participant_index, policy.key_dir_for(run), policy.env_variant, plan,
                                     policy.seed, update_source, policy.organization, policy.min_masking_set,
                                     policy.self_mask_threshold, policy.release_statistics and run.release_metrics)
-            content = handle(msg.content, scenario, identity, context.run_id, training, AnswerLedger.of(context))
+            content = handle(msg.content, identity, context.run_id, training, AnswerLedger.of(context))
         except Exception as exc:  # every failure is reported to the coordinator, none crashes the node
             return error_reply(msg, organization, exc)
         return Message(content, reply_to=msg)
@@ -101,7 +101,7 @@ def build_client_app(
             refusal = None
         return EgressRules(
             policy.organization,
-            backend=lambda: cached_keyholder(policy.key_dir_for(run), run.plaintext, resolved(run)[1].he_profile),
+            backend=lambda: cached_keyholder(policy.key_dir_for(run), run.plaintext, planned(run).settings.he_profile),
             refusal=str(refusal) if refusal else None,
             release=policy.release_statistics and run.release_metrics,
         )

@@ -16,9 +16,8 @@ import numpy as np
 from participant.ppo import ParticipantTrainer
 from participant.run_state import kept_for_run
 from protos.dp import dp_clip_and_noise
-from protos.optimizer import HEAdamConfig
+from protos.plan import RunPlan
 from protos.settings import RunSettings
-from protos.update_units import UpdateUnits
 from scenarios import Scenario
 
 # What each draw of a node's private randomness is for (``NodeIdentity.randomness``).
@@ -35,18 +34,22 @@ class UpdateSource(Protocol):
 
 @dataclass(frozen=True)
 class NodeIdentity:
-    """Who this participant is: node-local facts plus the run's resolved settings."""
+    """Who this participant is: node-local facts plus the run's plan (resolved once per process)."""
 
     participant_index: int
     key_dir: str
     variant: str | None
-    run: RunSettings  # resolved (``scenarios.resolve_run``): seed, rounds and profile filled in
+    plan: RunPlan  # the scenario, the resolved settings and what follows from them (``protos.plan``)
     seed: int | None = None  # the node policy's opt-in private seed; None: OS entropy
     update_source: UpdateSource | None = None  # None: ``honest_update``
     organization: str = ""  # the node's name in its replies ("": participant-<index>)
     min_members: int = 3  # the node's rule: never in a masked sum of fewer updates
     self_mask_threshold: int = 0  # shares that rebuild its self-mask seed; 0: protos.masking.default_threshold
     releases: bool = True  # whether this node decrypts and releases rounded federation statistics
+
+    @property
+    def run(self) -> RunSettings:
+        return self.plan.settings
 
     @property
     def name(self) -> str:
@@ -83,14 +86,12 @@ def honest_update(
     scenario: Scenario, identity: NodeIdentity, run_id: int, theta: np.ndarray, round_: int, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train, then clip (plus the DP noise share), weight and pre-scale; statistics of this round's episodes."""
-    run = identity.run
-    adam = HEAdamConfig.for_scenario(scenario)
-    units = UpdateUnits.of(adam, n)
+    run, units = identity.run, identity.plan.units(n)
     result = trainer_for(identity, scenario, run_id, round_).train(theta, round_, run.num_server_rounds)
     if run.dp_noise_multiplier > 0:
         rng = np.random.default_rng(identity.randomness(round_, "dp"))
         update = units.encode_unclipped(
-            dp_clip_and_noise(result.update, adam.clip_bound, run.dp_noise_multiplier, n, rng)
+            dp_clip_and_noise(result.update, units.clip, run.dp_noise_multiplier, n, rng)
         )
     else:
         update = units.encode(result.update)

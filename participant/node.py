@@ -33,7 +33,7 @@ from participant.gradient_collapse import collapse_masked
 from participant.keyholder import KeyHolder, PlainKeyHolder, decrypt_vector, load_keyholder, reencrypt
 from participant.local_update import NodeIdentity, local_update
 from participant.pairwise_masks import PairwiseMasker, RoundMasks
-from participant.rollout_owner import ROLLOUTS, encrypted_rollout, owner_for, tiled_theta
+from participant.rollout_owner import encrypted_rollout, owner_for, tiled_theta
 from protos import messages
 from protos.codec import PROTOCOL_VERSION, check_version, encrypt_to_proto, from_proto, max_bytes_for
 from protos.errors import ChunkLayoutError, FingerprintMismatchError, KeyFileError, RequestRefusedError
@@ -129,14 +129,14 @@ class Exchange:
 
 
 def handle(
-    content: RecordDict, scenario: Scenario, identity: NodeIdentity, run_id: int, training: bool, ledger: AnswerLedger
+    content: RecordDict, identity: NodeIdentity, run_id: int, training: bool, ledger: AnswerLedger
 ) -> RecordDict:
     """Process one coordinator message and build the reply content.
 
     Requests are checked against the round's protocol before anything is decrypted
     (``participant.answer_rules``); every envelope is size-checked before parsing.
     """
-    exchange = open_exchange(content, scenario, identity, run_id, ledger)
+    exchange = open_exchange(content, identity, run_id, ledger)
     if bool(messages.config_of(content).get("identify", False)):  # who answers: public roster facts only
         exchange.reply.config_records[messages.CONFIG].update(
             {"participant-index": identity.participant_index, "organization": identity.name})
@@ -151,9 +151,7 @@ def handle(
     return exchange.reply
 
 
-def open_exchange(
-    content: RecordDict, scenario: Scenario, identity: NodeIdentity, run_id: int, ledger: AnswerLedger
-) -> Exchange:
+def open_exchange(content: RecordDict, identity: NodeIdentity, run_id: int, ledger: AnswerLedger) -> Exchange:
     """Check the key fingerprint and protocol version, and load this participant's keys."""
     config = messages.config_of(content)
     holder = cached_keyholder(identity.key_dir, identity.run.plaintext, identity.run.he_profile)
@@ -172,15 +170,15 @@ def open_exchange(
     )
     return Exchange(
         content=content,
-        scenario=scenario,
+        scenario=identity.plan.scenario,
         identity=identity,
         run_id=run_id,
         ledger=ledger,
         holder=holder,
         round=round_,
         participants=participants,
-        num_params=scenario.network(identity.run.mode).num_params,
-        layout=layout_for_round(scenario, holder.slots, participants) if identity.run.mode == ROLLOUTS else None,
+        num_params=identity.plan.num_params,
+        layout=layout_for_round(identity.plan.scenario, holder.slots, participants) if identity.plan.rollouts else None,
         masker=masker,
         reply=RecordDict({messages.CONFIG: reply_config}),
     )
@@ -303,7 +301,8 @@ def train(exchange: Exchange) -> None:
         owner = owner_for(scenario, identity.participant_index, identity.variant,
                           identity.randomness(round_, "rollouts"), run_id)
         exchange.reply[messages.ROLLOUT] = messages.pack(
-            encrypted_rollout(holder, round_, owner.contribute(theta, exchange.participants, exchange.layout))
+            encrypted_rollout(holder, round_, owner.contribute(theta, identity.plan.units(exchange.participants),
+                                                               exchange.layout))
         )
         return
     with exchange.timer.phase("train"):

@@ -21,9 +21,10 @@ from typing import Any
 
 from participant.roster import ROSTER_FILE, RosterError, read_roster
 from protos.errors import WireError
+from protos.plan import resolve_masking
 from protos.settings import RunSettings
 from scenarios import load_scenario
-from scenarios.registry import installed_scenarios, resolve_masking
+from scenarios.registry import installed_scenarios
 from scenarios.scenario import MODES
 
 # Every RunSettings field, by who decides it. The coordinator may set what to train; "checked" ones

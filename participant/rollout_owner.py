@@ -21,7 +21,6 @@ from participant.keyholder import KeyHolder
 from participant.run_state import kept_for_run
 from protos.codec import PROTOCOL_VERSION, encrypt_to_proto
 from protos.fedhe.v1 import wire_pb2
-from protos.optimizer import HEAdamConfig
 from protos.rollout_layout import BlockLayout
 from protos.update_units import UpdateUnits
 from scenarios import Scenario
@@ -57,8 +56,9 @@ class RolloutOwner:
         self.env = scenario.build_vector_env(participant_index, int(env_seed), variant, num_envs=cfg.num_envs)
         self.collector = RolloutCollector(self.env, int(env_seed))
 
-    def contribute(self, theta: np.ndarray, n: int, layout: BlockLayout) -> OwnerRound:
-        """One round: collect, compute clipped deltas, pack them with the observations."""
+    def contribute(self, theta: np.ndarray, units: UpdateUnits, layout: BlockLayout) -> OwnerRound:
+        """One round: collect, compute deltas clipped to ``units.clip`` and weighted like any update, pack
+        them with the observations."""
         cfg = self.scenario.rollout
         policy = self.scenario.make_policy(ROLLOUTS, theta)
         rollout = self.collector.collect(policy, cfg.steps_per_env, self.rng, cfg.gamma, 1.0)
@@ -69,9 +69,8 @@ class RolloutOwner:
         adv, ret, values = adv.reshape(-1), ret.reshape(-1), rollout.values.reshape(-1)
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
         d_actor, d_critic = a2c_deltas(policy, obs, actions, adv, values, ret, cfg.vf_coef)
-        config = HEAdamConfig.for_scenario(self.scenario, ROLLOUTS)
-        fa, fc = clip_factors(self.spec, self.spec.gradient(theta, obs, d_actor, d_critic), config.clip_bound)
-        weight = UpdateUnits.of(config, n).factor  # 1/n and HE-Adam's pre-scale s, as for any update
+        fa, fc = clip_factors(self.spec, self.spec.gradient(theta, obs, d_actor, d_critic), units.clip)
+        weight = units.factor  # 1/n and HE-Adam's pre-scale s, as for any update
         blocks = layout.pack_blocks(obs, d_actor * (fa * weight), d_critic * (fc * weight),
                                     layout.blocks_for(cfg.transitions))
         stats = np.array([float(np.sum(rollout.episode_returns)), float(len(rollout.episode_returns)), float(len(obs))])

@@ -27,14 +27,15 @@ class HEAdamConfigError(ValueError):
     """An HE-Adam configuration that cannot keep its guarantees."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HEAdamConfig:
-    """Public hyperparameters of HE-Adam; ``tau`` defaults to the value the bound needs."""
+    """Public hyperparameters of HE-Adam; ``tau`` defaults to the value the bound needs. A run's comes
+    from its scenario (``HEAdamConfig.of(scenario.server_optimizer(mode))``, once, in the run plan)."""
 
     lr: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.99
-    clip_bound: float = 1.0  # C: |G_j| <= C for every coordinate of the aggregate
+    clip_bound: float  # C: |G_j| <= C for every coordinate of the aggregate (no default: the scenario's)
     interval_upper: float = 4.0  # B
     degree: int = 7
     tau: float | None = None
@@ -72,20 +73,10 @@ class HEAdamConfig:
         return 3 + int(math.log2(self.degree + 1))
 
     @classmethod
-    def for_scenario(cls, scenario: Any, mode: str = "local-ppo") -> HEAdamConfig:
-        """The federation's optimizer, from a Scenario's public fields for the training mode.
-
-        Encrypted rollouts learn from raw gradients, not pseudo-gradients, and have their own
-        server settings (``scenario.rollout``).
-        """
-        source = scenario.rollout if mode == "encrypted-rollouts" else scenario
-        return cls(
-            lr=source.server_lr,
-            beta1=source.beta1,
-            beta2=source.beta2,
-            clip_bound=source.clip_bound,
-            interval_upper=source.adam_interval_upper,
-        )
+    def of(cls, server: Any) -> HEAdamConfig:
+        """From a scenario's ``ServerOptimizer`` (``Scenario.server_optimizer(mode)``)."""
+        return cls(lr=server.lr, beta1=server.beta1, beta2=server.beta2, clip_bound=server.clip_bound,
+                   interval_upper=server.interval_upper)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -279,7 +279,7 @@ def layout_for_round(scenario: Any, slots: int, participants: int) -> BlockLayou
     the scenario's polynomial network (``scenario.poly_spec()``), its rollout size and clip bound
     (``scenario.rollout``), the profile's slots and the round's participant count."""
     cfg = scenario.rollout
-    scale = suggested_delta_scale(participants, cfg.transitions, cfg.clip_bound)
+    scale = suggested_delta_scale(participants, cfg.transitions, cfg.server.clip_bound)
     return BlockLayout(scenario.poly_spec(), slots, scale)
 
 

@@ -1,7 +1,7 @@
 """Run settings shared by the ServerApp and the ClientApp.
 
 Defaults that depend on the scenario (seed -1, rounds 0, profile "") are filled in by one function
-both sides call, ``scenarios.resolve_run``; everything downstream reads the resolved object.
+both sides call, ``protos.plan.resolve_plan``; everything downstream reads the resolved plan.
 
 They arrive as Flower run config (``[tool.flwr.app.config]`` in pyproject.toml, overridable with
 ``flwr run . <conn> --run-config 'k=v'``) or, for ``fedhe simulate``, straight from the CLI.
@@ -19,9 +19,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from protos.profiles import PROFILES
-from scenarios.registry import MASKING
 from scenarios.scenario import MODES
 
+MASKING = ("auto", "pairwise", "off")
 DEFENSES = ("none", "norm-bound", "median-norm", "dp")
 
 

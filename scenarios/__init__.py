@@ -8,9 +8,8 @@ from scenarios.registry import (
     UnknownScenarioError,
     list_scenarios,
     load_scenario,
-    resolve_run,
 )
-from scenarios.scenario import PPOConfig, Scenario
+from scenarios.scenario import PPOConfig, Scenario, ServerOptimizer
 
 __all__ = [
     "BUILTIN_SCENARIOS",
@@ -21,9 +20,9 @@ __all__ = [
     "Policy",
     "PolicySpec",
     "Scenario",
+    "ServerOptimizer",
     "ScenarioFileError",
     "UnknownScenarioError",
     "list_scenarios",
     "load_scenario",
-    "resolve_run",
 ]

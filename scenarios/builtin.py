@@ -7,7 +7,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from scenarios.scenario import PPOConfig, RolloutConfig, Scenario
+from scenarios.scenario import PPOConfig, RolloutConfig, Scenario, ServerOptimizer
 
 
 def make_cartpole(participant_index: int, seed: int, length: float = 0.5) -> gym.Env:
@@ -101,7 +101,7 @@ HALFCHEETAH = Scenario(
     hidden=(64, 64),
     rounds=160,
     ppo=PPOConfig(num_envs=4, steps_per_env=512, minibatches=32, lr=3e-4, reward_scale=0.1),
-    server_lr=0.35,
+    server=ServerOptimizer(lr=0.35, beta1=0.5, beta2=0.99, clip_bound=2.0),
 )
 
 BUILTIN_SCENARIOS: dict[str, Scenario] = {

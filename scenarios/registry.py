@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 from pathlib import Path
-from typing import TypeVar
 
 from scenarios.builtin import BUILTIN_SCENARIOS
-from scenarios.scenario import MODES, RobustConfig, Scenario
+from scenarios.scenario import Scenario
 
 ENTRY_POINT_GROUP = "fedhe.scenarios"
 
@@ -42,82 +39,6 @@ def load_scenario(ref: str) -> Scenario:
         f"SCENARIO = Scenario(...), or register an entry point in group {ENTRY_POINT_GROUP!r} "
         f"(e.g. [project.entry-points.\"{ENTRY_POINT_GROUP}\"] myenv = \"mypkg.scenarios:SCENARIO\")."
     )
-
-
-S = TypeVar("S")
-
-MASKING = ("auto", "pairwise", "off")
-# The robust defenses that clip each update by its own (masked) norm: they need Enc(u_i) per participant.
-MASKED_NORM_DEFENSES = ("norm-bound", "median-norm")
-MIN_MASKING_PARTICIPANTS = 3  # with 2, each one's masks are known to the other: nothing to hide behind
-
-
-def resolve_masking(settings, participants: int = 0) -> str:
-    """``pairwise`` or ``off`` for a run with ``participants`` organizations (0: not known, all nodes).
-
-    ``auto`` is pairwise unless something rules masks out or 1-2 participants take part. Asking for
-    ``pairwise`` where masks cannot work is an error that says why.
-    """
-    if settings.masking not in MASKING:
-        raise ValueError(f"unknown masking {settings.masking!r}; known: {', '.join(MASKING)}")
-    conflicts = {
-        "mode encrypted-rollouts (the coordinator multiplies each owner's ciphertexts, so masks would not "
-        "cancel)": settings.mode == "encrypted-rollouts",
-        f"defense {settings.defense} (it needs each update's own norm, and under pairwise masks no ciphertext "
-        "holds one participant's update)": settings.defense in MASKED_NORM_DEFENSES,
-        "--plaintext (the baseline has no keys and no roster)": settings.plaintext,
-    }
-    reasons = [reason for reason, on in conflicts.items() if on]
-    if settings.masking == "pairwise" and reasons:
-        raise ValueError(f"masking pairwise does not combine with {'; nor with '.join(reasons)}; use masking off")
-    if settings.masking == "auto":
-        few = 0 < participants < MIN_MASKING_PARTICIPANTS
-        return "off" if reasons or few else "pairwise"
-    return settings.masking
-
-
-def resolve_run(settings: S, participants: int = 0) -> tuple[Scenario, S]:
-    """The scenario a run trains and its settings with every scenario default filled in.
-
-    One rule for the coordinator, the participants and the tools: ``seed`` -1 becomes the
-    scenario's seed, ``num_server_rounds`` 0 its rounds, an empty ``he_profile`` its profile; a
-    non-empty ``he_profile`` or ``robust_training`` (JSON of ``RobustConfig`` fields) overrides the
-    scenario; ``masking`` auto becomes pairwise or off (``resolve_masking``; ``participants``, else
-    ``settings.participants``, is the number of organizations when the caller knows it).
-    ``settings`` is a ``protos.settings.RunSettings`` (any dataclass with those fields).
-    """
-    if settings.mode not in MODES:
-        raise ValueError(f"unknown mode {settings.mode!r}; known: {', '.join(MODES)}")
-    scenario = load_scenario(settings.scenario)
-    if settings.mode == "encrypted-rollouts":
-        lab = {
-            "party-mix": bool(settings.party_mix or scenario.party_mix),
-            "robust-training": bool(settings.robust_training),
-            "defense": settings.defense != "none",
-            "dp-noise-multiplier": settings.dp_noise_multiplier > 0,
-        }
-        if any(lab.values()):
-            raise ValueError(
-                f"mode encrypted-rollouts does not combine with {', '.join(k for k, on in lab.items() if on)} yet "
-                "(its owners send rollouts, not updates); use --mode local-ppo for threat-lab experiments"
-            )
-    if settings.he_profile:
-        scenario = scenario.with_overrides(he_profile=settings.he_profile)
-    if settings.robust_training:
-        try:
-            robust = RobustConfig(**json.loads(settings.robust_training))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise ValueError(f"robust-training must be a JSON object of RobustConfig fields: {exc}") from None
-        scenario = scenario.with_overrides(ppo=dataclasses.replace(scenario.ppo, robust=robust))
-    resolved = dataclasses.replace(
-        settings,
-        seed=settings.seed if settings.seed >= 0 else scenario.seed,
-        num_server_rounds=settings.num_server_rounds
-        or (scenario.rollout.rounds if settings.mode == "encrypted-rollouts" else scenario.rounds),
-        he_profile=scenario.he_profile,
-        masking=resolve_masking(settings, participants or settings.participants),
-    )
-    return scenario, resolved
 
 
 @functools.lru_cache(maxsize=1)

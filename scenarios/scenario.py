@@ -126,6 +126,29 @@ MODES = ("local-ppo", "encrypted-rollouts")
 
 
 @dataclass(frozen=True)
+class ServerOptimizer:
+    """The coordinator's HE-Adam for one training mode: its public hyperparameters, declared once.
+
+    ``clip_bound`` is the run's C: every participant clips its contribution to it (local PPO: the
+    update's L2 norm; encrypted rollouts: every gradient coordinate), which is what keeps HE-Adam's
+    polynomial in its interval and the aggregate within the integrity check's bound."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    clip_bound: float
+    interval_upper: float = 4.0  # B: HE-Adam's x stays in [beta2, B]
+
+    def __post_init__(self) -> None:
+        _require(_finite_positive(self.lr), f"server.lr must be > 0, got {self.lr}")
+        _require(0.0 <= self.beta1 < 1.0, f"server.beta1 must be in [0, 1), got {self.beta1}")
+        _require(0.0 < self.beta2 < 1.0, f"server.beta2 must be in (0, 1), got {self.beta2}")
+        _require(_finite_positive(self.clip_bound), f"server.clip_bound must be > 0, got {self.clip_bound}")
+        _require(self.interval_upper > 1.0 and math.isfinite(self.interval_upper),
+                 f"server.interval_upper (B) must be > 1, got {self.interval_upper}")
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     """The encrypted-rollout mode (docs/encrypted-rollouts.md): the polynomial network owners act
     with, what they compute on their own values, and the server optimizer that learns from their
@@ -140,18 +163,15 @@ class RolloutConfig:
     obs_scale: tuple[float, ...] = ()  # per observation dimension; empty: finite space bounds, else 1
     obs_clip: float = 1.0  # scaled observations are clipped to [-obs_clip, obs_clip]: bounded inputs
     action_std: float = 0.5  # continuous actions: fixed Gaussian std, in units of the action half-range
-    server_lr: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.99
-    clip_bound: float = 2.0  # C: each owner's gradient contribution is clipped to C / n (L2)
-    adam_interval_upper: float = 4.0
+    server: ServerOptimizer = ServerOptimizer(lr=0.05, beta1=0.9, beta2=0.99, clip_bound=2.0)
     rounds: int = 250
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "obs_scale", tuple(float(x) for x in self.obs_scale))
         for name in ("hidden", "num_envs", "steps_per_env", "rounds"):
             _require(getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("obs_clip", "action_std", "server_lr", "clip_bound"):
+        _require(isinstance(self.server, ServerOptimizer), "rollout.server must be a ServerOptimizer")
+        for name in ("obs_clip", "action_std"):
             _require(_finite_positive(getattr(self, name)), f"rollout.{name} must be > 0, got {getattr(self, name)}")
         _require(all(_finite_positive(x) for x in self.obs_scale), f"rollout.obs_scale must be > 0: {self.obs_scale}")
 
@@ -171,7 +191,8 @@ class Scenario:
     participant index modulo its length (heterogeneous organisations).
     ``reward_threshold`` defaults to the Gymnasium registration's for ``env_id``
     scenarios and stays None (never "solved") for ``make_env`` unless given.
-    Defaults of the server fields match the tuned CartPole scenario.
+    ``server`` is the coordinator's optimizer in local-PPO mode (``rollout.server`` in the
+    encrypted-rollout mode); its defaults match the tuned CartPole scenario.
     """
 
     name: str
@@ -187,11 +208,7 @@ class Scenario:
     ppo: PPOConfig = PPOConfig()
     update: UpdateKind = "pseudo-gradient"
     he_profile: str = "n16k-d6"
-    clip_bound: float = 2.0
-    server_lr: float = 0.2
-    beta1: float = 0.5
-    beta2: float = 0.99
-    adam_interval_upper: float = 4.0
+    server: ServerOptimizer = ServerOptimizer(lr=0.2, beta1=0.5, beta2=0.99, clip_bound=2.0)  # local-ppo mode
     reward_threshold: float | None = None
     # Threat lab: misbehaving participants, e.g. ({"attack": "sign-flip", "participants": [0, 1, 2], "k": 2.5},).
     # Behaviours and their parameters are defined (and fully validated) in participant/malicious.py.
@@ -223,14 +240,7 @@ class Scenario:
         _require(
             isinstance(self.he_profile, str) and self.he_profile != "", f"scenario {self.name!r}: he_profile is empty"
         )
-        _require(_finite_positive(self.clip_bound), f"scenario {self.name!r}: clip_bound must be > 0")
-        _require(_finite_positive(self.server_lr), f"scenario {self.name!r}: server_lr must be > 0")
-        _require(0.0 <= self.beta1 < 1.0, f"scenario {self.name!r}: beta1 must be in [0, 1)")
-        _require(0.0 < self.beta2 < 1.0, f"scenario {self.name!r}: beta2 must be in (0, 1)")
-        _require(
-            self.adam_interval_upper > 1.0 and math.isfinite(self.adam_interval_upper),
-            f"scenario {self.name!r}: adam_interval_upper (B) must be > 1",
-        )
+        _require(isinstance(self.server, ServerOptimizer), f"scenario {self.name!r}: server must be a ServerOptimizer")
         if self.env_id is not None:
             try:
                 spec = gym.spec(self.env_id)
@@ -333,6 +343,11 @@ class Scenario:
         """The shared parameter vector's network in ``mode`` (``num_params``, ``init(seed)``)."""
         _require(mode in MODES, f"unknown mode {mode!r}; known: {', '.join(MODES)}")
         return self.policy_spec() if mode == "local-ppo" else self.poly_spec()
+
+    def server_optimizer(self, mode: str) -> ServerOptimizer:
+        """The coordinator's optimizer in ``mode`` (encrypted rollouts learn from raw gradients: their own)."""
+        _require(mode in MODES, f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+        return self.server if mode == "local-ppo" else self.rollout.server
 
     def steps_per_round(self, mode: str) -> int:
         """Environment steps one participant collects per round in ``mode`` (public)."""

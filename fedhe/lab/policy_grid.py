@@ -22,8 +22,9 @@ import numpy as np
 from fedhe.lab.policy_attacks import ATTACKS, estimate_obs_std, make_attack, random_std, reference_std
 from fedhe.lab.policy_metrics import pct_drop, retention, run_episodes
 from fedhe.run_dir import KEYS_DIR
+from protos.plan import resolve_plan
 from protos.settings import RunSettings
-from scenarios import Policy, Scenario, load_scenario, resolve_run
+from scenarios import Policy, Scenario, load_scenario
 
 TRAIN_MODES = ("vanilla", "sa-ppo", "noise-injection", "reward-defense")
 # Extra mode trained automatically next to reward-defense: the same tampered rewards, no defense.
@@ -96,7 +97,7 @@ def train_federation(
         stop_on_solve=stop_on_solve,
         robust_training=json.dumps(robust),
     )
-    scenario, resolved = resolve_run(settings)
+    scenario = resolve_plan(settings).scenario
     n = participants or scenario.num_participants
     settings = replace(settings, min_participants=max(1, n - 1))
     summary = simulate(settings, n, key_dir or run_dir.parent / KEYS_DIR, node_seed=seed)
@@ -209,7 +210,7 @@ def run_policy_robustness(
     rows, runs, explanations = [], [], []
     for train in modes:
         robust = robust_config(base.name, train, reference_std(base))
-        scenario, _ = resolve_run(RunSettings(scenario=scenario_ref, robust_training=json.dumps(robust)))
+        scenario = resolve_plan(RunSettings(scenario=scenario_ref, robust_training=json.dumps(robust))).scenario
         for seed in range(seeds):
             run_dir = out_dir / "runs" / f"{train}-seed{seed}"
             if (run_dir / "theta.npy").is_file() and (run_dir / "summary.json").is_file():

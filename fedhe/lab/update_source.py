@@ -22,8 +22,7 @@ from fedhe.lab.malicious import (
 )
 from participant.local_update import NodeIdentity, honest_update, trainer_for
 from protos import messages
-from protos.optimizer import HEAdamConfig
-from protos.update_units import UpdateUnits, clip_l2
+from protos.update_units import clip_l2
 from scenarios import Scenario
 
 STATS_NONE = np.zeros(messages.STATS_LENGTH)
@@ -40,14 +39,13 @@ def party_mix_update(
     if behaviour.attack in DATA_ATTACKS:
         update, _ = honest_update(attacked_scenario(scenario, behaviour), identity, run_id, theta, round_, n)
         return update, STATS_NONE
-    adam = HEAdamConfig.for_scenario(scenario)
-    units = UpdateUnits.of(adam, n)
+    units = identity.plan.units(n)
     if behaviour.attack in COLLUDING:
         honest = colluders_honest_updates(behaviour, scenario, theta, round_, run.seed, identity.variant,
-                                          adam.clip_bound, run.collusion_dir)
+                                          units.clip, run.collusion_dir)
         crafted = craft_update(behaviour, honest[0], n=n, attacker_seed=run.seed, colluder_updates=honest)
         return units.encode_unclipped(crafted), STATS_NONE
     result = trainer_for(identity, scenario, run_id, round_).train(theta, round_, run.num_server_rounds)
     seed = run.seed * 1009 + identity.participant_index
-    crafted = craft_update(behaviour, clip_l2(result.update, adam.clip_bound), n=n, attacker_seed=seed)
+    crafted = craft_update(behaviour, clip_l2(result.update, units.clip), n=n, attacker_seed=seed)
     return units.encode_unclipped(crafted), STATS_NONE  # never clipped

@@ -27,7 +27,7 @@ from protos.keyfile import load_evaluation_backend
 from protos.optimizer import HEAdamConfig
 
 D = 40
-CONFIG = HEAdamConfig().to_json()
+CONFIG = HEAdamConfig(clip_bound=1.0).to_json()
 RECORD = json.dumps({"failed_rounds": [{"round": 5, "cause": "integrity: the aggregate exceeds the bound",
                                         "failed": []}],
                      "resumed_from": [2], "wall_s": 12.5,

@@ -40,20 +40,20 @@ def test_tau_too_small_is_refused():
 
 def test_depth_beyond_profile_is_refused():
     with pytest.raises(HEAdamConfigError, match="levels"):
-        HEAdamConfig(degree=15, interval_upper=8.0).validate(get_profile("n16k-d6"))
+        HEAdamConfig(clip_bound=1.0, degree=15, interval_upper=8.0).validate(get_profile("n16k-d6"))
     with pytest.raises(HEAdamConfigError, match="levels"):
-        HEAdamConfig().validate(get_profile("n8k-d2"))
-    HEAdamConfig(degree=15, interval_upper=8.0).validate(get_profile("n16k-d7"))
+        HEAdamConfig(clip_bound=1.0).validate(get_profile("n8k-d2"))
+    HEAdamConfig(clip_bound=1.0, degree=15, interval_upper=8.0).validate(get_profile("n16k-d7"))
 
 
 def test_polynomial_too_coarse_for_the_interval_is_refused():
     with pytest.raises(HEAdamConfigError, match="relative error"):
-        HEAdamConfig(degree=3, interval_upper=8.0).validate()
+        HEAdamConfig(clip_bound=1.0, degree=3, interval_upper=8.0).validate()
 
 
 @pytest.mark.parametrize("upper, degree", [(2.0, 3), (4.0, 7), (8.0, 15)])
 def test_polynomial_approximates_inverse_sqrt(upper, degree):
-    poly = HEAdamConfig(interval_upper=upper, degree=degree).validate()
+    poly = HEAdamConfig(clip_bound=1.0, interval_upper=upper, degree=degree).validate()
     xs = np.linspace(*poly.interval, 1000)
     assert np.max(np.abs(poly(xs) * np.sqrt(xs) - 1)) <= poly.max_rel_error < 1e-3
 
@@ -170,7 +170,7 @@ def _lowered(backend, vec: EncryptedVector, levels: int) -> EncryptedVector:
 def test_the_level_dry_run_is_tenseals_arithmetic(coordinator_backend):
     """The refresh schedule rests on it: for every start level of m~, z, w~ and the aggregate, a
     real step fits exactly when the dry run says so, and lands on the levels it predicts."""
-    config = HEAdamConfig()
+    config = HEAdamConfig(clip_bound=1.0)
     poly = config.validate(coordinator_backend.profile)
     levels = coordinator_backend.profile.levels
     fresh = initial_optimizer_state(coordinator_backend, 8)
@@ -193,7 +193,7 @@ def test_the_level_dry_run_is_tenseals_arithmetic(coordinator_backend):
 
 
 def test_z_and_w_are_refreshed_every_round_and_m_every_third():
-    config = HEAdamConfig()
+    config = HEAdamConfig(clip_bound=1.0)
     poly = config.validate(get_profile("n16k-d6"))
     levels, schedule = dict.fromkeys(("m", "z", "w"), 0), []
     for _ in range(6):

@@ -258,8 +258,8 @@ def test_the_integrity_query_shows_a_key_holder_only_masked_values_and_the_stati
 
 
 def answer(integrity, keys, content, ledger) -> wire_pb2.IntegrityReply:
-    identity = NodeIdentity(1, str(keys.directory), None, PLAN.settings)
-    reply = node.handle(content, PLAN.scenario, identity, 1, False, ledger)
+    identity = NodeIdentity(1, str(keys.directory), None, PLAN)
+    reply = node.handle(content, identity, 1, False, ledger)
     return messages.unpack(reply, messages.INTEGRITY_REPLY, wire_pb2.IntegrityReply, max_bytes=1 << 20)
 
 

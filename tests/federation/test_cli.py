@@ -182,7 +182,9 @@ def test_resume_with_another_optimizer_configuration_is_refused(tmp_path):
     changed = tmp_path / "faster.py"
     changed.write_text(
         "from scenarios import load_scenario\n"
-        "SCENARIO = load_scenario('cartpole').with_overrides(server_lr=0.05, clip_bound=1.0)\n"
+        "from scenarios import ServerOptimizer\n"
+        "SCENARIO = load_scenario('cartpole').with_overrides(\n"
+        "    server=ServerOptimizer(lr=0.05, beta1=0.5, beta2=0.99, clip_bound=1.0))\n"
     )
     resumed = fedhe("simulate", str(changed), "--plaintext", "--rounds", "3", "--resume", "--out", str(out))
     assert resumed.returncode == 2

@@ -80,7 +80,7 @@ def test_updates_are_clipped_and_prescaled(encrypted_run, holder, keys):
     from protos.masking import UPDATE_STREAM, SelfMaskContext, mask_grid, self_mask
     from protos.optimizer import HEAdamConfig
 
-    config = HEAdamConfig.for_scenario(load_scenario("cartpole"))
+    config = HEAdamConfig.of(load_scenario("cartpole").server)
     assert encrypted_run[3]["masking"] == "pairwise"
     opened = [(m["request_round"], s) for m, reply in recorded_protos(encrypted_run[2], messages.UNMASK_REPLY,
                                                                        wire_pb2.UnmaskReply) for s in reply.shares]

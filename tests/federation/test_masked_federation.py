@@ -135,7 +135,7 @@ def test_decrypted_updates_are_uncorrelated_with_the_true_ones(traffic):
     """With the secret key, each ciphertext shows the masked update; the true update (the masks recomputed
     with the organization's own key and its seed rebuilt from the opened shares) is clipped and pre-scaled,
     and uncorrelated with what the key holder saw."""
-    config = HEAdamConfig.for_scenario(load_scenario("cartpole"))
+    config = HEAdamConfig.of(load_scenario("cartpole").server)
     seen, true = [], []
     for run_id, round_, update in traffic.updates:
         values = traffic.decrypt(update.update)

@@ -135,12 +135,12 @@ def federation(key_dir, coordinator_backend, server_task, monkeypatch, tmp_path)
     ledgers = {FIRST_NODE + i: AnswerLedger() for i in range(ORGS)}
 
     def participant(i: int):
-        identity = NodeIdentity(i, str(key_dir), None, plan.settings)
+        identity = NodeIdentity(i, str(key_dir), None, plan)
 
         def respond(msg: Message) -> Message:
             try:
                 training = msg.metadata.message_type == messages.TRAIN
-                content = node.handle(msg.content, plan.scenario, identity, RUN_ID, training, ledgers[FIRST_NODE + i])
+                content = node.handle(msg.content, identity, RUN_ID, training, ledgers[FIRST_NODE + i])
             except Exception as exc:  # as the ClientApp does: one error reply
                 return Message(Error(1004, f"participant-{i}: {type(exc).__name__}: {exc}"), reply_to=msg)
             return Message(content, reply_to=msg)

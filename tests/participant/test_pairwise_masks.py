@@ -184,7 +184,7 @@ def test_corrections_cancel_the_pair_masks_with_the_dropped(five):
 
 
 def test_the_hiding_bound_is_the_update_range_over_the_mask_range():
-    units = UpdateUnits.of(HEAdamConfig.for_scenario(load_scenario("cartpole")), 3)
+    units = UpdateUnits.of(HEAdamConfig.of(load_scenario("cartpole").server), 3)
     bound = hiding_bound(UPDATE_STREAM, units.clip * units.factor)
     assert bound == pytest.approx(units.clip * units.factor / 2**16) and bound < 1e-5
 
@@ -236,7 +236,7 @@ def test_decrypted_updates_are_independent_of_the_true_ones_and_the_sum_is_exact
     sum (``PairwiseMaskedSum``, its unmask exchange included) is within 1e-6."""
     n, d = 3, 16384
     simulated_organizations(tmp_path, keys.fingerprint, n)
-    units = UpdateUnits.of(HEAdamConfig.for_scenario(load_scenario("cartpole")), n)
+    units = UpdateUnits.of(HEAdamConfig.of(load_scenario("cartpole").server), n)
     bound = units.clip * units.factor
     rng = np.random.default_rng(1)
     updates = [rng.uniform(-bound, bound, d) for _ in range(n)]

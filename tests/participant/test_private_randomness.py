@@ -19,13 +19,14 @@ import participant.local_update as local_update
 from participant.local_update import NodeIdentity, honest_update
 from participant.ppo import ParticipantTrainer
 from protos.optimizer import HEAdamConfig
+from protos.plan import resolve_plan
 from protos.settings import RunSettings
 from protos.update_units import UpdateUnits
-from scenarios import resolve_run
 
-SCENARIO, RUN = resolve_run(RunSettings(scenario="cartpole", seed=0))
+PLAN = resolve_plan(RunSettings(scenario="cartpole", seed=0))
+SCENARIO, RUN = PLAN.scenario, PLAN.settings
 THETA = SCENARIO.network(RUN.mode).init(RUN.seed)  # public: the coordinator's initial policy
-UNITS = UpdateUnits.of(HEAdamConfig.for_scenario(SCENARIO), 3)
+UNITS = UpdateUnits.of(HEAdamConfig.of(SCENARIO.server), 3)
 INDEX, ROUND = 0, 1
 
 
@@ -50,7 +51,8 @@ def replay() -> np.ndarray:
 
 def true_update(run_id: int, seed: int | None = None, run: RunSettings = RUN) -> np.ndarray:
     """The participant's update as its node computes it (a new run id: a new trainer, as in a new process)."""
-    return honest_update(SCENARIO, NodeIdentity(INDEX, "", None, run, seed), run_id, THETA, ROUND, 3)[0]
+    identity = NodeIdentity(INDEX, "", None, dataclasses.replace(PLAN, settings=run), seed)
+    return honest_update(SCENARIO, identity, run_id, THETA, ROUND, 3)[0]
 
 
 def test_a_replay_from_the_seed_material_is_bit_for_bit():
@@ -90,13 +92,13 @@ def test_the_replay_sees_other_episodes_than_the_participant():
             trainer.close()
         return np.concatenate(seen).ravel()
 
-    node = NodeIdentity(INDEX, "", None, RUN)
+    node = NodeIdentity(INDEX, "", None, PLAN)
     participant = reset_observations(lambda round_: node.randomness(round_, "ppo"))
     replayed = reset_observations(public_seed)
     corr = float(np.corrcoef(participant, replayed)[0, 1])
     print(f"\ncorrelation of the participant's and the replay's initial observations over {participant.size} "
           f"values: {corr:.4f}")
     assert abs(corr) <= 0.05
-    seeded = NodeIdentity(INDEX, "", None, RUN, seed=7)  # who knows a node's seed sees its very episodes
+    seeded = NodeIdentity(INDEX, "", None, PLAN, seed=7)  # who knows a node's seed sees its very episodes
     first, again = (ParticipantTrainer(SCENARIO, INDEX, seeded.randomness(ROUND, "ppo")) for _ in range(2))
     np.testing.assert_array_equal(first.collector.obs, again.collector.obs)

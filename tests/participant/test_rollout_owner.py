@@ -56,12 +56,12 @@ def test_deltas_backpropagate_to_the_a2c_loss_gradient():
 @pytest.mark.parametrize("name", ["cartpole", "pendulum"])  # discrete and continuous (Gaussian mean)
 def test_uploads_are_bounded_fixed_size_and_collapse_to_the_clipped_gradient(name):
     scenario = small(name)
-    spec, config = scenario.poly_spec(), HEAdamConfig.for_scenario(scenario, ROLLOUTS)
+    spec, config = scenario.poly_spec(), HEAdamConfig.of(scenario.rollout.server)
     layout = layout_for_round(scenario, SLOTS, 3)
     owner = RolloutOwner(scenario, 0, seed=0)
     theta = spec.init(0)
     for _ in range(2):
-        result = owner.contribute(theta, 3, layout)
+        result = owner.contribute(theta, UpdateUnits.of(config, 3), layout)
         assert len(result.blocks) == layout.blocks_for(scenario.rollout.transitions)
         assert all(len(block) == layout.block_vectors for block in result.blocks)
         states = np.concatenate([block[: spec.obs_dim] for block in result.blocks], axis=1)

@@ -11,13 +11,15 @@ import pytest
 
 from benchmarks.reference import reference_for, reference_summary
 from participant.ppo import ParticipantTrainer
+from protos.plan import resolve_plan
 from protos.settings import RunSettings
-from scenarios import load_scenario, resolve_run
+from scenarios import load_scenario
 from scenarios.builtin import HALFCHEETAH_OBS_MEAN, HALFCHEETAH_OBS_STD, make_normalized
 
 
 def test_halfcheetah_resolves_with_its_round_budget():
-    scenario, settings = resolve_run(RunSettings(scenario="halfcheetah"))
+    plan = resolve_plan(RunSettings(scenario="halfcheetah"))
+    scenario, settings = plan.scenario, plan.settings
     assert scenario.name == "halfcheetah" and settings.num_server_rounds == scenario.rounds == 160
     spec = scenario.policy_spec()
     assert (spec.obs_dim, spec.action_kind, spec.action_dim, spec.hidden) == (17, "continuous", 6, (64, 64))

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 import scenarios
-from scenarios import PPOConfig, Scenario, ScenarioFileError, UnknownScenarioError, list_scenarios, load_scenario
+from scenarios import (
+    PPOConfig,
+    Scenario,
+    ScenarioFileError,
+    ServerOptimizer,
+    UnknownScenarioError,
+    list_scenarios,
+    load_scenario,
+)
 from scenarios.builtin import BUILTIN_SCENARIOS
 
 
@@ -26,11 +34,17 @@ from scenarios.builtin import BUILTIN_SCENARIOS
         (dict(env_id="CartPole-v1", hidden=()), "hidden"),
         (dict(env_id="CartPole-v1", hidden=(8, -1)), "hidden"),
         (dict(env_id="CartPole-v1", update="sign"), "update"),
-        (dict(env_id="CartPole-v1", clip_bound=0.0), "clip_bound"),
-        (dict(env_id="CartPole-v1", server_lr=float("nan")), "server_lr"),
-        (dict(env_id="CartPole-v1", beta1=1.0), "beta1"),
-        (dict(env_id="CartPole-v1", beta2=0.0), "beta2"),
-        (dict(env_id="CartPole-v1", adam_interval_upper=1.0), "adam_interval_upper"),
+        (dict(env_id="CartPole-v1", server=lambda: ServerOptimizer(lr=0.2, beta1=0.5, beta2=0.99, clip_bound=0.0)),
+         "clip_bound"),
+        (dict(env_id="CartPole-v1", server=lambda: ServerOptimizer(lr=float("nan"), beta1=0.5, beta2=0.99,
+                                                                    clip_bound=2.0)), "lr"),
+        (dict(env_id="CartPole-v1", server=lambda: ServerOptimizer(lr=0.2, beta1=1.0, beta2=0.99, clip_bound=2.0)),
+         "beta1"),
+        (dict(env_id="CartPole-v1", server=lambda: ServerOptimizer(lr=0.2, beta1=0.5, beta2=0.0, clip_bound=2.0)),
+         "beta2"),
+        (dict(env_id="CartPole-v1", server=lambda: ServerOptimizer(lr=0.2, beta1=0.5, beta2=0.99, clip_bound=2.0,
+                                                                    interval_upper=1.0)), "interval_upper"),
+        (dict(env_id="CartPole-v1", server=(0.2, 0.5)), "ServerOptimizer"),
         (dict(env_id="CartPole-v1", env_kwargs="length=1"), "env_kwargs"),
         (dict(env_id="CartPole-v1", env_variants={"x": 3}), "env_variants"),
         (dict(env_id="CartPole-v1", make_env=None, name=" "), "name"),
@@ -38,8 +52,8 @@ from scenarios.builtin import BUILTIN_SCENARIOS
 )
 def test_invalid_scenarios_are_rejected(kwargs, message):
     kwargs.setdefault("name", "bad")
-    with pytest.raises(ValueError, match=message):
-        Scenario(**kwargs)
+    with pytest.raises(ValueError, match=message):  # a bad ServerOptimizer fails as it is built
+        Scenario(**{k: v() if k == "server" and callable(v) else v for k, v in kwargs.items()})
 
 
 @pytest.mark.parametrize(
@@ -69,8 +83,8 @@ def test_with_overrides_revalidates_and_resets_spec_cache():
     assert base.policy_spec().hidden == (8,)
     wider = base.with_overrides(hidden=(16, 16))
     assert wider.policy_spec().hidden == (16, 16) and base.policy_spec().hidden == (8,)
-    with pytest.raises(ValueError, match="beta1"):
-        base.with_overrides(beta1=2.0)
+    with pytest.raises(ValueError, match="rounds"):
+        base.with_overrides(rounds=0)
 
 
 # ----- environments --------------------------------------------------------

@@ -15,13 +15,14 @@ from fedhe.lab.policy_grid import (
     run_policy_robustness,
     summarize,
 )
+from protos.plan import resolve_plan
 from protos.settings import RunSettings
-from scenarios import load_scenario, resolve_run
+from scenarios import load_scenario
 
 
 def with_robust(robust: dict):
     """The scenario every side resolves from run settings carrying ``robust-training``."""
-    return resolve_run(RunSettings(scenario="cartpole", robust_training=json.dumps(robust)))[0]
+    return resolve_plan(RunSettings(scenario="cartpole", robust_training=json.dumps(robust))).scenario
 
 
 def test_robust_training_travels_as_data():

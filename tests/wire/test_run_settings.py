@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from participant.policy import COORDINATOR_MAY_SET, NODE_DECIDES
+from protos.plan import resolve_plan
 from protos.settings import RunSettings
-from scenarios import load_scenario, resolve_run
+from scenarios import load_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,16 +30,16 @@ def test_app_run_config_declares_what_the_coordinator_may_set():
 
 
 def test_defaults_are_resolved_from_the_scenario_once():
-    scenario, run = resolve_run(RunSettings(scenario="acrobot"))
+    run = resolve_plan(RunSettings(scenario="acrobot")).settings
     default = load_scenario("acrobot")
     assert (run.seed, run.num_server_rounds, run.he_profile) == (default.seed, default.rounds, default.he_profile)
-    _, explicit = resolve_run(RunSettings(scenario="acrobot", seed=3, num_server_rounds=7, he_profile="n16k-d7"))
+    explicit = resolve_plan(RunSettings(scenario="acrobot", seed=3, num_server_rounds=7, he_profile="n16k-d7")).settings
     assert (explicit.seed, explicit.num_server_rounds, explicit.he_profile) == (3, 7, "n16k-d7")
-    assert resolve_run(explicit)[1] == explicit  # resolving twice changes nothing
+    assert resolve_plan(explicit).settings == explicit  # resolving twice changes nothing
 
 
 def test_masking_auto_is_pairwise_with_three_or_more_participants_and_local_ppo():
-    masking = lambda n=0, **kw: resolve_run(RunSettings(**kw), n)[1].masking  # noqa: E731
+    masking = lambda n=0, **kw: resolve_plan(RunSettings(**kw), n).settings.masking  # noqa: E731
     assert masking() == "pairwise" and masking(3) == "pairwise" and masking(10) == "pairwise"
     assert masking(2) == "off" and masking(participants=2) == "off"
     assert masking(defense="median-norm") == "off" and masking(defense="norm-bound") == "off"
@@ -59,7 +60,7 @@ def test_masking_auto_is_pairwise_with_three_or_more_participants_and_local_ppo(
 )
 def test_masking_pairwise_is_refused_where_masks_cannot_work(settings, reason):
     with pytest.raises(ValueError, match=reason):
-        resolve_run(settings)
+        resolve_plan(settings)
 
 
 def test_the_coordinator_refuses_masking_with_masked_norm_defenses_and_encrypted_rollouts():
