@@ -20,13 +20,29 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "architecture.md"
+PACKAGES = ("fedhe", "benchmarks", "participant", "coordinator", "protos", "scenarios")
 TOOLS = {"fedhe", "benchmarks"}
-FORBIDDEN = {
-    "participant": {"coordinator"} | TOOLS,
-    "coordinator": {"participant"} | TOOLS,
-    "protos": {"participant", "coordinator"} | TOOLS,
-    "scenarios": {"participant", "coordinator", "protos", "tenseal", "flwr"} | TOOLS,
-}
+NOT_IN_RL_MATH = {"tenseal", "flwr"}  # scenarios stays plain NumPy and Gymnasium
+
+
+def documented_block(kind: str) -> list[str]:
+    """The lines of the ```kind block of docs/architecture.md."""
+    text = DOC.read_text()
+    return [line for line in text.split(f"```{kind}\n", 1)[1].split("```", 1)[0].splitlines() if line.strip()]
+
+
+def documented_imports() -> dict[str, set[str]]:
+    """package -> the project packages it may import, as docs/architecture.md draws them."""
+    allowed = {}
+    for line in documented_block("imports"):
+        package, _, targets = line.partition("->")
+        allowed[package.strip()] = {t.split("(")[0] for t in targets.split()}
+    return allowed
+
+
+FORBIDDEN = {package: set(PACKAGES) - {package} - allowed | (NOT_IN_RL_MATH if package == "scenarios" else set())
+             for package, allowed in documented_imports().items()}
 AUDITED = ("participant", "coordinator", "protos")
 PRODUCTION = (*AUDITED, "scenarios", "fedhe")  # what a federation or the fedhe command runs
 
@@ -39,6 +55,10 @@ def imported_roots(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             roots.add(node.module.split(".")[0])
     return roots
+
+
+def test_the_documented_house_names_every_package():
+    assert set(documented_imports()) == set(PACKAGES)
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -172,3 +192,17 @@ def test_a_module_only_benchmarks_and_tests_import_is_found(tmp_path):
     (tmp_path / "protos" / "bench_only.py").write_text("VALUE = 1\n")
     (tmp_path / "benchmarks" / "uses_it.py").write_text("from protos.bench_only import VALUE\n")
     assert unreached_modules(tmp_path) == {"protos.bench_only": ["benchmarks.uses_it"]}
+
+
+def test_the_documented_round_names_real_modules_and_messages():
+    """docs/architecture.md's "One round as data" may name only modules and message records that exist."""
+    from protos import messages
+
+    records = {value for name, value in vars(messages).items() if name.isupper() and isinstance(value, str)}
+    lines = documented_block("round")
+    assert lines
+    for line in lines:
+        module = line.split()[0]
+        assert (ROOT / module).is_file(), line
+        named = [word for word in line.split() if word.startswith("fedhe.")]
+        assert set(named) <= records, line
