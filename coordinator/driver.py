@@ -32,11 +32,11 @@ from coordinator.checkpoint import CheckpointWriter, CoordinatorState, load_chec
 from coordinator.chunk_workers import ChunkWorkers
 from coordinator.dp_accounting import DPAccountant
 from coordinator.encrypted_gradient import RolloutPlan
-from coordinator.exchange import Exchange, RoundOutcome
+from coordinator.exchange import NODE_UNAVAILABLE, Exchange, RoundOutcome
 from coordinator.he_adam import HEAdamState
 from coordinator.integrity import Verdict, ask_verdict, integrity_query, read_verdict
 from coordinator.offenders import OffenderSearch
-from coordinator.organizations import EXCLUDED, Organizations
+from coordinator.organizations import EXCLUDED, GONE, Organizations
 from coordinator.parallel_step import parallel_he_adam_step
 from coordinator.refresh import StateRefresh, init_config
 from coordinator.report import (
@@ -338,6 +338,9 @@ class RoundDriver:
 
     def identified(self, exchange: Exchange, node: int, reply: Message, outcome: RoundOutcome) -> None:
         if reply.has_error():
+            if self.organizations.of(node).status == GONE and reply.error.code == NODE_UNAVAILABLE:
+                log.debug("round %d: %s is still gone", outcome.round, self.organizations.name(node))
+                return  # its failure was counted when it went silent
             exchange.error_reply(node, reply, outcome)
             return
         config = reply.content.config_records.get(messages.CONFIG, {})

@@ -4,7 +4,8 @@ Organizations name themselves once (``query.identify``: roster index and name, p
 from then on every log line, failure and summary entry names the organization, not a node id.
 A node whose reply says it holds another federation's key, or that its policy refuses the run,
 is left out for the rest of the run; a node that went silent is *gone*: later rounds mask over
-the others only, and it is asked again (without waiting) at every round until it answers.
+the others only, and it is asked again (without waiting) at every round until it answers, or a
+new node (the organization's restarted SuperNode) names itself as that organization.
 """
 
 from __future__ import annotations
@@ -51,9 +52,19 @@ class Organizations:
             org.name = name
 
     def identify(self, node: int, index: int, name: str) -> str | None:
-        """Record a node's roster index and name; a problem (a second node claiming an index) as text."""
-        for other in self.by_node.values():
-            if other.node != node and other.index == index and other.status != EXCLUDED:
+        """Record a node's roster index and name; a problem (a second node claiming an index) as text.
+
+        A gone organization's index may be claimed by a new node: a restarted SuperNode has a new
+        node id. It takes over the organization's record (one entry per organization); a false claim
+        gains nothing, since it cannot open the shares the roster's keys seal for that organization."""
+        for other in list(self.by_node.values()):
+            if other.node != node and other.index == index and other.status == GONE:
+                del self.by_node[other.node]
+                other.node = node
+                self.by_node[node] = other
+            elif other.node != node and other.index == index and other.status == EXCLUDED:
+                return f"{name} claims roster index {index}, which was left out of this run ({other.name})"
+            elif other.node != node and other.index == index:
                 return f"{name} claims roster index {index}, which {other.name} already holds"
         org = self.of(node)
         org.index, org.name = index, name or f"participant-{index}"

@@ -8,8 +8,9 @@ exchange with every survivor (``query.unmask``): each opens its shares of the ot
 self-mask seeds and, if members are missing, sends encrypted corrections that cancel its pair
 masks with them. The coordinator rebuilds each survivor's seed from ``threshold`` shares (Shamir,
 pycryptodome), checks it against the survivor's commitment, and subtracts the self-masks, which
-are public arithmetic (``protos.masking``) once a seed is known. A survivor that does not answer
-leaves masks in the sum: the round changes nothing.
+are public arithmetic (``protos.masking``) once a seed is known. A survivor silent in this exchange
+costs nothing when no member dropped: the others' shares rebuild its self-mask. When members
+dropped, its corrections are missing, masks stay in the sum and the round changes nothing.
 """
 
 from __future__ import annotations
@@ -120,10 +121,10 @@ class PairwiseMaskedSum(PlainSum):
             answered.add(node)
         outcome.extras.update(mask_dropped=dropped)
         missing = [ctx.name(s.node) for s in self.survivors.values() if s.node not in answered]
-        if missing:
+        if missing and dropped:  # their corrections for the dropped members are needed; without them
             self.fail(f"{', '.join(missing)} did not unmask; their masks stay in the sum")
             return False
-        return True
+        return True  # a survivor that went silent only now: the others' shares rebuild its self-mask
 
     def _rebuild_seeds(self) -> dict[int, bytes] | None:
         """Each survivor's seed from its threshold of revealed shares, checked against its commitment."""
@@ -131,9 +132,13 @@ class PairwiseMaskedSum(PlainSum):
         for index, survivor in self.survivors.items():
             threshold = survivor.masking.threshold
             shares = sorted(survivor.revealed.items())[:threshold]
-            seed = Shamir.combine(shares) if len(shares) == threshold else None
+            if len(shares) < threshold:  # too few survivors unmasked: nobody to blame
+                self.fail(f"the self-mask of {ctx.name(survivor.node)} needs {threshold} revealed shares, "
+                          f"{len(shares)} arrived")
+                return None
+            seed = Shamir.combine(shares)
             context = SelfMaskContext(ctx.backend.fingerprint, ctx.exchange.run_id, ctx.round, index)
-            if seed is None or context.commitment(seed) != survivor.masking.commitment:
+            if context.commitment(seed) != survivor.masking.commitment:
                 self.offender = survivor.node
                 self.fail(f"the self-mask of {ctx.name(survivor.node)} could not be rebuilt from "
                           f"{len(survivor.revealed)} revealed shares (needs {threshold})")

@@ -219,8 +219,21 @@ def test_a_late_reply_is_discarded_and_the_round_completes_without_it(federation
     assert late and not set(late) & grid.pulled  # never read
 
 
-def test_a_survivor_that_does_not_unmask_fails_the_round_and_changes_nothing(federation):
+def test_a_survivor_silent_at_the_unmask_costs_nothing_when_no_member_dropped(federation, holder):
+    """Its update is in the sum, its pair masks cancel; the others' shares rebuild its self-mask."""
     grid = federation.grid
+    grid.respond[FIRST_NODE + 1] = failing(grid.respond[FIRST_NODE + 1], {messages.UNMASK})
+    outcome = federation.round(1)
+    assert outcome.completed and outcome.extras["mask_dropped"] == []
+    assert [f["organization"] for f in outcome.failed] == ["participant-1"]
+    aggregate = decrypt_vector(holder, federation.aggregates[0])
+    assert aggregate == pytest.approx(sum(federation.truth.values()), abs=1e-6)
+
+
+def test_a_survivor_silent_at_the_unmask_after_a_dropout_fails_the_round_and_changes_nothing(federation):
+    """Its corrections for the dropped member are missing: masks would stay in the sum."""
+    grid = federation.grid
+    grid.respond[FIRST_NODE + 3] = failing(grid.respond[FIRST_NODE + 3], {messages.TRAIN})
     grid.respond[FIRST_NODE + 1] = failing(grid.respond[FIRST_NODE + 1], {messages.UNMASK})
     outcome = federation.round(1)
     assert not outcome.completed and federation.aggregates == []
