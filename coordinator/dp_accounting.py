@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import math
 
-import dp_accounting
-from dp_accounting import rdp
-
 
 def rdp_epsilon(noise_multipliers: list[float], delta: float, sampling_rate: float = 1.0) -> float:
     """Epsilon after composing one (optionally Poisson-subsampled) Gaussian mechanism per entry."""
@@ -26,6 +23,9 @@ def rdp_epsilon(noise_multipliers: list[float], delta: float, sampling_rate: flo
         return 0.0
     if min(noise_multipliers) <= 0:
         return math.inf
+    import dp_accounting  # 1 s of scipy imports: only runs with DP pay them
+    from dp_accounting import rdp
+
     accountant = rdp.RdpAccountant()
     counts: dict[float, int] = {}
     for z in noise_multipliers:

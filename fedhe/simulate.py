@@ -3,11 +3,10 @@
 The ServerApp and ClientApps are the same code `flwr run` deploys; only the settings are passed
 directly instead of through run config, and every simulated participant reads the same local
 key directory (in a deployment each organization keeps its own copy), including its own X25519
-key for pairwise masking (``participant.roster``). One person runs every party here, so each
-simulated node's policy lets the run decide what a deployed node decides itself (plaintext,
-masking off, the threat lab's party mix and robust training, scenario files), and the nodes take
-the lab's update source (``fedhe.lab.update_source``). Their private randomness is OS entropy, or
-derived from ``node_seed`` (`fedhe simulate --seed`) and each index for reproducible runs.
+key for pairwise masking (``participant.roster``). Each simulated organization runs what
+``fedhe.simulated_nodes`` gives it (a permissive policy: one person runs every party). Their
+private randomness is OS entropy, or derived from ``node_seed`` (`fedhe simulate --seed`) and each
+index for reproducible runs.
 """
 
 from __future__ import annotations
@@ -20,24 +19,18 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-from flwr.app import Context
-from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from coordinator.checkpoint import check_resumable
 from coordinator.exchange import RoundOutcome
 from coordinator.server_app import RUN_INFO_FILE, build_server_app
-from fedhe.lab.update_source import party_mix_update
 from fedhe.run_dir import KEYS_DIR, ensure_keys
-from participant.client_app import PolicyFactory, build_client_app, forwarding_app
-from participant.policy import ALL_PERMITS, NodePolicy
+from fedhe.simulated_nodes import WORKERS_DIR, simulated_policies
+from participant.client_app import forwarding_app
 from participant.worker import stop_worker
 from protos.keyfile import COORDINATOR_KEY
 from protos.plan import resolve_plan
 from protos.settings import RunSettings
-
-WORKERS_DIR = "workers"  # each simulated organization's worker state and log
 
 
 def simulate(
@@ -74,7 +67,7 @@ def simulate(
     run_simulation(
         server_app=build_server_app(settings, on_round=on_round, on_summary=summary.update),
         client_app=forwarding_app(client_mods, policy_for=simulated_policies(node_seed, out_dir),
-                                  factory="fedhe.simulate:simulated_client_app",
+                                  factory="fedhe.simulated_nodes:simulated_client_app",
                                   factory_kwargs={"settings": settings, "node_seed": node_seed, "out_dir": out_dir}),
         num_supernodes=num_participants,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"log_to_driver": verbose}},
@@ -86,30 +79,6 @@ def simulate(
         raise RuntimeError(f"the federation did not finish; see the log above and {out_dir}")
     record_randomness(out_dir, node_seed)
     return summary
-
-
-def simulated_node_seed(node_seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([node_seed, index]).generate_state(1)[0])
-
-
-def simulated_policies(node_seed: int | None, out_dir: Path) -> PolicyFactory:
-    """Each simulated node's policy: permissive (one person runs every party), seeded if asked, its
-    worker (``participant.worker``) keeping its state and log in ``OUT/workers/participant-<i>``."""
-
-    def policy_for(context: Context) -> NodePolicy:
-        policy = NodePolicy.from_node_config(context.node_config)
-        seed = None if node_seed is None else simulated_node_seed(node_seed, policy.participant_index)
-        workers = Path(out_dir).resolve() / WORKERS_DIR / f"participant-{policy.participant_index}"
-        return replace(policy, masking="optional", permits=ALL_PERMITS, seed=seed, state_dir=str(workers))
-
-    return policy_for
-
-
-def simulated_client_app(settings: RunSettings, node_seed: int | None, out_dir: Path) -> ClientApp:
-    """What each simulated organization's worker runs: the participant with the run's settings fixed,
-    its simulated policy and the threat lab's update source (honest unless the party mix says otherwise)."""
-    return build_client_app(settings, policy_for=simulated_policies(node_seed, out_dir),
-                            update_source=party_mix_update)
 
 
 def record_randomness(out_dir: Path, node_seed: int | None) -> None:

@@ -12,7 +12,8 @@ import pytest
 
 from coordinator.report import read_metrics
 from fedhe.evaluate import evaluate_run
-from fedhe.simulate import WORKERS_DIR, simulate
+from fedhe.simulate import simulate
+from fedhe.simulated_nodes import WORKERS_DIR
 from participant.audit import audit_recorded, egress_audit_mod
 from protos import messages
 from protos.codec import from_proto
