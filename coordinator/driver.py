@@ -171,9 +171,10 @@ class RoundDriver:
                     ctx.refreshed = self.take(ctx, node, "refresh", lambda r=reply: self.refresh.take(
                         r, server_round, masks, self.state.optimizer))
         outcome.answered = [ctx.name(node) for node in aggregation.contributors]
-        for node in aggregation.contributors:
+        confirmed = self.unverified is None or self.settle(ctx, verdict, asked=(ctx.refresher,))
+        for node in aggregation.contributors:  # after the settled round's snapshot: a resume retrains this one
             self.organizations.of(node).answered += 1
-        if self.unverified is not None and not self.settle(ctx, verdict, asked=(ctx.refresher,)):
+        if not confirmed:
             outcome.cause = (f"discarded: its participants trained on round {outcome.round - 1}'s model, which the "
                              "integrity check refused")
             return self.finish(outcome, t0)

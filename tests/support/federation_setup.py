@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.report import METRICS_FILE
 from participant.keyholder import generate_keys
 from participant.roster import ROSTER_FILE, build_roster
 from participant.sealing import create_recipient
 from protos.keyfile import COORDINATOR_KEY, PARTICIPANT_KEY
-from support.deployment_harness import build_fab, fab_files
+from support.deployment_harness import LocalDeployment, build_fab, fab_files
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ORGANIZATIONS = ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e")
+KEY_SUFFIXES = (".ctx", ".pem", ".key", ".x25519", ".x25519.pub", ".sealed")  # secret or key material
+
+
+def key_files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(KEY_SUFFIXES))
 
 
 @dataclass(frozen=True)
@@ -64,3 +73,35 @@ def node_configs(keys: FederationKeys) -> list[dict]:
     """Each organization's node config; its worker's state directory sits next to its keys."""
     return [{"key-dir": str(d.resolve()), "participant-index": i, "state-dir": str(d.parent.resolve() / "worker")}
             for i, d in enumerate(keys.org_dirs)]
+
+
+def run_config(keys: FederationKeys, out_dir: Path, rounds: int | str, **extra) -> dict:
+    """A CartPole run's config as the coordinator's operator writes it (``extra``: more keys)."""
+    return {"scenario": "cartpole", "num-server-rounds": rounds, "coordinator-key": str(keys.coordinator_key.resolve()),
+            "out-dir": str(out_dir.resolve()), **extra}
+
+
+def rows_of(out_dir: Path) -> list[dict]:
+    """A run's metrics rows so far (confirmed rounds)."""
+    path = out_dir / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_until(condition, timeout: float, what: str, dep: LocalDeployment | None = None) -> None:
+    """Poll ``condition``; on timeout fail with the tail of every process's and run's log."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            logs = "" if dep is None else dep.diagnostics() + "".join(
+                f"\n--- {p} ---\n{p.read_text()[-3000:]}" for p in sorted((dep.workdir / "runs").glob("*.log")))
+            raise AssertionError(f"timed out waiting for {what}{logs}")
+        time.sleep(0.2)
+
+
+def in_background(dep: LocalDeployment, app: Path, config: dict, timeout: float) -> tuple[threading.Thread, dict]:
+    """Start ``flwr run`` in a thread; ``outcome["result"]`` holds its RunResult once joined."""
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=dep.run_app(app, run_config=config,
+                                                                               timeout=timeout)))
+    runner.start()
+    return runner, outcome
