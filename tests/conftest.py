@@ -57,3 +57,13 @@ def server_task(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest-allowed tests first (their ``timeout`` mark), so that parallel workers (pytest-xdist,
+    ``--dist loadfile --no-loadscope-reorder``) start the long deployments at once and finish together."""
+    def allowed(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("timeout")
+        return float(mark.args[0]) if mark and mark.args else 0.0
+
+    items.sort(key=lambda item: -allowed(item))
