@@ -59,11 +59,15 @@ def server_task(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Longest-allowed tests first (their ``timeout`` mark), so that parallel workers (pytest-xdist,
-    ``--dist loadfile --no-loadscope-reorder``) start the long deployments at once and finish together."""
-    def allowed(item: pytest.Item) -> float:
-        mark = item.get_closest_marker("timeout")
-        return float(mark.args[0]) if mark and mark.args else 0.0
-
-    items.sort(key=lambda item: -allowed(item))
+    """Scheduling for parallel workers (pytest-xdist ``--dist loadgroup``): every deployment test in
+    one group, so that one worker runs the deployments one after another (two at once on 2 cores
+    slow each other down threefold: each keeps a SuperLink, SuperNodes and per-message processes
+    busy); every other test file a group of its own, so that module fixtures are made once. The
+    deployments go first, then the slow federations, so that the workers finish together."""
+    for item in items:
+        group = "deployment" if item.get_closest_marker("deployment") else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: 0 if item.get_closest_marker("deployment") else
+               1 if item.get_closest_marker("slow") else 2)
