@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ import pytest
 from coordinator.report import read_metrics
 from fedhe.evaluate import evaluate_run
 from fedhe.simulate import simulate
-from fedhe.simulated_nodes import WORKERS_DIR
 from participant.audit import audit_recorded, egress_audit_mod
 from protos import messages
 from protos.codec import from_proto
@@ -151,18 +149,6 @@ def test_a_checkpoint_keeps_the_released_history_and_the_run_record_for_a_resume
 def test_evaluate_decrypts_the_checkpoint(encrypted_run, keys):
     result = evaluate_run(encrypted_run[1], keys.directory, episodes=2)
     assert result["round"] == 3 and result["episodes"] == 2 and result["mean_return"] > 0
-
-
-def test_resume_continues_from_the_last_round(encrypted_run, keys, tmp_path):
-    settings, out, _, _ = encrypted_run
-    import shutil
-
-    copy = tmp_path / "resumed"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns(WORKERS_DIR))  # the organizations' own, not the run's
-    resumed = replace(settings, out_dir=str(copy), resume=True, num_server_rounds=5)
-    summary = simulate(resumed, 3, keys.directory)
-    assert [r["round"] for r in read_metrics(copy)] == [1, 2, 3, 4, 5]
-    assert summary["rounds"] == 5
 
 
 FAULTY_SCENARIO = """
