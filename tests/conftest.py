@@ -59,15 +59,15 @@ def server_task(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Scheduling for parallel workers (pytest-xdist ``--dist loadgroup``): every deployment test in
-    one group, so that one worker runs the deployments one after another (two at once on 2 cores
-    slow each other down threefold: each keeps a SuperLink, SuperNodes and per-message processes
-    busy); every other test file a group of its own, so that module fixtures are made once. The
-    deployments go first, then the slow federations, so that the workers finish together."""
-    for item in items:
-        group = "deployment" if item.get_closest_marker("deployment") else item.path.stem
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: 0 if item.get_closest_marker("deployment") else
-               1 if item.get_closest_marker("slow") else 2)
+    """Order for parallel workers (pytest-xdist ``--dist loadfile --no-loadscope-reorder``: one file
+    per worker, in this order, each worker holding the next file in reserve): the long deployments
+    (``timeout`` of 10 min or more) first, then the fast tests (so that the file a worker holds in
+    reserve behind the deployments is a short one), then the slow federations and short deployments."""
+    def rank(item: pytest.Item) -> int:
+        mark = item.get_closest_marker("timeout")
+        if mark and mark.args and float(mark.args[0]) >= 600:
+            return 0
+        return 2 if item.get_closest_marker("slow") or item.get_closest_marker("deployment") else 1
+
+    items.sort(key=rank)

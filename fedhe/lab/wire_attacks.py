@@ -58,6 +58,8 @@ class HostileUpdates:
             self.store.mkdir(parents=True, exist_ok=True)
             (self.store / f"round-{round_:06d}.pb").write_bytes(update.SerializeToString())
             return content
+        self.store.mkdir(parents=True, exist_ok=True)
+        (self.store / f"attacked-{round_:06d}").write_text(attack)  # the offender search may leave it out
         holder = load_keyholder(self.key_dir)
         if attack == "replay":
             earlier = wire_pb2.ParticipantUpdate.FromString(min(self.store.glob("round-*.pb")).read_bytes())

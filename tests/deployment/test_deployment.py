@@ -2,8 +2,8 @@
 
 Organizations leave key material in the app directory (keys/, run outputs, TLS files); Flower's
 include list and ``.gitignore`` keep all of it out of the FAB that every SuperNode and the
-SuperLink unpack. The deployments themselves are in ``test_deployment_solved.py`` and
-``test_deployment_faults.py``; docs/testing.md ("The deployment harness") says how Flower 1.41
+SuperLink unpack. The deployments themselves are in ``test_deployed_runs.py``;
+docs/testing.md ("The deployment harness") says how Flower 1.41
 deployments behave (and cost) here.
 """
 
