@@ -25,8 +25,8 @@ from protos.phase_timer import PhaseTimer
 from protos.reply_errors import category_of_code
 
 log = logging.getLogger("fedhe.coordinator")
-POLL_SECONDS = (0.05, 0.5)  # first and longest wait between pulls: quick replies (a simulation) are read at
-# once, while a deployment's seconds-long exchange is not polled 20 times a second (each pull is an RPC)
+POLL_SECONDS = (0.05, 0.5)  # wait between pulls: the first second of an exchange (a simulation's replies),
+FAST_POLL_FOR = 1.0  # then backing off to the longest: a deployment's exchange takes seconds and each pull is an RPC
 NODE_UNAVAILABLE = 5  # Flower's error code for a node that stopped sending heartbeats
 T = TypeVar("T")
 
@@ -80,13 +80,15 @@ class Exchange:
 
         The node is the one the request went to (Flower's error replies for a dead node do not
         name it)."""
-        deadline, pause = time.monotonic() + self.timeout, POLL_SECONDS[0]
+        start = time.monotonic()
+        deadline, pause = start + self.timeout, POLL_SECONDS[0]
         while pending and time.monotonic() < deadline:
             with outcome.timer.phase("wait"):
                 replies = list(self.grid.pull_messages(list(pending)))
                 if not replies:
                     time.sleep(pause)
-                pause = POLL_SECONDS[0] if replies else min(pause * 1.5, POLL_SECONDS[1])
+                if time.monotonic() - start > FAST_POLL_FOR:
+                    pause = min(pause * 1.5, POLL_SECONDS[1])
             for reply in replies:
                 yield pending.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id), reply
         for node in pending.values():
