@@ -305,7 +305,8 @@ def test_a_coordinator_lying_about_a_dropout_learns_nothing_with_one_key_holder(
         return stripped - self_mask(seed, context, UPDATE_STREAM, plan.num_params, ORGS)
 
     guessed = recovered((victim_shares[0].x % ORGS + 1, bytes(16)))  # a share the colluder does not have
-    assert abs(np.corrcoef(guessed, true)[0, 1]) < 0.05
+    # no better than chance: the sample correlation of unrelated vectors has std 1/sqrt(n) (0.035 here)
+    assert abs(np.corrcoef(guessed, true)[0, 1]) < 5 / np.sqrt(plan.num_params)
     # control: a second colluding key holder's share would give it away, so the test can fail
     second = node.cached_masker(str(plan.settings.participant_key_dir), 2, holder.fingerprint)
     share = next(second.open_share(s, RUN_ID, r) for s in shares_to[2] if s.sender == victim)
