@@ -4,38 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support.he_adam_states import encrypted_state, step_vectors
 
 from coordinator.chunk_workers import WORKERS_ENV, ChunkWorkers, default_workers
-from coordinator.he_adam import HEAdamConfig, HEAdamState, he_adam_step, initial_optimizer_state
+from coordinator.he_adam import HEAdamConfig, he_adam_step
 from coordinator.parallel_step import parallel_he_adam_step
 from participant.keyholder import decrypt_vector
-from protos.codec import EncryptedVector, encrypt_vector
-
-
-def _state(backend, length: int, seed: int = 0) -> tuple[HEAdamState, EncryptedVector]:
-    config = HEAdamConfig(lr=0.01, clip_bound=1.0)
-    rng = np.random.default_rng(seed)
-    theta = encrypt_vector(backend, rng.normal(scale=0.1, size=length))
-    update = rng.normal(size=length)
-    aggregate = encrypt_vector(backend, update / np.linalg.norm(update) * config.update_scale)
-    return HEAdamState(theta, **initial_optimizer_state(backend, length)), aggregate
-
-
-def _vectors(result) -> list[EncryptedVector]:
-    state = result.state
-    return [state.theta, state.m, state.z, state.w]
 
 
 def test_parallel_step_is_the_sequential_step_byte_for_byte(coordinator_backend, holder):
     config = HEAdamConfig(lr=0.01, clip_bound=1.0)
     poly = config.validate(coordinator_backend.profile)
     length = 2 * coordinator_backend.slots + 5  # three chunks, the last one short
-    state, aggregate = _state(coordinator_backend, length)
+    state, aggregate = encrypted_state(coordinator_backend, length)
     sequential = he_adam_step(coordinator_backend, state, aggregate, config, poly)
     with ChunkWorkers(coordinator_backend, workers=2) as workers:
         parallel = parallel_he_adam_step(workers, state, aggregate, config, poly)
         assert workers._pool is not None  # it really ran in processes
-    for seq, par in zip(_vectors(sequential), _vectors(parallel)):
+    for seq, par in zip(step_vectors(sequential), step_vectors(parallel)):
         assert par.length == seq.length and len(par.chunks) == 3
         assert [c.serialize() for c in par.chunks] == [c.serialize() for c in seq.chunks]
     np.testing.assert_allclose(
@@ -47,7 +33,7 @@ def test_parallel_step_is_the_sequential_step_byte_for_byte(coordinator_backend,
 def test_one_chunk_or_one_worker_stays_in_process(coordinator_backend, holder):
     config = HEAdamConfig(lr=0.01, clip_bound=1.0)
     poly = config.validate(coordinator_backend.profile)
-    state, aggregate = _state(coordinator_backend, 835)  # CartPole's size
+    state, aggregate = encrypted_state(coordinator_backend, 835)  # CartPole's size
     workers = ChunkWorkers(coordinator_backend, workers=2)
     parallel_he_adam_step(workers, state, aggregate, config, poly)
     assert workers._pool is None

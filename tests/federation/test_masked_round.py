@@ -162,6 +162,20 @@ def failing(respond, kinds: set[str]):
     return wrapped
 
 
+def rewrite_train_replies(grid, node: int, hostile: HostileUpdates) -> None:
+    """``node`` answers as before, its train replies rewritten by ``hostile`` (an attacker among key holders)."""
+    honest = grid.respond[node]
+
+    def attacker(msg: Message) -> Message:
+        reply = honest(msg)
+        if reply.has_error() or msg.metadata.message_type != messages.TRAIN:
+            return reply
+        round_ = int(msg.content.config_records[messages.CONFIG]["round"])
+        return Message(hostile.rewrite(reply.content, round_), reply_to=msg)
+
+    grid.respond[node] = attacker
+
+
 def test_a_round_sums_exactly_and_names_its_organizations(federation, holder):
     outcome = federation.round(1)
     assert outcome.completed and outcome.answered == [f"participant-{i}" for i in range(ORGS)]
@@ -323,16 +337,7 @@ def test_well_formed_hostile_updates_never_change_the_model(federation, key_dir,
     attacks = {2: "other-key", 4: "replay", 6: "inflate-50", 8: "inflate-1000"}
     hostile = HostileUpdates(3, attacks, key_dir, tmp_path / "sent", foreign_key_dir)
     grid, driver = federation.grid, federation.driver
-    honest = grid.respond[FIRST_NODE + 3]
-
-    def attacker(msg: Message) -> Message:
-        reply = honest(msg)
-        if reply.has_error() or msg.metadata.message_type != messages.TRAIN:
-            return reply
-        round_ = int(msg.content.config_records[messages.CONFIG]["round"])
-        return Message(hostile.rewrite(reply.content, round_), reply_to=msg)
-
-    grid.respond[FIRST_NODE + 3] = attacker
+    rewrite_train_replies(grid, FIRST_NODE + 3, hostile)
     assert federation.round(1).completed
     confirmed_theta = None
     for r in range(2, 11):
@@ -360,16 +365,7 @@ def test_a_persistent_offender_is_found_by_leaving_organizations_out_and_then_le
     run, and training goes on without it."""
     hostile = HostileUpdates(3, {r: "inflate-50" for r in range(2, 30)}, key_dir, tmp_path / "sent")
     grid, driver = federation.grid, federation.driver
-    honest = grid.respond[FIRST_NODE + 3]
-
-    def attacker(msg: Message) -> Message:
-        reply = honest(msg)
-        if reply.has_error() or msg.metadata.message_type != messages.TRAIN:
-            return reply
-        return Message(hostile.rewrite(reply.content, int(msg.content.config_records[messages.CONFIG]["round"])),
-                       reply_to=msg)
-
-    grid.respond[FIRST_NODE + 3] = attacker
+    rewrite_train_replies(grid, FIRST_NODE + 3, hostile)
     for r in range(1, 11):
         federation.round(r)
     driver.settle_last(federation.exchange)
