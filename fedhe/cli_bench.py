@@ -166,6 +166,10 @@ def bench_round(
     participants: int | None = typer.Option(None, "--participants", "-n"),
     seed: int = typer.Option(0),
     out: Path | None = typer.Option(None, "--out", help="Keep the runs here (default: a temp dir)."),
+    bandwidth_mbps: float = typer.Option(
+        1000.0, "--bandwidth-mbps", min=0.0,
+        help="The coordinator's link for the deployed round estimate, Mbit/s (0: transfer left out)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
     """Where a round's time goes: per-phase medians on each side, encrypted next to plaintext.
@@ -173,7 +177,8 @@ def bench_round(
     Coordinator phases: messages_out (mask the state, serialize), push, wait (transport and the
     participants' work), read_updates (parse and validate), sum, refresh_in, he_adam, checkpoint.
     Participant phases: decrypt_theta, refresh (the refresher's re-encryption), train,
-    mask_encrypt. Example: fedhe bench round --scenario cartpole --json
+    mask_encrypt. deployed_round_estimate_s: the round's critical path with one machine per party
+    (its parts in deployed_round_parts_s). Example: fedhe bench round --scenario cartpole --json
     """
     from benchmarks.round_profile import run_round_profile
 
@@ -181,7 +186,8 @@ def bench_round(
         task = bar.add_task("federations", total=2)
         try:
             result = run_round_profile(scenario, rounds, participants, seed, out,
-                                       on_run=lambda kind: bar.update(task, advance=1, description=f"{kind} done"))
+                                       on_run=lambda kind: bar.update(task, advance=1, description=f"{kind} done"),
+                                       bandwidth_mbps=bandwidth_mbps)
         except (WireError, ValueError, RuntimeError) as exc:
             fail(str(exc))
     typer.echo(json.dumps(result, indent=None if as_json else 2))

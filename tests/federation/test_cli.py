@@ -240,4 +240,9 @@ def test_bench_round_profiles_both_sides_and_keeps_participant_timings_local(tmp
         assert work["total"] == pytest.approx(work["coordinator"] + work["participants"], abs=0.2)
     assert enc["work_ms_per_round"]["total"] > plain["work_ms_per_round"]["total"]
     assert 0 < result["wall_ratio_floor"] and result["cores"] >= 1
+    for side in (enc, plain):  # the critical path with one machine per party: its parts add up
+        parts = side["deployed_round_parts_s"]
+        assert side["deployed_round_estimate_s"] > 0 and parts["participants"] > 0 and parts["transfer"] > 0
+        assert side["deployed_round_estimate_s"] == pytest.approx(sum(parts.values()), abs=0.005)
+    assert result["deployed_ratio"] > 0 and result["bandwidth_mbps"] == 1000
     assert len(list((tmp_path / "encrypted" / "participant-profiles").glob("participant-*.jsonl"))) == 2
