@@ -48,8 +48,10 @@ def run_federation_bench(
     stop_on_solve: bool = False,
     greedy_episodes: int = 10,
     masking: str = "auto",
+    rollout_upload: str = "statistics",
 ) -> dict:
-    base = RunSettings(scenario=scenario_ref, mode=mode, num_server_rounds=rounds or 0, masking=masking)
+    base = RunSettings(scenario=scenario_ref, mode=mode, num_server_rounds=rounds or 0, masking=masking,
+                       rollout_upload=rollout_upload)
     plan = resolve_plan(base)
     scenario, resolved = plan.scenario, plan.settings
     n = participants or scenario.num_participants
@@ -106,6 +108,7 @@ def run_federation_bench(
     result = {
         "scenario": scenario.name,
         "mode": mode,
+        **({"rollout_upload": rollout_upload} if mode == "encrypted-rollouts" else {}),
         "masking": resolve_plan(replace(base, plaintext=False), n).settings.masking,
         "stop_on_solve": stop_on_solve,
         "participants": n,

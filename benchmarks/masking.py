@@ -81,6 +81,9 @@ class LengthPlan:
 
     num_params: int
 
+    def update_length(self, slots: int) -> int:
+        return self.num_params
+
 
 @contextmanager
 def server_task(run_id: int = RUN) -> Iterator[None]:
@@ -151,7 +154,8 @@ class LocalFederation:
             {"round": round_, "key-fingerprint": self.holder.fingerprint, "protocol-version": PROTOCOL_VERSION})})
         return node.Exchange(content=msg.content, scenario=None, identity=NodeIdentity(i, "", None, self.plan),
                              run_id=RUN, ledger=self.ledgers[i], holder=self.holder, round=round_,
-                             participants=int(config["participants"]), num_params=self.params, layout=None,
+                             participants=int(config["participants"]), num_params=self.params,
+                             update_length=self.params, layout=None,
                              masker=self.maskers[i] if self.maskers else None, reply=reply)
 
     def answer(self, dst: int, msg: Message) -> RecordDict | None:

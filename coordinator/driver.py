@@ -31,7 +31,6 @@ from coordinator.aggregation import AGGREGATIONS, RoundContext
 from coordinator.checkpoint import CheckpointWriter, CoordinatorState, load_checkpoint
 from coordinator.chunk_workers import ChunkWorkers
 from coordinator.dp_accounting import DPAccountant
-from coordinator.encrypted_gradient import RolloutPlan
 from coordinator.exchange import NODE_UNAVAILABLE, Exchange, RoundOutcome
 from coordinator.he_adam import HEAdamState
 from coordinator.integrity import Verdict, ask_verdict, integrity_query, read_verdict
@@ -83,7 +82,7 @@ class RoundDriver:
         self.poly = plan.optimizer.validate(backend.profile)
         self.aggregation = AGGREGATIONS[plan.aggregation]
         self.aggregation.check(plan, backend)
-        tiled = RolloutPlan(plan.scenario, backend.slots).tiled_length() if plan.rollouts else 0
+        tiled = plan.rollout_layout(backend.slots, 1).theta_vectors * backend.slots if plan.rollouts else 0
         self.refresh = StateRefresh(backend, plan.optimizer, self.poly, self.aggregation.levels_used,
                                     plan.num_params, tiled)
         self.dp = DPAccountant(plan.settings) if plan.settings.dp_noise_multiplier > 0 else None

@@ -34,8 +34,6 @@ higher-level operand (a fresh upload or tiled theta, which later blocks reuse) o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -45,7 +43,7 @@ from protos.backend import Chunk, HEBackend
 from protos.codec import EncryptedVector
 from protos.errors import ChunkLayoutError
 from protos.optimizer import MASK_BOUND
-from protos.rollout_layout import NETWORKS, BlockLayout, layout_for_round
+from protos.rollout_layout import NETWORKS, BlockLayout
 
 GRADIENT_DEPTH = 3  # multiplicative depth of block_gradient
 
@@ -185,24 +183,3 @@ __all__ = [
     "unmask_collapsed",
 ]
 
-
-@dataclass(frozen=True)
-class RolloutPlan:
-    """What the round loop needs of the encrypted-rollout mode: the round's layout and sizes.
-
-    ``scenario`` is the run's resolved scenario (its polynomial network, rollout size and clip
-    bound are public); the layout also depends on the round's participant count.
-    """
-
-    scenario: Any
-    slots: int
-
-    def layout(self, participants: int) -> BlockLayout:
-        return layout_for_round(self.scenario, self.slots, participants)
-
-    def blocks(self, layout: BlockLayout) -> int:
-        """Blocks every owner uploads every round (padded, so sizes reveal nothing)."""
-        return layout.blocks_for(self.scenario.rollout.transitions)
-
-    def tiled_length(self) -> int:
-        return self.layout(1).theta_vectors * self.slots

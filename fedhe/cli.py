@@ -82,8 +82,18 @@ def simulate(
         "--mode",
         help=(
             "local-ppo: participants train PPO locally and send encrypted updates. encrypted-rollouts: they send "
-            "encrypted states and loss deltas and the coordinator computes the gradient on ciphertexts "
+            "encrypted statistics of their rollouts and the coordinator computes the gradient on ciphertexts "
             "(docs/encrypted-rollouts.md)."
+        ),
+    ),
+    rollout_upload: str = typer.Option(
+        "statistics",
+        "--rollout-upload",
+        help=(
+            "encrypted-rollouts only. statistics: owners send a few sufficient statistics of their rollouts, "
+            "under pairwise masks. transitions: they send every encrypted transition (any network the "
+            "coordinator can backpropagate, but masks cannot cover it: a key holder colluding with the "
+            "coordinator reads it). docs/encrypted-rollouts.md."
         ),
     ),
     masking: str = typer.Option(
@@ -92,7 +102,8 @@ def simulate(
         help=(
             "pairwise: participants add pairwise masks that cancel in the sum, so a key holder colluding with the "
             "coordinator cannot read an individual update (docs/threat-model.md). off: no masks. auto: pairwise "
-            "with 3 or more participants in local-ppo mode without the norm-bound/median-norm defenses."
+            "with 3 or more participants unless the norm-bound/median-norm defenses or transition uploads rule "
+            "masks out."
         ),
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
@@ -130,6 +141,7 @@ def simulate(
         num_server_rounds=rounds or 0,
         plaintext=plaintext,
         mode=mode,
+        rollout_upload=rollout_upload,
         masking=masking,
         seed=-1 if seed is None else seed,
         stop_on_solve=stop_on_solve,

@@ -133,6 +133,9 @@ def bench_federation(
     participants: int | None = typer.Option(None, "--participants", "-n"),
     rounds: int | None = typer.Option(None, "--rounds", "-r", help="Fixed rounds per run (default: the scenario's)."),
     mode: str = typer.Option("local-ppo", "--mode", help="Training mode: local-ppo or encrypted-rollouts."),
+    rollout_upload: str = typer.Option(
+        "statistics", "--rollout-upload", help="encrypted-rollouts: owners send statistics or transitions."
+    ),
     masking: str = typer.Option("auto", "--masking", help="Pairwise masks in the encrypted runs: auto, pairwise, off."),
     stop_on_solve: bool = typer.Option(
         False, "--stop-on-solve", help="End each run once solved (compare rounds_to_solve, wall_per_round_ratio)."
@@ -152,7 +155,7 @@ def bench_federation(
         try:
             result = run_federation_bench(
                 scenario, seeds, participants, rounds, out, on_run=on_run, mode=mode, stop_on_solve=stop_on_solve,
-                masking=masking,
+                masking=masking, rollout_upload=rollout_upload,
             )
         except (WireError, ValueError, RuntimeError) as exc:
             fail(str(exc))

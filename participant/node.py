@@ -42,7 +42,8 @@ from protos.masking import STATS_STREAM, UPDATE_STREAM
 from protos.optimizer import MASK_BOUND, STATE_NAMES
 from protos.phase_timer import PhaseTimer, append_local_profile
 from protos.profiles import get_profile
-from protos.rollout_layout import BlockLayout, layout_for_round
+from protos.rollout_layout import BlockLayout
+from protos.rollout_statistics import StatisticsLayout
 from scenarios import Scenario
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ class Exchange:
     round: int
     participants: int
     num_params: int
-    layout: BlockLayout | None  # encrypted-rollout mode only
+    update_length: int  # values in this participant's update (theta's size, or tiled statistics)
+    layout: BlockLayout | StatisticsLayout | None  # encrypted-rollout mode only
     masker: PairwiseMasker | None  # pairwise masking only
     reply: RecordDict
     timer: PhaseTimer = field(default_factory=PhaseTimer)
@@ -178,7 +180,8 @@ def open_exchange(content: RecordDict, identity: NodeIdentity, run_id: int, ledg
         round=round_,
         participants=participants,
         num_params=identity.plan.num_params,
-        layout=layout_for_round(identity.plan.scenario, holder.slots, participants) if identity.plan.rollouts else None,
+        update_length=identity.plan.update_length(holder.slots),
+        layout=identity.plan.rollout_layout(holder.slots, participants) if identity.plan.rollouts else None,
         masker=masker,
         reply=RecordDict({messages.CONFIG: reply_config}),
     )
@@ -252,7 +255,8 @@ def reply_unmask(exchange: Exchange) -> None:
     if request.dropped:
         masks = masker.round(exchange.run_id, exchange.round, exchange.ledger.members(exchange.round))
         dropped, holder = sorted(request.dropped), exchange.holder
-        reply.update.CopyFrom(encrypt_to_proto(holder, masks.correction(dropped, UPDATE_STREAM, exchange.num_params)))
+        reply.update.CopyFrom(encrypt_to_proto(
+            holder, masks.correction(dropped, UPDATE_STREAM, exchange.update_length)))
         reply.rollout_stats.CopyFrom(encrypt_to_proto(
             holder, masks.correction(dropped, STATS_STREAM, messages.STATS_LENGTH)))
     exchange.reply[messages.UNMASK_REPLY] = messages.pack(reply)
@@ -297,16 +301,20 @@ def train(exchange: Exchange) -> None:
     if theta is None:
         raise ChunkLayoutError(f"round-{round_} train message carries no theta and no init flag")
     holder, scenario, run_id = exchange.holder, exchange.scenario, exchange.run_id
-    if exchange.layout is not None:
+    layout = exchange.layout
+    if layout is None:
+        with exchange.timer.phase("train"):
+            update, stats = local_update(scenario, identity, run_id, theta, round_, exchange.participants)
+    else:
         owner = owner_for(scenario, identity.participant_index, identity.variant,
                           identity.randomness(round_, "rollouts"), run_id)
-        exchange.reply[messages.ROLLOUT] = messages.pack(
-            encrypted_rollout(holder, round_, owner.contribute(theta, identity.plan.units(exchange.participants),
-                                                               exchange.layout))
-        )
-        return
-    with exchange.timer.phase("train"):
-        update, stats = local_update(scenario, identity, run_id, theta, round_, exchange.participants)
+        with exchange.timer.phase("train"):
+            owned = owner.contribute(theta, identity.plan.units(exchange.participants))
+        if isinstance(layout, BlockLayout):  # transitions: no masks can cover them (docs/encrypted-rollouts.md)
+            with exchange.timer.phase("mask_encrypt"):
+                exchange.reply[messages.ROLLOUT] = messages.pack(encrypted_rollout(holder, round_, owned, layout))
+            return
+        update, stats = owned.tiled_statistics(layout), owned.stats
     with exchange.timer.phase("mask_encrypt"):
         masks = round_masks(exchange)
         exchange.reply[messages.UPDATE] = messages.pack(encrypted_update(holder, round_, update, stats, masks))

@@ -6,9 +6,10 @@ server step per round, so PPO's ratio is 1). It clips its own contribution to th
 it like any update (``protos.update_units``), by scaling its deltas: the gradient is
 linear in them, so the federation's summed gradient stays within HE-Adam's bound ``C`` per
 coordinate (``clip_factors``).
-What it uploads is Enc(scaled, clipped observations) and Enc(deltas), in a fixed number of
-blocks per round, so sizes reveal nothing; rewards, returns and actions never leave in any form
-but the deltas they shaped.
+What it uploads (``rollout-upload``) is either its sufficient statistics, tiled and under its
+pairwise mask, as an ordinary update (``statistics``, the default), or Enc(scaled observations) and
+Enc(deltas) in a fixed number of blocks per round (``transitions``). Either way sizes reveal
+nothing, and rewards, returns and actions never leave in any form but the deltas they shaped.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from participant.run_state import kept_for_run
 from protos.codec import PROTOCOL_VERSION, encrypt_to_proto
 from protos.fedhe.v1 import wire_pb2
 from protos.rollout_layout import BlockLayout
+from protos.rollout_statistics import StatisticsLayout
 from protos.update_units import UpdateUnits
 from scenarios import Scenario
 from scenarios.poly_net import PolyNetSpec
@@ -33,9 +35,22 @@ ROLLOUTS = "encrypted-rollouts"
 
 @dataclass
 class OwnerRound:
-    blocks: list[list[np.ndarray]]  # per block: the layout's plaintext vectors (X_j, D_actor_a, D_critic)
+    """One round's scaled observations and clipped, weighted deltas, packed as the run uploads them."""
+
+    obs: np.ndarray  # (T, d), in [-1, 1]
+    d_actor: np.ndarray  # (T, A)
+    d_critic: np.ndarray  # (T,)
     stats: np.ndarray  # [sum of episode returns, episodes, env steps]
     clip_factor: float  # the smaller of the actor's and critic's clip factors (<= 1), kept locally
+    transitions: int  # the scenario's rollout size: every owner uploads as many blocks, so sizes reveal nothing
+
+    def blocks(self, layout: BlockLayout) -> list[list[np.ndarray]]:
+        """Per block, the layout's plaintext vectors (X_j, D_actor_a, D_critic)."""
+        return layout.pack_blocks(self.obs, self.d_actor, self.d_critic, layout.blocks_for(self.transitions))
+
+    def tiled_statistics(self, layout: StatisticsLayout) -> np.ndarray:
+        """The sufficient statistics, one per term: the update a statistics upload masks and encrypts."""
+        return layout.tile(layout.statistics(self.obs, self.d_actor, self.d_critic))
 
 
 class RolloutOwner:
@@ -56,9 +71,8 @@ class RolloutOwner:
         self.env = scenario.build_vector_env(participant_index, int(env_seed), variant, num_envs=cfg.num_envs)
         self.collector = RolloutCollector(self.env, int(env_seed))
 
-    def contribute(self, theta: np.ndarray, units: UpdateUnits, layout: BlockLayout) -> OwnerRound:
-        """One round: collect, compute deltas clipped to ``units.clip`` and weighted like any update, pack
-        them with the observations."""
+    def contribute(self, theta: np.ndarray, units: UpdateUnits) -> OwnerRound:
+        """One round: collect, compute deltas clipped to ``units.clip`` and weighted like any update."""
         cfg = self.scenario.rollout
         policy = self.scenario.make_policy(ROLLOUTS, theta)
         rollout = self.collector.collect(policy, cfg.steps_per_env, self.rng, cfg.gamma, 1.0)
@@ -71,10 +85,8 @@ class RolloutOwner:
         d_actor, d_critic = a2c_deltas(policy, obs, actions, adv, values, ret, cfg.vf_coef)
         fa, fc = clip_factors(self.spec, self.spec.gradient(theta, obs, d_actor, d_critic), units.clip)
         weight = units.factor  # 1/n and HE-Adam's pre-scale s, as for any update
-        blocks = layout.pack_blocks(obs, d_actor * (fa * weight), d_critic * (fc * weight),
-                                    layout.blocks_for(cfg.transitions))
         stats = np.array([float(np.sum(rollout.episode_returns)), float(len(rollout.episode_returns)), float(len(obs))])
-        return OwnerRound(blocks, stats, min(fa, fc))
+        return OwnerRound(obs, d_actor * (fa * weight), d_critic * (fc * weight), stats, min(fa, fc), cfg.transitions)
 
     def close(self) -> None:
         self.env.close()
@@ -126,15 +138,18 @@ def owner_for(
                         lambda: RolloutOwner(scenario, index, seed, variant))
 
 
-def encrypted_rollout(holder: KeyHolder, round_: int, owner_round: OwnerRound) -> wire_pb2.RolloutUpload:
+def encrypted_rollout(holder: KeyHolder, round_: int, owner_round: OwnerRound,
+                      layout: BlockLayout) -> wire_pb2.RolloutUpload:
     """Every block as one vector of consecutive full chunks (the layout's X_j, D_actor_a, D_critic)."""
     upload = wire_pb2.RolloutUpload(protocol_version=PROTOCOL_VERSION, round=round_)
-    for block in owner_round.blocks:
+    for block in owner_round.blocks(layout):
         upload.blocks.append(encrypt_to_proto(holder, np.concatenate(block)))
     upload.rollout_stats.CopyFrom(encrypt_to_proto(holder, owner_round.stats))
     return upload
 
 
-def tiled_theta(holder: KeyHolder, theta: np.ndarray, layout: BlockLayout) -> wire_pb2.EncryptedVector:
-    """The refresher's copy of theta in the block layout, so the coordinator can backpropagate."""
+def tiled_theta(holder: KeyHolder, theta: np.ndarray,
+                layout: BlockLayout | StatisticsLayout) -> wire_pb2.EncryptedVector:
+    """The refresher's copy of theta in the round's slot layout (tiled theta for transitions, the
+    coefficients ``T(theta)`` for statistics), so the coordinator can compute the gradient."""
     return encrypt_to_proto(holder, np.concatenate(layout.pack_theta(theta)))

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from protos.dp import dp_clip_bound
 from protos.optimizer import HEAdamConfig
+from protos.rollout_layout import BlockLayout, layout_for_round
+from protos.rollout_statistics import StatisticsLayout, statistics_layout
 from protos.settings import MASKING, RunSettings
 from protos.update_units import UpdateUnits
 from scenarios import Scenario, load_scenario
@@ -47,8 +49,25 @@ class RunPlan:
         return self.scenario.network(self.mode).num_params
 
     @property
+    def statistics(self) -> bool:
+        """Encrypted-rollout owners send sufficient statistics (``protos.rollout_statistics``)."""
+        return self.rollouts and self.settings.rollout_upload == "statistics"
+
+    def rollout_layout(self, slots: int, participants: int) -> BlockLayout | StatisticsLayout:
+        """The slot layout of a round in encrypted-rollout mode, the same on every side."""
+        if self.statistics:
+            return statistics_layout(self.scenario.poly_spec(), slots)
+        return layout_for_round(self.scenario, slots, participants)
+
+    def update_length(self, slots: int) -> int:
+        """Values in a participant's update: theta's size, or an owner's tiled statistics."""
+        return self.rollout_layout(slots, 1).upload_length if self.statistics else self.num_params
+
+    @property
     def aggregation(self) -> str:
         """The aggregation path (``coordinator.aggregation``): how replies become the aggregate."""
+        if self.statistics:
+            return "rollout-statistics" + ("-pairwise" if self.settings.masking == "pairwise" else "")
         if self.rollouts:
             return "rollout-gradient"
         if self.settings.defense in MASKED_NORM_DEFENSES:
@@ -90,8 +109,9 @@ def resolve_masking(settings, participants: int = 0) -> str:
     if settings.masking not in MASKING:
         raise ValueError(f"unknown masking {settings.masking!r}; known: {', '.join(MASKING)}")
     conflicts = {
-        "mode encrypted-rollouts (the coordinator multiplies each owner's ciphertexts, so masks would not "
-        "cancel)": settings.mode == "encrypted-rollouts",
+        "mode encrypted-rollouts with rollout-upload transitions (the coordinator multiplies each owner's "
+        "ciphertexts, so masks would not cancel)": (settings.mode == ROLLOUTS
+                                                  and settings.rollout_upload == "transitions"),
         f"defense {settings.defense} (it needs each update's own norm, and under pairwise masks no ciphertext "
         "holds one participant's update)": settings.defense in MASKED_NORM_DEFENSES,
         "--plaintext (the baseline has no keys and no roster)": settings.plaintext,

@@ -22,6 +22,7 @@ from protos.profiles import PROFILES
 from scenarios.scenario import MODES
 
 MASKING = ("auto", "pairwise", "off")
+ROLLOUT_UPLOADS = ("statistics", "transitions")
 DEFENSES = ("none", "norm-bound", "median-norm", "dp")
 
 
@@ -37,6 +38,9 @@ class RunConfigError(ValueError):
 class RunSettings:
     scenario: str = "cartpole"  # built-in name, entry point, or path to a scenario .py file
     mode: str = "local-ppo"  # local-ppo | encrypted-rollouts (the coordinator learns from encrypted rollouts)
+    # encrypted-rollouts only: statistics (owners send sufficient statistics, under pairwise masks) |
+    # transitions (owners send every transition; masks cannot cover them: docs/encrypted-rollouts.md)
+    rollout_upload: str = "statistics"
     num_server_rounds: int = 0  # 0: the scenario's default
     plaintext: bool = False  # identical protocol, encryption replaced by identity (simulation only)
     coordinator_key: str = ""  # coordinator.ctx on the coordinator's machine
@@ -62,7 +66,7 @@ class RunSettings:
     dp_noise_multiplier: float = 0.0  # z > 0: participants add distributed Gaussian noise (client-level DP)
     dp_delta: float = 1e-5
     # Pairwise masks under the ciphertexts (docs/threat-model.md, "Pairwise masks"): pairwise | off |
-    # auto (pairwise with 3+ participants in local-ppo mode without a masked-norm defense, else off).
+    # auto (pairwise with 3+ participants unless a masked-norm defense or transition uploads rule masks out).
     masking: str = "auto"
 
     @classmethod
@@ -100,6 +104,8 @@ class RunSettings:
         """Refuse values out of range, one line per problem (``RunConfigError``)."""
         rules = [
             (self.mode in MODES, f"mode {self.mode!r} is not one of {', '.join(MODES)}"),
+            (self.rollout_upload in ROLLOUT_UPLOADS,
+             f"rollout-upload {self.rollout_upload!r} is not one of {', '.join(ROLLOUT_UPLOADS)}"),
             (self.masking in MASKING, f"masking {self.masking!r} is not one of {', '.join(MASKING)}"),
             (self.defense in DEFENSES, f"defense {self.defense!r} is not one of {', '.join(DEFENSES)}"),
             (self.he_profile in ("", *PROFILES), f"he-profile {self.he_profile!r} is not one of {', '.join(PROFILES)}"),

@@ -7,6 +7,7 @@ from coordinator.aggregation.masked_sum import PairwiseMaskedSum
 from coordinator.aggregation.plain_sum import PlainSum
 from coordinator.aggregation.robust import MedianNorm, NormBound
 from coordinator.aggregation.rollout_gradient import RolloutGradient
+from coordinator.aggregation.rollout_statistics import MaskedStatisticsGradient, StatisticsGradient
 
 AGGREGATIONS: dict[str, type[Aggregation]] = {
     "sum": PlainSum,
@@ -14,6 +15,8 @@ AGGREGATIONS: dict[str, type[Aggregation]] = {
     "norm-bound": NormBound,
     "median-norm": MedianNorm,
     "rollout-gradient": RolloutGradient,
+    "rollout-statistics": StatisticsGradient,
+    "rollout-statistics-pairwise": MaskedStatisticsGradient,
 }
 
 __all__ = ["AGGREGATIONS", "Aggregate", "Aggregation", "RoundContext"]

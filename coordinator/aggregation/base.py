@@ -39,6 +39,11 @@ class RoundContext:
     refreshed: Refreshed | None = None  # set once the refresher (or a fallback) answered
 
     @property
+    def update_length(self) -> int:
+        """Values in one participant's update (theta's size, or an owner's tiled statistics)."""
+        return self.plan.update_length(self.backend.slots)
+
+    @property
     def participants(self) -> int:
         return len(self.nodes)
 

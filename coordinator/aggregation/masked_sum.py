@@ -89,7 +89,7 @@ class PairwiseMaskedSum(PlainSum):
             for survivor in self.survivors.values():
                 context = SelfMaskContext(ctx.backend.fingerprint, ctx.exchange.run_id, ctx.round, survivor.index)
                 update = add_plain_vector(ctx.backend, update, -self_mask(
-                    seeds[survivor.index], context, UPDATE_STREAM, ctx.plan.num_params, self.roster_size))
+                    seeds[survivor.index], context, UPDATE_STREAM, ctx.update_length, self.roster_size))
                 stats = add_plain_vector(ctx.backend, stats, -self_mask(
                     seeds[survivor.index], context, STATS_STREAM, messages.STATS_LENGTH, self.roster_size))
         return Aggregate(update, stats, len(self.contributors))
@@ -108,7 +108,7 @@ class PairwiseMaskedSum(PlainSum):
             outgoing.append(ctx.exchange.message(self.survivors[index].node, ctx.round, ctx.participants,
                                                  messages.UNMASK, {messages.UNMASK_REQUEST: messages.pack(request)}))
         by_node = {s.node: s for s in self.survivors.values()}
-        read = lambda _node, reply: read_unmask(ctx.backend, reply, ctx.round, ctx.plan.num_params,  # noqa: E731
+        read = lambda _node, reply: read_unmask(ctx.backend, reply, ctx.round, ctx.update_length,  # noqa: E731
                                                 bool(dropped), len(survivors) - 1)
         answered = set()
         for node, (shares, corrections) in ctx.exchange.collect(outgoing, read, outcome, "unmask reply"):

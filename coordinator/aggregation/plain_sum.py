@@ -20,7 +20,7 @@ class PlainSum(Aggregation):
     def add(self, node: int, reply: Message) -> None:
         ctx = self.ctx
         with ctx.outcome.timer.phase("read_updates"):
-            answer = read_update(ctx.backend, reply, ctx.round, ctx.plan.num_params, self.masked)
+            answer = read_update(ctx.backend, reply, ctx.round, ctx.update_length, self.masked)
             self.admit(node, answer)
         with ctx.outcome.timer.phase("sum"):
             self.update = add_vectors(ctx.backend, self.update, answer.update)

@@ -230,21 +230,27 @@ def test_hostile_replies_are_recorded_failures_and_rounds_complete(tmp_path):
     assert "scale" in reasons[0] and "exceeds the limit" in reasons[1] and "not a valid CKKS ciphertext" in reasons[2]
 
 
-def test_encrypted_rollout_mode_learns_from_encrypted_rollouts_only(tmp_path, keys, coordinator_backend):
-    """The coordinator trains on Enc(states) and Enc(deltas); only allowlisted ciphertexts leave owners."""
+@pytest.mark.parametrize("upload", ["statistics", "transitions"])
+def test_encrypted_rollout_mode_learns_from_encrypted_rollouts_only(tmp_path, keys, coordinator_backend, upload):
+    """The coordinator trains on owners' encrypted statistics (masked) or transitions (unmasked); only
+    allowlisted ciphertexts leave owners."""
     out, audit = tmp_path / "run", tmp_path / "audit"
-    settings = RunSettings(scenario="cartpole", mode="encrypted-rollouts", num_server_rounds=2, out_dir=str(out),
-                           min_participants=3, seed=0)
+    settings = RunSettings(scenario="cartpole", mode="encrypted-rollouts", rollout_upload=upload, num_server_rounds=2,
+                           out_dir=str(out), min_participants=3, seed=0)
     summary = simulate(settings, 3, keys.directory, client_mods=[egress_audit_mod(audit)])
     assert summary["mode"] == "encrypted-rollouts" and summary["rounds"] == 2
-    assert json.loads((out / "run.json").read_text())["mode"] == "encrypted-rollouts"
+    assert summary["masking"] == ("pairwise" if upload == "statistics" else "off")
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["mode"] == "encrypted-rollouts" and run_info["rollout_upload"] == upload
     rows = read_metrics(out)
     assert all(r["participants"] == 3 and r["failed"] == [] and r["mean_return"] > 0 for r in rows)
     replies, problems = audit_recorded(audit, coordinator_backend)
     assert problems == []
     manifests = [m for m, _ in _audited_replies(audit)]
-    uploads = [m for m in manifests if messages.ROLLOUT in m["array_records"]]
-    assert len(uploads) == 6 and not any(messages.UPDATE in m["array_records"] for m in manifests)
+    sent, not_sent = (messages.UPDATE, messages.ROLLOUT) if upload == "statistics" else (messages.ROLLOUT,
+                                                                                         messages.UPDATE)
+    assert sum(sent in m["array_records"] for m in manifests) == 6
+    assert not any(not_sent in m["array_records"] for m in manifests)
     assert sum(messages.GRADIENT_REPLY in m["array_records"] for m in manifests) == 2  # one collapse per round
     assert evaluate_run(out, keys.directory, episodes=2)["round"] == 2
 

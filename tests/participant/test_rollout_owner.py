@@ -13,6 +13,7 @@ from protos.backend import PlainBackend
 from protos.optimizer import HEAdamConfig
 from protos.profiles import get_profile
 from protos.rollout_layout import layout_for_round
+from protos.rollout_statistics import StatisticsLayout
 from protos.update_units import UpdateUnits
 from scenarios import load_scenario
 
@@ -58,19 +59,27 @@ def test_uploads_are_bounded_fixed_size_and_collapse_to_the_clipped_gradient(nam
     scenario = small(name)
     spec, config = scenario.poly_spec(), HEAdamConfig.of(scenario.rollout.server)
     layout = layout_for_round(scenario, SLOTS, 3)
+    statistics = StatisticsLayout(spec, SLOTS)
     owner = RolloutOwner(scenario, 0, seed=0)
     theta = spec.init(0)
     for _ in range(2):
-        result = owner.contribute(theta, UpdateUnits.of(config, 3), layout)
-        assert len(result.blocks) == layout.blocks_for(scenario.rollout.transitions)
-        assert all(len(block) == layout.block_vectors for block in result.blocks)
-        states = np.concatenate([block[: spec.obs_dim] for block in result.blocks], axis=1)
+        result = owner.contribute(theta, UpdateUnits.of(config, 3))
+        blocks = result.blocks(layout)
+        assert len(blocks) == layout.blocks_for(scenario.rollout.transitions)
+        assert all(len(block) == layout.block_vectors for block in blocks)
+        states = np.concatenate([block[: spec.obs_dim] for block in blocks], axis=1)
         assert np.max(np.abs(states)) <= scenario.rollout.obs_clip
         # The coordinator's per-slot products, collapsed, are this owner's weighted, clipped gradient.
-        per_slot = sum(np.stack(plain_block_gradient(layout, theta, block)) for block in result.blocks)
+        per_slot = sum(np.stack(plain_block_gradient(layout, theta, block)) for block in blocks)
         gradient = layout.collapse(list(per_slot)) / UpdateUnits.of(config, 3).factor
         assert np.max(np.abs(gradient)) <= config.clip_bound * (1 + 1e-9)
         assert result.stats[2] == scenario.rollout.transitions
+        # The statistics upload: one fixed-size vector whose terms, times the coefficients, sum to the same.
+        tiled = result.tiled_statistics(statistics)
+        assert tiled.shape == (statistics.upload_length,)
+        products = tiled * np.concatenate(statistics.pack_theta(theta))
+        from_statistics = statistics.collapse(list(products.reshape(statistics.gradient_vectors, SLOTS)))
+        np.testing.assert_allclose(from_statistics / UpdateUnits.of(config, 3).factor, gradient, atol=1e-12)
     owner.close()
 
 

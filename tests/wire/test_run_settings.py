@@ -44,7 +44,9 @@ def test_masking_auto_is_pairwise_with_three_or_more_participants_and_local_ppo(
     assert masking(2) == "off" and masking(participants=2) == "off"
     assert masking(defense="median-norm") == "off" and masking(defense="norm-bound") == "off"
     assert masking(defense="dp", dp_noise_multiplier=1.0) == "pairwise"  # DP noise is added before masking
-    assert masking(mode="encrypted-rollouts") == "off" and masking(plaintext=True) == "off"
+    assert masking(mode="encrypted-rollouts") == "pairwise"  # owners' statistics are summed like updates
+    assert masking(mode="encrypted-rollouts", rollout_upload="transitions") == "off"
+    assert masking(plaintext=True) == "off"
     assert masking(2, masking="pairwise") == "pairwise" and masking(masking="off") == "off"
 
 
@@ -53,7 +55,8 @@ def test_masking_auto_is_pairwise_with_three_or_more_participants_and_local_ppo(
     [
         (RunSettings(masking="pairwise", defense="median-norm"), "needs each update's own norm"),
         (RunSettings(masking="pairwise", defense="norm-bound"), "needs each update's own norm"),
-        (RunSettings(masking="pairwise", mode="encrypted-rollouts"), "masks would not cancel"),
+        (RunSettings(masking="pairwise", mode="encrypted-rollouts", rollout_upload="transitions"),
+         "masks would not cancel"),
         (RunSettings(masking="pairwise", plaintext=True), "no keys and no roster"),
         (RunSettings(masking="sometimes"), "unknown masking"),
     ],
@@ -78,9 +81,14 @@ def test_the_coordinator_refuses_masking_with_masked_norm_defenses_and_encrypted
         plan = resolve_plan(RunSettings(defense=defense))
         forced = RunPlan(plan.scenario, dataclasses.replace(plan.settings, masking="pairwise"), plan.optimizer)
         assert forced.aggregation == defense and not getattr(AGGREGATIONS[defense], "masked", False)
+    transitions = RunSettings(mode="encrypted-rollouts", rollout_upload="transitions")
     with pytest.raises(ValueError, match="encrypted-rollouts"):
-        resolve_plan(RunSettings(masking="pairwise", mode="encrypted-rollouts"))
-    assert resolve_plan(RunSettings(mode="encrypted-rollouts")).aggregation == "rollout-gradient"
+        resolve_plan(dataclasses.replace(transitions, masking="pairwise"))
+    assert resolve_plan(transitions).aggregation == "rollout-gradient"
+    statistics = resolve_plan(RunSettings(mode="encrypted-rollouts"))
+    assert statistics.aggregation == "rollout-statistics-pairwise" and AGGREGATIONS[statistics.aggregation].masked
+    unmasked = resolve_plan(RunSettings(mode="encrypted-rollouts", masking="off"))
+    assert unmasked.aggregation == "rollout-statistics" and not AGGREGATIONS[unmasked.aggregation].masked
     assert resolve_plan(RunSettings(masking="off", defense="median-norm")).aggregation == "median-norm"
     dp = resolve_plan(RunSettings(masking="pairwise", defense="dp", dp_noise_multiplier=1.0))
     assert dp.aggregation == "pairwise" and AGGREGATIONS[dp.aggregation].masked  # DP noise is added before masking
