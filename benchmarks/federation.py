@@ -49,9 +49,10 @@ def run_federation_bench(
     greedy_episodes: int = 10,
     masking: str = "auto",
     rollout_upload: str = "statistics",
+    server_optimizer: str = "adam",
 ) -> dict:
     base = RunSettings(scenario=scenario_ref, mode=mode, num_server_rounds=rounds or 0, masking=masking,
-                       rollout_upload=rollout_upload)
+                       rollout_upload=rollout_upload, server_optimizer=server_optimizer)
     plan = resolve_plan(base)
     scenario, resolved = plan.scenario, plan.settings
     n = participants or scenario.num_participants
@@ -109,6 +110,7 @@ def run_federation_bench(
         "scenario": scenario.name,
         "mode": mode,
         **({"rollout_upload": rollout_upload} if mode == "encrypted-rollouts" else {}),
+        "server_optimizer": server_optimizer,
         "masking": resolve_plan(replace(base, plaintext=False), n).settings.masking,
         "stop_on_solve": stop_on_solve,
         "participants": n,

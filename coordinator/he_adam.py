@@ -124,6 +124,8 @@ def step_chunk(
     """
     b1, b2, gain = config.beta1, config.beta2, config.step_gain
     m_new = backend.add(backend.mul_scalar(m, b1), backend.mul_scalar(u, 1 - b1))
+    if config.optimizer == "sgd":  # HE-SGD: theta -= lr m, with u = s G: two levels, z and w~ untouched
+        return backend.mul_scalar(m_new, config.lr / config.update_scale), m_new, z, w, None
     km = backend.mul_scalar(m_new, gain)  # level 2; km * w (3) still meets P(x) (5) in time
     z_new = backend.add_scalar(backend.add(backend.mul_scalar(z, b2), backend.mul(u, u)), 1 - b2)
     x = backend.mul(z_new, backend.mul(w, w))
@@ -165,7 +167,7 @@ def step_levels(start: dict[str, int], aggregate_level: int, config: HEAdamConfi
                 poly: InverseSqrtPolynomial) -> tuple[dict[str, int], int]:
     """Levels each state vector has used after a step from ``start`` levels, and the deepest value's."""
     delta, m, z, w, x = step_chunk(LevelCount(), start["m"], start["z"], start["w"], aggregate_level, config, poly)
-    return {"m": m, "z": z, "w": w}, max(delta, m, z, w, x)
+    return {"m": m, "z": z, "w": w}, max(level for level in (delta, m, z, w, x) if level is not None)
 
 
 def refresh_due(

@@ -68,7 +68,8 @@ def run_federation(
         threshold=plan.scenario.reward_threshold,
         num_params=plan.num_params,
         wall_s=driver.record.wall_s(),
-        extra={"mode": settings.mode, "rollout_upload": settings.rollout_upload, **driver.summary_fields()},
+        extra={"mode": settings.mode, "rollout_upload": settings.rollout_upload,
+               "server_optimizer": settings.server_optimizer, **driver.summary_fields()},
     )
 
 
@@ -78,7 +79,8 @@ def write_run_info(out_dir: Path, settings: RunSettings, scenario_name: str, num
     info = {"scenario_ref": settings.scenario, "scenario": scenario_name, "num_params": num_params,
             "plaintext": settings.plaintext, "seed": settings.seed, "rounds": settings.num_server_rounds,
             "he_profile": settings.he_profile, "robust_training": settings.robust_training, "mode": settings.mode,
-            "rollout_upload": settings.rollout_upload, "masking": settings.masking,
+            "rollout_upload": settings.rollout_upload, "server_optimizer": settings.server_optimizer,
+            "masking": settings.masking,
             # The seed above makes only the initial policy; each participant's randomness is its own.
             "reproducible": False, "private_randomness": True,
             "randomness": "decided by each organization's node (OS entropy unless its policy sets a seed)"}

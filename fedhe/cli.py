@@ -96,6 +96,14 @@ def simulate(
             "coordinator reads it). docs/encrypted-rollouts.md."
         ),
     ),
+    server_optimizer: str = typer.Option(
+        "adam",
+        "--server-optimizer",
+        help=(
+            "adam: HE-Adam, per-coordinate adaptive steps on ciphertexts (docs/he-adam.md). sgd: HE-SGD with "
+            "momentum, the linear baseline (the scenario's server sgd_lr)."
+        ),
+    ),
     masking: str = typer.Option(
         "auto",
         "--masking",
@@ -142,6 +150,7 @@ def simulate(
         plaintext=plaintext,
         mode=mode,
         rollout_upload=rollout_upload,
+        server_optimizer=server_optimizer,
         masking=masking,
         seed=-1 if seed is None else seed,
         stop_on_solve=stop_on_solve,

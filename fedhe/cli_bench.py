@@ -53,6 +53,9 @@ def bench_encrypted_gradient(
     profile: str = typer.Option(DEFAULT_PROFILE, "--profile", help=PROFILE_HELP),
     clip_bound: float = typer.Option(2.0, "--clip-bound", help="C: deltas are scaled so |G_j| <= C provably."),
     plaintext: bool = typer.Option(False, "--plaintext", help="Run the identical protocol on PlainBackend."),
+    upload: str = typer.Option(
+        "statistics", "--upload", help="statistics (sufficient statistics, masked) or transitions (every one)."
+    ),
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
@@ -68,7 +71,7 @@ def bench_encrypted_gradient(
         slots = get_profile(profile).slots
         blocks = BlockLayout.of(obs_dim, hidden, actions, slots).blocks_for(transitions)
         with progress_bar() as bar:
-            task = bar.add_task("gradient blocks", total=participants * blocks)
+            task = bar.add_task("gradient blocks", total=participants * blocks if upload == "transitions" else None)
             result = run_encrypted_gradient_bench(
                 participants,
                 transitions,
@@ -80,6 +83,7 @@ def bench_encrypted_gradient(
                 clip_bound,
                 seed,
                 on_block=lambda done: bar.update(task, completed=done),
+                upload=upload,
             )
     except (HEAdamConfigError, WireError, ValueError) as exc:
         fail(str(exc))
@@ -136,6 +140,7 @@ def bench_federation(
     rollout_upload: str = typer.Option(
         "statistics", "--rollout-upload", help="encrypted-rollouts: owners send statistics or transitions."
     ),
+    server_optimizer: str = typer.Option("adam", "--server-optimizer", help="adam (HE-Adam) or sgd (HE-SGD)."),
     masking: str = typer.Option("auto", "--masking", help="Pairwise masks in the encrypted runs: auto, pairwise, off."),
     stop_on_solve: bool = typer.Option(
         False, "--stop-on-solve", help="End each run once solved (compare rounds_to_solve, wall_per_round_ratio)."
@@ -155,7 +160,7 @@ def bench_federation(
         try:
             result = run_federation_bench(
                 scenario, seeds, participants, rounds, out, on_run=on_run, mode=mode, stop_on_solve=stop_on_solve,
-                masking=masking, rollout_upload=rollout_upload,
+                masking=masking, rollout_upload=rollout_upload, server_optimizer=server_optimizer,
             )
         except (WireError, ValueError, RuntimeError) as exc:
             fail(str(exc))

@@ -66,6 +66,7 @@ def recorded_settings(run_dir: Path, scenario_ref: str | None = None) -> tuple[S
                            seed=info.get("seed", -1), he_profile=info.get("he_profile", ""),
                            robust_training=info.get("robust_training", ""), mode=info.get("mode", "local-ppo"),
                            rollout_upload=info.get("rollout_upload", "transitions"),
+                           server_optimizer=info.get("server_optimizer", "adam"),
                            masking=info.get("masking", "auto"))
     plan = resolve_plan(settings)
     return plan.scenario, plan.settings

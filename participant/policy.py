@@ -35,6 +35,7 @@ COORDINATOR_MAY_SET: dict[str, str] = {
                 "file the run names",
     "mode": "how to train; checked: one of allowed-modes",
     "rollout_upload": "what encrypted-rollout owners send (transitions turn masking off: see masking)",
+    "server_optimizer": "the coordinator's optimizer",
     "num_server_rounds": "how long to train",
     "coordinator_key": "a path on the coordinator's own machine",
     "out_dir": "the coordinator's output directory",

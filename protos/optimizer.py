@@ -21,6 +21,7 @@ MASK_BOUND = 2.0**15
 # The encrypted optimizer state next to theta: m~ (stored as "m"), z = (v + tau) / tau and w~
 # (stored as "w"); docs/he-adam.md, "Normalized state".
 STATE_NAMES = ("m", "z", "w")
+SERVER_OPTIMIZERS = ("adam", "sgd")
 
 
 class HEAdamConfigError(ValueError):
@@ -33,6 +34,9 @@ class HEAdamConfig:
     from its scenario (``HEAdamConfig.of(scenario.server_optimizer(mode))``, once, in the run plan)."""
 
     lr: float = 0.01
+    # adam: HE-Adam. sgd: HE-SGD with momentum, m = b1 m + (1 - b1) G, theta -= lr m: no second moment
+    # and no polynomial, the linear baseline (z and w~ are kept but never change).
+    optimizer: str = "adam"
     beta1: float = 0.9
     beta2: float = 0.99
     clip_bound: float  # C: |G_j| <= C for every coordinate of the aggregate (no default: the scenario's)
@@ -73,10 +77,12 @@ class HEAdamConfig:
         return 3 + int(math.log2(self.degree + 1))
 
     @classmethod
-    def of(cls, server: Any) -> HEAdamConfig:
-        """From a scenario's ``ServerOptimizer`` (``Scenario.server_optimizer(mode)``)."""
-        return cls(lr=server.lr, beta1=server.beta1, beta2=server.beta2, clip_bound=server.clip_bound,
-                   interval_upper=server.interval_upper)
+    def of(cls, server: Any, optimizer: str = "adam") -> HEAdamConfig:
+        """From a scenario's ``ServerOptimizer`` (``Scenario.server_optimizer(mode)``) and the run's choice."""
+        if optimizer not in SERVER_OPTIMIZERS:
+            raise HEAdamConfigError(f"unknown server optimizer {optimizer!r}; known: {', '.join(SERVER_OPTIMIZERS)}")
+        return cls(lr=server.sgd_lr if optimizer == "sgd" else server.lr, optimizer=optimizer, beta1=server.beta1,
+                   beta2=server.beta2, clip_bound=server.clip_bound, interval_upper=server.interval_upper)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -87,6 +93,8 @@ class HEAdamConfig:
 
     def validate(self, profile: HEProfile | None = None) -> InverseSqrtPolynomial:
         """Refuse settings that break the interval guarantee; return the fitted polynomial."""
+        if self.optimizer not in SERVER_OPTIMIZERS:
+            raise HEAdamConfigError(f"optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got {self.optimizer!r}")
         if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 < self.beta2 < 1):
             raise HEAdamConfigError("need lr > 0, 0 <= beta1 < 1 and 0 < beta2 < 1")
         if self.clip_bound <= 0 or self.interval_upper <= 1:

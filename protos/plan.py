@@ -171,4 +171,5 @@ def resolve_run(settings: RunSettings, participants: int = 0) -> tuple[Scenario,
 def resolve_plan(settings: RunSettings, participants: int = 0) -> RunPlan:
     """The plan of a run with ``participants`` organizations (0: not known yet, every node)."""
     scenario, resolved = resolve_run(settings, participants)
-    return RunPlan(scenario, resolved, HEAdamConfig.of(scenario.server_optimizer(resolved.mode)))
+    optimizer = HEAdamConfig.of(scenario.server_optimizer(resolved.mode), resolved.server_optimizer)
+    return RunPlan(scenario, resolved, optimizer)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from protos.optimizer import SERVER_OPTIMIZERS
 from protos.profiles import PROFILES
 from scenarios.scenario import MODES
 
@@ -41,6 +42,7 @@ class RunSettings:
     # encrypted-rollouts only: statistics (owners send sufficient statistics, under pairwise masks) |
     # transitions (owners send every transition; masks cannot cover them: docs/encrypted-rollouts.md)
     rollout_upload: str = "statistics"
+    server_optimizer: str = "adam"  # adam (HE-Adam) | sgd (HE-SGD with momentum, the linear baseline)
     num_server_rounds: int = 0  # 0: the scenario's default
     plaintext: bool = False  # identical protocol, encryption replaced by identity (simulation only)
     coordinator_key: str = ""  # coordinator.ctx on the coordinator's machine
@@ -106,6 +108,8 @@ class RunSettings:
             (self.mode in MODES, f"mode {self.mode!r} is not one of {', '.join(MODES)}"),
             (self.rollout_upload in ROLLOUT_UPLOADS,
              f"rollout-upload {self.rollout_upload!r} is not one of {', '.join(ROLLOUT_UPLOADS)}"),
+            (self.server_optimizer in SERVER_OPTIMIZERS,
+             f"server-optimizer {self.server_optimizer!r} is not one of {', '.join(SERVER_OPTIMIZERS)}"),
             (self.masking in MASKING, f"masking {self.masking!r} is not one of {', '.join(MASKING)}"),
             (self.defense in DEFENSES, f"defense {self.defense!r} is not one of {', '.join(DEFENSES)}"),
             (self.he_profile in ("", *PROFILES), f"he-profile {self.he_profile!r} is not one of {', '.join(PROFILES)}"),

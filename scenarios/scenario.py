@@ -138,9 +138,13 @@ class ServerOptimizer:
     beta2: float
     clip_bound: float
     interval_upper: float = 4.0  # B: HE-Adam's x stays in [beta2, B]
+    # HE-SGD (--server-optimizer sgd, the linear baseline): its own step size, since without the
+    # second moment a step is lr times the (momentum-averaged) gradient, not lr per coordinate.
+    sgd_lr: float = 1.0
 
     def __post_init__(self) -> None:
         _require(_finite_positive(self.lr), f"server.lr must be > 0, got {self.lr}")
+        _require(_finite_positive(self.sgd_lr), f"server.sgd_lr must be > 0, got {self.sgd_lr}")
         _require(0.0 <= self.beta1 < 1.0, f"server.beta1 must be in [0, 1), got {self.beta1}")
         _require(0.0 < self.beta2 < 1.0, f"server.beta2 must be in (0, 1), got {self.beta2}")
         _require(_finite_positive(self.clip_bound), f"server.clip_bound must be > 0, got {self.clip_bound}")
