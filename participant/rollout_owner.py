@@ -40,6 +40,7 @@ class OwnerRound:
     obs: np.ndarray  # (T, d), in [-1, 1]
     d_actor: np.ndarray  # (T, A)
     d_critic: np.ndarray  # (T,)
+    d_log_std: np.ndarray | None  # (T, A): a continuous actor's log-std deltas (statistics uploads train it)
     stats: np.ndarray  # [sum of episode returns, episodes, env steps]
     clip_factor: float  # the smaller of the actor's and critic's clip factors (<= 1), kept locally
     transitions: int  # the scenario's rollout size: every owner uploads as many blocks, so sizes reveal nothing
@@ -50,7 +51,7 @@ class OwnerRound:
 
     def tiled_statistics(self, layout: StatisticsLayout) -> np.ndarray:
         """The sufficient statistics, one per term: the update a statistics upload masks and encrypts."""
-        return layout.tile(layout.statistics(self.obs, self.d_actor, self.d_critic))
+        return layout.tile(layout.statistics(self.obs, self.d_actor, self.d_critic, self.d_log_std))
 
 
 class RolloutOwner:
@@ -82,11 +83,14 @@ class RolloutOwner:
         actions = rollout.actions.reshape(len(obs), -1) if self.spec.continuous else rollout.actions.reshape(-1)
         adv, ret, values = adv.reshape(-1), ret.reshape(-1), rollout.values.reshape(-1)
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        d_actor, d_critic = a2c_deltas(policy, obs, actions, adv, values, ret, cfg.vf_coef)
-        fa, fc = clip_factors(self.spec, self.spec.gradient(theta, obs, d_actor, d_critic), units.clip)
+        d_actor, d_critic, d_log_std = a2c_deltas(policy, obs, actions, adv, values, ret, cfg.vf_coef)
+        gradient = self.spec.gradient(theta, obs, d_actor, d_critic, d_log_std)
+        fa, fc = clip_factors(self.spec, gradient, units.clip)
         weight = units.factor  # 1/n and HE-Adam's pre-scale s, as for any update
         stats = np.array([float(np.sum(rollout.episode_returns)), float(len(rollout.episode_returns)), float(len(obs))])
-        return OwnerRound(obs, d_actor * (fa * weight), d_critic * (fc * weight), stats, min(fa, fc), cfg.transitions)
+        spread = None if d_log_std is None else d_log_std * (fa * weight)
+        return OwnerRound(obs, d_actor * (fa * weight), d_critic * (fc * weight), spread, stats, min(fa, fc),
+                          cfg.transitions)
 
     def close(self) -> None:
         self.env.close()
@@ -108,22 +112,26 @@ def clip_factors(spec: PolyNetSpec, gradient: np.ndarray, bound: float) -> tuple
 
 
 def a2c_deltas(policy: PolyPolicy, obs: np.ndarray, actions: np.ndarray, adv: np.ndarray, values: np.ndarray,
-               returns: np.ndarray, vf_coef: float) -> tuple[np.ndarray, np.ndarray]:
+               returns: np.ndarray, vf_coef: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Loss-layer deltas of the mean A2C loss -A log pi(a|s) + vf_coef (V - R)^2 / 2 over T transitions.
 
-    Discrete: d loss / d logits = -A (onehot(a) - p) / T; continuous (fixed std, unit scale):
-    d loss / d mean = -A (u - mean) / (std^2 T); critic: vf_coef (V - R) / T.
+    Discrete: d loss / d logits = -A (onehot(a) - p) / T; continuous (unit scale): d loss / d mean =
+    -A (u - mean) / (std^2 T) and d loss / d log_std = -A ((u - mean)^2 / std^2 - 1) / T (None for
+    discrete actions); critic: vf_coef (V - R) / T.
     """
     t = len(obs)
     out, _ = policy.forward(obs)
+    d_log_std = None
     if policy.spec.continuous:
-        d_actor = -(adv / t)[:, None] * (policy.unit_actions(actions) - out) / policy.std**2
+        residual = policy.unit_actions(actions) - out
+        d_actor = -(adv / t)[:, None] * residual / policy.std**2
+        d_log_std = -(adv / t)[:, None] * (residual**2 / policy.std**2 - 1.0)
     else:
         p = softmax(out)
         onehot = np.zeros_like(p)
         onehot[np.arange(t), actions.astype(int)] = 1.0
         d_actor = -(adv / t)[:, None] * (onehot - p)
-    return d_actor, vf_coef * (values - returns) / t
+    return d_actor, vf_coef * (values - returns) / t, d_log_std
 
 
 _owners: dict[tuple, RolloutOwner] = {}

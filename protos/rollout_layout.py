@@ -69,6 +69,7 @@ class BlockLayout:
         self.obs_dim = int(spec.obs_dim)
         self.hidden = int(spec.hidden)
         self.num_outputs = int(spec.num_outputs)
+        self.continuous = bool(getattr(spec, "continuous", False))
         self.slots = int(slots)
         self.delta_scale = float(delta_scale)
         if not (np.isfinite(self.delta_scale) and self.delta_scale > 0):
@@ -80,6 +81,7 @@ class BlockLayout:
         d, h, a = self.obs_dim, self.hidden, self.num_outputs
         sizes = {
             "actor_W1": h * d, "actor_b1": h, "actor_W2": a * h, "actor_b2": a,
+            **({"actor_log_std": a} if self.continuous else {}),  # no per-slot term: fixed in this upload
             "critic_W1": h * d, "critic_b1": h, "critic_W2": h, "critic_b2": 1,
         }  # fmt: skip
         offsets = np.cumsum([0, *sizes.values()])

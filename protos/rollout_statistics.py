@@ -23,6 +23,10 @@ multiplies the two (one ciphertext product, depth 1) and masks the per-term prod
 sums the terms of each coordinate (``collapse``, the public slot-sum map, as for the per-transition
 upload) and re-encrypts one dense gradient.
 
+A continuous actor's log standard deviations add one statistic each, the owner's summed
+log-std deltas ``sum_i d_log_std_ia``, whose coefficient is 1: the owner computes everything
+non-polynomial about the spread on its own values.
+
 ``M_o`` is symmetric: only its upper triangle is sent (off-diagonal coefficients doubled). For
 CartPole (d = 4, H = 16, 2 actions) that is 45 statistics and 1,923 terms: one ciphertext.
 """
@@ -48,14 +52,17 @@ class StatisticsLayout:
 
     def __init__(self, spec: Any, slots: int) -> None:
         self.obs_dim, self.hidden, self.num_outputs = int(spec.obs_dim), int(spec.hidden), int(spec.num_outputs)
+        self.continuous = bool(getattr(spec, "continuous", False))
         self.slots = int(slots)
         d, h, a = self.obs_dim, self.hidden, self.num_outputs
         if min(d, h, a, self.slots) < 1:
             raise ValueError("obs_dim, hidden, num_outputs and slots must be positive")
         self.upper = np.triu_indices(d)  # M_o's sent entries, row-major upper triangle
         self.per_output = 1 + d + len(self.upper[0])
-        self.stats_length = (a + 1) * self.per_output
+        self.spread = a if self.continuous else 0  # summed log-std deltas, after the outputs' statistics
+        self.stats_length = (a + 1) * self.per_output + self.spread
         sizes = {"actor_W1": h * d, "actor_b1": h, "actor_W2": a * h, "actor_b2": a,
+                 **({"actor_log_std": a} if self.continuous else {}),
                  "critic_W1": h * d, "critic_b1": h, "critic_W2": h, "critic_b2": 1}
         offsets = np.cumsum([0, *sizes.values()])
         self.offsets = {name: int(off) for name, off in zip(sizes, offsets)}
@@ -111,6 +118,8 @@ class StatisticsLayout:
                         term(w1[j], v + j, 1.0, w2, b1, _ONE_PLUS_TWICE)
                         for i in range(d):
                             term(w1[j], m + pair[(j, i)], 2.0, w2, w1[i], _SAME)
+        for a in range(self.spread):
+            term(self.offsets["actor_log_std"] + a, (self.num_outputs + 1) * self.per_output + a, 1.0)
         table = np.array(rows, dtype=np.float64)
         self.terms = len(rows)
         self.param_of = table[:, 0].astype(np.int64)
@@ -119,8 +128,10 @@ class StatisticsLayout:
         self._i1, self._i2 = table[:, 3].astype(np.int64), table[:, 4].astype(np.int64)
 
     # ----- owners: statistics ----------------------------------------------------------------
-    def statistics(self, obs: np.ndarray, d_actor: np.ndarray, d_critic: np.ndarray) -> np.ndarray:
-        """``c_o, v_o, upper(M_o)`` per output (actor outputs, then critic), flat: ``stats_length`` values.
+    def statistics(self, obs: np.ndarray, d_actor: np.ndarray, d_critic: np.ndarray,
+                   d_log_std: np.ndarray | None = None) -> np.ndarray:
+        """``c_o, v_o, upper(M_o)`` per output (actor outputs, then critic), then a continuous actor's
+        summed log-std deltas (zero without them), flat: ``stats_length`` values.
 
         Observations must lie in ``[-1, 1]`` (HE-Adam's gradient bound assumes it)."""
         x = np.asarray(obs, dtype=np.float64)
@@ -136,7 +147,12 @@ class StatisticsLayout:
         c = deltas.sum(axis=0)
         v = deltas.T @ x
         m = np.einsum("to,tj,tl->ojl", deltas, x, x)[:, self.upper[0], self.upper[1]]
-        return np.concatenate([c[:, None], v, m], axis=1).ravel()
+        spread = np.zeros(self.spread)
+        if self.spread and d_log_std is not None:
+            spread = np.asarray(d_log_std, dtype=np.float64).reshape(t, self.spread).sum(axis=0)
+            if not np.all(np.isfinite(spread)):
+                raise ValueError("log-std deltas must be finite")
+        return np.concatenate([np.concatenate([c[:, None], v, m], axis=1).ravel(), spread])
 
     def tile(self, stats: np.ndarray) -> np.ndarray:
         """Slot ``n`` holds the statistic of term ``n``; zero-padded to whole ciphertexts."""

@@ -7,8 +7,11 @@ the activation ``a(z) = z + z**2`` in its hidden layer and a linear output. ``z 
 same multiplicative depth as ``z**2`` but, unlike it, is not even: a zero-bias ``z**2`` network is
 an even function of the state, and CartPole's policy must be odd.
 
-The actor's outputs are logits (discrete actions, any number) or Gaussian means (continuous); the
-Gaussian log-std is not part of this network.
+The actor's outputs are logits (discrete actions, any number) or Gaussian means (continuous). A
+continuous actor also has a state-independent log standard deviation per action dimension
+(``actor_log_std``), trained with the rest of theta: its gradient is a sum of per-transition terms
+the owner computes on its own values (``d_log_std``), so it adds nothing non-polynomial to the
+coordinator's part.
 
 Flat parameter layout (``theta``), in this order:
 
@@ -19,6 +22,7 @@ actor ``W1``          ``(hidden, obs_dim)``         row-major
 actor ``b1``          ``(hidden,)``
 actor ``W2``          ``(num_outputs, hidden)``     row-major
 actor ``b2``          ``(num_outputs,)``
+actor ``log_std``     ``(num_outputs,)``                continuous actions only
 critic ``W1``         ``(hidden, obs_dim)``         row-major
 critic ``b1``         ``(hidden,)``
 critic ``W2``         ``(1, hidden)``
@@ -35,7 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PARAM_NAMES = ("actor_W1", "actor_b1", "actor_W2", "actor_b2", "critic_W1", "critic_b1", "critic_W2", "critic_b2")
+PARAM_NAMES = ("actor_W1", "actor_b1", "actor_W2", "actor_b2", "actor_log_std", "critic_W1", "critic_b1", "critic_W2",
+               "critic_b2")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class PolyNetSpec:
     hidden: int
     num_outputs: int
     continuous: bool = False
+    initial_log_std: float = 0.0  # continuous: log of the initial standard deviation, in unit action scale
 
     def __post_init__(self) -> None:
         if min(self.obs_dim, self.hidden, self.num_outputs) < 1:
@@ -63,6 +69,7 @@ class PolyNetSpec:
             "actor_b1": (h,),
             "actor_W2": (a, h),
             "actor_b2": (a,),
+            **({"actor_log_std": (a,)} if self.continuous else {}),
             "critic_W1": (h, d),
             "critic_b1": (h,),
             "critic_W2": (1, h),
@@ -99,7 +106,13 @@ class PolyNetSpec:
             p[f"{net}_W1"][...] = _unit_rows(rng, (self.hidden, self.obs_dim)) / np.sqrt(self.obs_dim)
         p["actor_W2"][...] = _unit_rows(rng, (self.num_outputs, self.hidden)) * actor_gain
         p["critic_W2"][...] = _unit_rows(rng, (1, self.hidden)) * critic_gain
+        if self.continuous:
+            p["actor_log_std"][...] = self.initial_log_std
         return theta
+
+    def std(self, theta: np.ndarray) -> np.ndarray:
+        """A continuous actor's standard deviation per action dimension (unit action scale)."""
+        return np.exp(self.unpack(np.asarray(theta, dtype=np.float64))["actor_log_std"])
 
     def forward(self, theta: np.ndarray, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Actor outputs ``(T, num_outputs)`` and critic values ``(T,)`` for observations ``(T, obs_dim)``."""
@@ -108,11 +121,14 @@ class PolyNetSpec:
         values = _layer_out(p, "critic", x)[1][:, 0]
         return outputs, values
 
-    def gradient(self, theta: np.ndarray, obs: np.ndarray, d_actor: np.ndarray, d_critic: np.ndarray) -> np.ndarray:
-        """Gradient w.r.t. theta of ``sum_i d_actor[i] . outputs_i + d_critic[i] * values_i``.
+    def gradient(self, theta: np.ndarray, obs: np.ndarray, d_actor: np.ndarray, d_critic: np.ndarray,
+                 d_log_std: np.ndarray | None = None) -> np.ndarray:
+        """Gradient w.r.t. theta of ``sum_i d_actor[i] . outputs_i + d_critic[i] * values_i``, plus
+        ``sum_i d_log_std[i]`` for a continuous actor's log standard deviation.
 
-        That is backprop of given loss-layer deltas: the owner computes ``dL/d outputs`` and
-        ``dL/d values`` (softmax, log, clipping: everything non-polynomial) on its own values.
+        That is backprop of given loss-layer deltas: the owner computes ``dL/d outputs``,
+        ``dL/d values`` and ``dL/d log_std`` (softmax, log, clipping: everything non-polynomial) on its
+        own values.
         """
         p, x = self.unpack(np.asarray(theta, dtype=np.float64)), self._obs(obs)
         t = x.shape[0]
@@ -128,6 +144,8 @@ class PolyNetSpec:
             q = (delta @ p[f"{net}_W2"]) * (2.0 * z + 1.0)
             g[f"{net}_W1"][...] = q.T @ x
             g[f"{net}_b1"][...] = q.sum(axis=0)
+        if self.continuous and d_log_std is not None:
+            g["actor_log_std"][...] = np.asarray(d_log_std, dtype=np.float64).reshape(t, self.num_outputs).sum(axis=0)
         return grad
 
     def gradient_bounds(self, theta: np.ndarray) -> tuple[float, float]:

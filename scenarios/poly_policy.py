@@ -3,7 +3,7 @@
 Observations are scaled per dimension and clipped before the network sees them: bounded inputs
 keep the polynomial activation tame and are what HE-Adam's interval argument relies on. The owner
 encrypts exactly these scaled observations. Discrete actions: softmax over the actor's logits;
-continuous actions: a Gaussian around the actor's (unit-scale) means with a fixed, public std.
+continuous actions: a Gaussian around the actor's (unit-scale) means with theta's learned std.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ class PolyPolicy:
         obs_clip: float,
         action_center: np.ndarray,
         action_scale: np.ndarray,
-        action_std: float,
     ) -> None:
         self.spec, self.theta = spec, np.asarray(theta, dtype=np.float64)
         self.obs_scale, self.obs_clip = np.asarray(obs_scale, dtype=np.float64), float(obs_clip)
-        self.center, self.scale, self.std = action_center, action_scale, float(action_std)
+        self.center, self.scale = action_center, action_scale
+        self.std = spec.std(self.theta) if spec.continuous else None
 
     def features(self, obs: np.ndarray) -> np.ndarray:
         """What the network (and the coordinator, encrypted) sees: scaled, clipped observations."""

@@ -166,7 +166,7 @@ class RolloutConfig:
     vf_coef: float = 0.5
     obs_scale: tuple[float, ...] = ()  # per observation dimension; empty: finite space bounds, else 1
     obs_clip: float = 1.0  # scaled observations are clipped to [-obs_clip, obs_clip]: bounded inputs
-    action_std: float = 0.5  # continuous actions: fixed Gaussian std, in units of the action half-range
+    action_std: float = 0.5  # continuous actions: initial Gaussian std (then learned), in action half-ranges
     server: ServerOptimizer = ServerOptimizer(lr=0.05, beta1=0.9, beta2=0.99, clip_bound=2.0)
     rounds: int = 250
 
@@ -341,7 +341,8 @@ class Scenario:
     def poly_spec(self) -> PolyNetSpec:
         """The encrypted-rollout mode's polynomial actor-critic for this environment."""
         spec = self.policy_spec()
-        return PolyNetSpec(spec.obs_dim, self.rollout.hidden, spec.action_dim, spec.action_kind == "continuous")
+        return PolyNetSpec(spec.obs_dim, self.rollout.hidden, spec.action_dim, spec.action_kind == "continuous",
+                           math.log(self.rollout.action_std))
 
     def network(self, mode: str) -> PolicySpec | PolyNetSpec:
         """The shared parameter vector's network in ``mode`` (``num_params``, ``init(seed)``)."""
@@ -363,7 +364,7 @@ class Scenario:
             return Policy(self.policy_spec(), theta)
         spec = self.network(mode)
         return PolyPolicy(spec, theta, self.rollout_obs_scale(), self.rollout.obs_clip,
-                          *self.policy_spec().action_center_scale(), self.rollout.action_std)
+                          *self.policy_spec().action_center_scale())
 
     def rollout_obs_scale(self) -> np.ndarray:
         """Per-dimension observation scale of the encrypted-rollout mode: ``rollout.obs_scale`` or

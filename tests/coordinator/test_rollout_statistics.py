@@ -30,15 +30,21 @@ def _theta(spec: PolyNetSpec, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["cartpole", "acrobot", "pendulum", "lunarlander"])
 def test_the_gradient_is_linear_in_the_statistics_exactly(name):
-    """grad = T(theta) S reproduces the NumPy backpropagation of the same deltas, and sums over owners."""
+    """grad = T(theta) S reproduces the NumPy backpropagation of the same deltas (a continuous actor's
+    learned spread included), and sums over owners."""
     spec = load_scenario(name).poly_spec()
     layout = StatisticsLayout(spec, SLOTS)
     theta = _theta(spec)
-    owners = [_rollout(spec, 200 + 50 * k, k) for k in range(3)]
+    owners = []
+    for k in range(3):
+        obs, d_actor, d_critic = _rollout(spec, 200 + 50 * k, k)
+        spread = np.random.default_rng(10 + k).normal(size=d_actor.shape) if spec.continuous else None
+        owners.append((obs, d_actor, d_critic, spread))
     summed = sum(layout.statistics(*owner) for owner in owners)
     expected = sum(spec.gradient(theta, *owner) for owner in owners)
     np.testing.assert_allclose(layout.gradient(theta, summed), expected, rtol=1e-10, atol=1e-10)
-    assert layout.stats_length == (spec.num_outputs + 1) * (1 + spec.obs_dim + spec.obs_dim * (spec.obs_dim + 1) // 2)
+    per_output = 1 + spec.obs_dim + spec.obs_dim * (spec.obs_dim + 1) // 2
+    assert layout.stats_length == (spec.num_outputs + 1) * per_output + (spec.num_outputs if spec.continuous else 0)
 
 
 def test_cartpole_fits_one_ciphertext_and_every_coordinate_has_terms():

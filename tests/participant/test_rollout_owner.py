@@ -43,7 +43,8 @@ def test_deltas_backpropagate_to_the_a2c_loss_gradient():
     obs = rng.uniform(-1, 1, (40, spec.obs_dim))
     actions, adv, returns = rng.integers(0, 3, 40), rng.normal(size=40), rng.normal(size=40)
     values = policy.forward(obs)[1]
-    d_actor, d_critic = a2c_deltas(policy, obs, actions, adv, values, returns, 0.5)
+    d_actor, d_critic, d_log_std = a2c_deltas(policy, obs, actions, adv, values, returns, 0.5)
+    assert d_log_std is None  # discrete actions have no spread
     grad = spec.gradient(theta, obs, d_actor, d_critic)
     eps, numeric = 1e-6, np.zeros_like(theta)
     for k in range(theta.size):
@@ -79,8 +80,36 @@ def test_uploads_are_bounded_fixed_size_and_collapse_to_the_clipped_gradient(nam
         assert tiled.shape == (statistics.upload_length,)
         products = tiled * np.concatenate(statistics.pack_theta(theta))
         from_statistics = statistics.collapse(list(products.reshape(statistics.gradient_vectors, SLOTS)))
-        np.testing.assert_allclose(from_statistics / UpdateUnits.of(config, 3).factor, gradient, atol=1e-12)
+        expected = spec.gradient(theta, result.obs, result.d_actor, result.d_critic, result.d_log_std)
+        np.testing.assert_allclose(from_statistics, expected, atol=1e-12)
+        assert np.max(np.abs(from_statistics)) / UpdateUnits.of(config, 3).factor <= config.clip_bound * (1 + 1e-9)
     owner.close()
+
+
+def test_continuous_deltas_backpropagate_to_the_gaussian_a2c_loss_including_the_learned_spread():
+    scenario = small("pendulum")
+    spec = scenario.poly_spec()
+    theta = spec.init(2) + np.random.default_rng(3).normal(scale=0.2, size=spec.num_params)
+    policy = scenario.make_policy(ROLLOUTS, theta)
+    rng = np.random.default_rng(0)
+    obs = rng.uniform(-1, 1, (30, spec.obs_dim))
+    actions = policy.center + policy.scale * rng.normal(size=(30, spec.num_outputs))
+    adv, returns = rng.normal(size=30), rng.normal(size=30)
+    values = policy.forward(obs)[1]
+    d_actor, d_critic, d_log_std = a2c_deltas(policy, obs, actions, adv, values, returns, 0.5)
+    grad = spec.gradient(theta, obs, d_actor, d_critic, d_log_std)
+
+    def loss(th):
+        p = scenario.make_policy(ROLLOUTS, th)
+        mean, v = p.forward(obs)
+        std = spec.std(th)
+        logp = -0.5 * (((p.unit_actions(actions) - mean) / std) ** 2 + np.log(2 * np.pi * std**2)).sum(axis=1)
+        return -np.mean(adv * logp) + 0.5 * np.mean((v - returns) ** 2) / 2
+
+    eps = 1e-6
+    numeric = np.array([(loss(theta + eps * e) - loss(theta - eps * e)) / (2 * eps) for e in np.eye(theta.size)])
+    np.testing.assert_allclose(grad, numeric, atol=1e-7)
+    assert spec.unpack(grad)["actor_log_std"].any()  # the spread is trained
 
 
 def test_clip_factors_bound_each_network_separately():

@@ -38,7 +38,10 @@ def test_layout_sizes_order_and_views():
     assert spec.num_params == 2 * (16 * 4 + 16) + 2 * 16 + 2 + 16 + 1 == 211
     theta = np.arange(spec.num_params, dtype=float)
     p = spec.unpack(theta)
-    assert list(p) == list(PARAM_NAMES)
+    assert list(p) == [name for name in PARAM_NAMES if name != "actor_log_std"]  # discrete: no spread
+    continuous = PolyNetSpec(4, 16, 2, continuous=True, initial_log_std=-0.5)
+    assert list(continuous.unpack(continuous.init(0))) == list(PARAM_NAMES)
+    np.testing.assert_array_equal(continuous.std(continuous.init(0)), np.exp([-0.5, -0.5]))
     assert p["actor_W1"].shape == (16, 4) and p["actor_W1"][1, 0] == 4.0  # row-major
     assert p["actor_b1"][0] == 64 and p["actor_W2"].shape == (2, 16) and p["critic_b2"][0] == 210
     p["critic_W2"][0, 3] = -1.0
