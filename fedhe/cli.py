@@ -143,7 +143,10 @@ def simulate(
     from protos.plan import resolve_plan
     from protos.settings import RunSettings
     from scenarios import load_scenario
+    from scenarios.registry import installed_scenarios
 
+    if scenario not in installed_scenarios() and Path(scenario).is_file():
+        scenario = str(Path(scenario).resolve())  # the simulated organizations' workers start elsewhere
     settings = RunSettings(
         scenario=scenario,
         num_server_rounds=rounds or 0,

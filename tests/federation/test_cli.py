@@ -79,7 +79,9 @@ def test_a_scenario_file_outside_the_repo_trains_and_evaluates(tmp_path):
     path.parent.mkdir()
     path.write_text(textwrap.dedent(SCENARIO_FILE))
     out = tmp_path / "run"
-    run = fedhe("simulate", str(path), "--participants", "2", "--rounds", "2", "--out", str(out), cwd=tmp_path)
+    # a path relative to where the user stands (the simulated organizations' workers start elsewhere)
+    run = fedhe("simulate", "elsewhere/my_scenario.py", "--participants", "2", "--rounds", "2", "--out", str(out),
+                cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["scenario"] == "gravity-cartpole" and summary["rounds"] == 2
