@@ -143,17 +143,22 @@ def run_round_profile(
     out_root: Path | None = None,
     on_run: Callable[[str], None] | None = None,
     bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS,
+    mode: str = "local-ppo",
+    rollout_upload: str = "statistics",
 ) -> dict:
     if bandwidth_mbps < 0:
         raise ValueError(f"--bandwidth-mbps must be >= 0 (0: transfer left out), got {bandwidth_mbps:g}")
     if rounds <= WARMUP_ROUNDS:
         raise ValueError(f"--rounds must exceed the {WARMUP_ROUNDS} warm-up round(s)")
-    base = RunSettings(scenario=scenario_ref, num_server_rounds=rounds, seed=seed)
+    base = RunSettings(scenario=scenario_ref, num_server_rounds=rounds, seed=seed, mode=mode,
+                       rollout_upload=rollout_upload)
     scenario = resolve_plan(base).scenario
     n = participants or scenario.num_participants
     root = Path(out_root or tempfile.mkdtemp(prefix="fedhe-bench-round-"))
-    result: dict = {"scenario": scenario.name, "participants": n, "warmup_rounds": WARMUP_ROUNDS,
+    result: dict = {"scenario": scenario.name, "mode": mode, "participants": n, "warmup_rounds": WARMUP_ROUNDS,
                     "bandwidth_mbps": bandwidth_mbps}
+    if mode == "encrypted-rollouts":
+        result["rollout_upload"] = rollout_upload
     for kind in ("encrypted", "plaintext"):
         settings = replace(base, plaintext=kind == "plaintext", out_dir=str(root / kind), min_participants=n,
                            masking="off" if kind == "plaintext" else base.masking)

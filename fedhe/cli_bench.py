@@ -178,6 +178,10 @@ def bench_round(
         1000.0, "--bandwidth-mbps", min=0.0,
         help="The coordinator's link for the deployed round estimate, Mbit/s (0: transfer left out)."
     ),
+    mode: str = typer.Option("local-ppo", "--mode", help="Training mode: local-ppo or encrypted-rollouts."),
+    rollout_upload: str = typer.Option(
+        "statistics", "--rollout-upload", help="encrypted-rollouts: owners send statistics or transitions."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
     """Where a round's time goes: per-phase medians on each side, encrypted next to plaintext.
@@ -195,7 +199,7 @@ def bench_round(
         try:
             result = run_round_profile(scenario, rounds, participants, seed, out,
                                        on_run=lambda kind: bar.update(task, advance=1, description=f"{kind} done"),
-                                       bandwidth_mbps=bandwidth_mbps)
+                                       bandwidth_mbps=bandwidth_mbps, mode=mode, rollout_upload=rollout_upload)
         except (WireError, ValueError, RuntimeError) as exc:
             fail(str(exc))
     typer.echo(json.dumps(result, indent=None if as_json else 2))
