@@ -85,16 +85,21 @@ def _run(backend, holder, grads, config, send=lambda v: v, back=lambda v: v):
     return theta0, decrypt_vector(holder, back(state.theta)), xs, ws
 
 
+def _run_over_the_wire(backend, holder, grads, config):
+    """``_run`` with every ciphertext serialized between the key holder and the coordinator."""
+    def send(v):
+        return decode_vector(backend, encode_vector(holder, v))
+
+    def back(v):
+        return decode_vector(holder, encode_vector(backend, v))
+
+    return _run(backend, holder, grads, config, send, back)
+
+
 def test_ciphertext_adam_matches_numpy_adam(holder, coordinator_backend):
     config = HEAdamConfig(lr=0.05, clip_bound=1.0)
     grads = _gradients(8, 300)
-    def send(v):
-        return decode_vector(coordinator_backend, encode_vector(holder, v))
-
-    def back(v):
-        return decode_vector(holder, encode_vector(coordinator_backend, v))
-
-    theta0, theta, xs, ws = _run(coordinator_backend, holder, grads, config, send, back)
+    theta0, theta, xs, ws = _run_over_the_wire(coordinator_backend, holder, grads, config)
     expected, w_ref, _ = reference_adam(theta0, grads, config)
     movement = np.max(np.abs(expected - theta0))
     assert np.max(np.abs(theta - expected)) / movement < 1e-3
@@ -108,13 +113,7 @@ def test_ciphertext_sgd_matches_numpy_sgd_with_momentum(holder, coordinator_back
     """HE-SGD, the linear baseline: m = b1 m + (1 - b1) G, theta -= lr m, two levels, z and w~ untouched."""
     config = HEAdamConfig(lr=0.5, optimizer="sgd", clip_bound=1.0)
     grads = _gradients(6, 300)
-    def send(v):
-        return decode_vector(coordinator_backend, encode_vector(holder, v))
-
-    def back(v):
-        return decode_vector(holder, encode_vector(coordinator_backend, v))
-
-    theta0, theta, xs, _ = _run(coordinator_backend, holder, grads, config, send, back)
+    theta0, theta, xs, _ = _run_over_the_wire(coordinator_backend, holder, grads, config)
     expected, m = theta0.copy(), np.zeros_like(theta0)
     for g in grads:
         m = config.beta1 * m + (1 - config.beta1) * g
