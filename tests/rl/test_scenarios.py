@@ -154,7 +154,7 @@ def test_builtins_load_by_name():
 
 def test_unknown_name_lists_known_and_explains_how_to_add():
     with pytest.raises(UnknownScenarioError) as err:
-        load_scenario("mountaincar")
+        load_scenario("no-such-scenario")
     assert isinstance(err.value, ValueError)
     text = str(err.value)
     assert "cartpole" in text and "SCENARIO = Scenario(...)" in text and "fedhe.scenarios" in text
