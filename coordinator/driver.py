@@ -120,6 +120,10 @@ class RoundDriver:
             for server_round in range(self.state.round + 1, settings.num_server_rounds + 1):
                 outcome = self.run_round(exchange, server_round)
                 self.report(outcome, board)
+                if self.organizations.all_left_out([int(n) for n in exchange.grid.get_node_ids()]):
+                    log.error("every connected organization has been left out of this run (the reasons are above): "
+                              "stopping; fix them and start a new run")
+                    break
                 threshold = self.plan.scenario.reward_threshold
                 if settings.stop_on_solve and is_solved(read_metrics(self.out_dir), threshold):
                     log.info("solved at round %d: stopping", server_round - 1)
@@ -299,7 +303,8 @@ class RoundDriver:
             self.identify(exchange, present, outcome, wait=not self.organizations.active(present))
             active = self.organizations.active(present)
             enough = len(active) >= settings.min_participants
-            if len(active) >= wanted or time.monotonic() > deadline or (waited and enough):
+            left_out = self.organizations.all_left_out(present)  # nobody to wait for
+            if len(active) >= wanted or time.monotonic() > deadline or (waited and enough) or left_out:
                 break
             if not self.record.warned_short:
                 log.warning("round %d: the run asks for %d participants, %d organizations are connected; waiting up "

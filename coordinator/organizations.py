@@ -79,6 +79,10 @@ class Organizations:
         """Identified, present nodes the run still counts on, in node order."""
         return sorted(n for n in nodes if self.identified(n) and self.of(n).status == ACTIVE)
 
+    def all_left_out(self, nodes: list[int]) -> bool:
+        """Every present node belongs to an organization this run left out: nobody is left to train."""
+        return bool(nodes) and all(n in self.by_node and self.by_node[n].status == EXCLUDED for n in nodes)
+
     def to_probe(self, nodes: list[int]) -> list[int]:
         """Present nodes to ask who they are: never identified, or gone and perhaps back."""
         return sorted(n for n in nodes if self.of(n).status != EXCLUDED

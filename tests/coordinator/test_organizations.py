@@ -12,6 +12,18 @@ def test_a_second_node_claiming_an_active_organizations_index_is_refused():
     assert orgs.of(1).status == ACTIVE and orgs.name(1) == "hospital-d"
 
 
+def test_a_run_with_every_present_organization_left_out_has_nobody_to_wait_for():
+    orgs = Organizations()
+    for node in (1, 2):
+        orgs.identify(node, node, f"org-{node}")
+    assert not orgs.all_left_out([1, 2]) and not orgs.all_left_out([])  # no node yet: wait for them
+    orgs.mark(1, EXCLUDED)
+    assert not orgs.all_left_out([1, 2])
+    orgs.mark(2, EXCLUDED)
+    assert orgs.all_left_out([1, 2]) and not orgs.all_left_out([1, 2, 3])  # node 3 is new: ask it first
+    assert 3 not in orgs.by_node  # asking records nothing
+
+
 def test_a_restarted_supernode_takes_over_its_gone_organization():
     """A restarted SuperNode has a new node id; the organization keeps one record and its counts."""
     orgs = Organizations()
