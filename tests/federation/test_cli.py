@@ -241,7 +241,8 @@ def test_bench_round_profiles_both_sides_and_keeps_participant_timings_local(tmp
         everyone = sum(ms for name, ms in phases.items() if name != "refresh")
         assert work["participants"] == pytest.approx(2 * everyone + phases.get("refresh", 0.0), abs=0.2)
         assert work["total"] == pytest.approx(work["coordinator"] + work["participants"], abs=0.2)
-    assert enc["work_ms_per_round"]["total"] > plain["work_ms_per_round"]["total"]
+    # encryption's own phases, not the totals: a participant's training time swings with the machine's load
+    assert enc["participant_ms"]["mask_encrypt"] > plain["participant_ms"]["mask_encrypt"]
     assert 0 < result["wall_ratio_floor"] and result["cores"] >= 1
     for side in (enc, plain):  # the critical path with one machine per party: its parts add up
         parts = side["deployed_round_parts_s"]
