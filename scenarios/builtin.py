@@ -27,9 +27,12 @@ def make_normalized(
     obs_mean: tuple[float, ...],
     obs_std: tuple[float, ...],
     obs_clip: float = 10.0,
+    sticky_actions: float = 0.0,
     **kwargs,
 ) -> gym.Env:
-    """``env_id`` with observations standardized by fixed statistics and clipped to +-``obs_clip``.
+    """``env_id`` with observations standardized by fixed statistics and clipped to +-``obs_clip``;
+    ``sticky_actions`` > 0 wraps it in Gymnasium's ``StickyAction`` (the previous action is repeated with that
+    probability: temporally correlated exploration; the reward is the environment's own).
 
     Fixed, not running statistics (CleanRL's NormalizeObservation): running ones would be participant-local
     state outside theta, so the decrypted policy would see other inputs in a fresh environment (evaluation, a
@@ -38,6 +41,8 @@ def make_normalized(
     """
     del participant_index, seed  # episodes are seeded at reset
     env = gym.make(env_id, **kwargs)
+    if sticky_actions > 0:
+        env = gym.wrappers.StickyAction(env, repeat_action_probability=sticky_actions)
     shape = env.observation_space.shape
     mean, std = np.asarray(obs_mean, dtype=np.float64), np.asarray(obs_std, dtype=np.float64)
     if mean.shape != shape or std.shape != shape or not np.all(std > 0):
@@ -112,6 +117,41 @@ HALFCHEETAH = Scenario(
     server=ServerOptimizer(lr=0.35, beta1=0.5, beta2=0.99, clip_bound=2.0),
 )
 
+# MountainCar-v0's observation box, position [-1.2, 0.6] and velocity [-0.07, 0.07], as centre and half-range:
+# standardized by these, observations fill [-1, 1] exactly, so both modes see the same inputs (rollout.obs_scale 1).
+MOUNTAINCAR_OBS_MEAN = (-0.3, 0.0)
+MOUNTAINCAR_OBS_STD = (0.9, 0.07)
+
+# The sparse-reward built-in: the environment's own reward, -1 per step until x >= 0.5 (no shaping). Uniform random
+# actions never reach the goal (0 of 100 episodes, within 200 steps or 1000), and with MountainCar-v0's 200-step
+# limit local PPO stayed at -200 for 150 rounds. Two exploration aids keep the reward:
+# * a 1000-step limit: an episode that reaches the goal within 200 steps returns the same, any other less than
+#   -200, so returns are never higher than MountainCar-v0's and -110 is no easier. With it alone local PPO reached
+#   -110 with 1 of 3 seeds in 200 rounds (the others -129 and -719); encrypted rollouts stayed at -1000 for 100;
+# * Gymnasium's StickyAction, p 0.5 (the previous action is repeated with that probability): correlated actions
+#   build momentum, random ones then reach the goal in 15% of 1000-step episodes. It changes the dynamics (in
+#   evaluation too): a velocity-following controller loses 1.3 steps per episode (-121.3 against -120.0). p 0.25
+#   explored too rarely: encrypted rollouts left -1000 only near round 370.
+# Local PPO: gamma 0.999 and lambda 0.98 (the goal is 100+ steps away), reward_scale 0.1 (values near -100). In
+# plaintext, 300 rounds: -110 reached at rounds 149 and 200 by 2 of 3 seeds (the third peaked at -110.25) with
+# benchmarks/plain_federated_rl.py, at round 103 with `fedhe simulate --plaintext --seed 0`. Encrypted rollouts:
+# server lr 0.2, -119 after 500 plaintext rounds (lr 0.05: -150; HE-SGD, sgd_lr 1: -164); -110 not reached
+# (docs/encrypted-rollouts.md, Tasks).
+
+MOUNTAINCAR = Scenario(
+    name="mountaincar",
+    description="MountainCar-v0, sparse reward (-1 per step until the goal), sticky actions 0.5, solved at -110",
+    make_env=make_normalized,
+    env_kwargs={"env_id": "MountainCar-v0", "obs_mean": MOUNTAINCAR_OBS_MEAN, "obs_std": MOUNTAINCAR_OBS_STD,
+                "obs_clip": 1.0, "max_episode_steps": 1000, "sticky_actions": 0.5},
+    reward_threshold=gym.spec("MountainCar-v0").reward_threshold,
+    hidden=(64,),
+    rounds=300,
+    ppo=PPOConfig(gamma=0.999, gae_lambda=0.98, reward_scale=0.1),
+    rollout=RolloutConfig(obs_scale=(1.0, 1.0), server=ServerOptimizer(lr=0.2, beta1=0.9, beta2=0.99, clip_bound=2.0),
+                          rounds=500),
+)
+
 BUILTIN_SCENARIOS: dict[str, Scenario] = {
-    s.name: s for s in (CARTPOLE, ACROBOT, LUNARLANDER, PENDULUM, HALFCHEETAH)
+    s.name: s for s in (CARTPOLE, ACROBOT, LUNARLANDER, PENDULUM, HALFCHEETAH, MOUNTAINCAR)
 }
