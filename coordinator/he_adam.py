@@ -122,11 +122,11 @@ def step_chunk(
     process (``coordinator.parallel_step``); nor does ``x`` (``with_x=False``), which only the
     benchmarks decrypt.
     """
-    b1, b2, gain = config.beta1, config.beta2, config.step_gain
+    b1, b2 = config.beta1, config.beta2
     m_new = backend.add(backend.mul_scalar(m, b1), backend.mul_scalar(u, 1 - b1))
     if config.optimizer == "sgd":  # HE-SGD: theta -= lr m, with u = s G: two levels, z and w~ untouched
         return backend.mul_scalar(m_new, config.lr / config.update_scale), m_new, z, w, None
-    km = backend.mul_scalar(m_new, gain)  # level 2; km * w (3) still meets P(x) (5) in time
+    km = backend.mul_scalar(m_new, config.step_gain)  # level 2; km * w (3) still meets P(x) (5) in time
     z_new = backend.add_scalar(backend.add(backend.mul_scalar(z, b2), backend.mul(u, u)), 1 - b2)
     x = backend.mul(z_new, backend.mul(w, w))
     p = evaluate_polynomial(backend, backend.add_scalar(x, -poly.center), poly.coefficients)

@@ -78,18 +78,8 @@ class BlockLayout:
             raise ValueError("obs_dim, hidden and num_outputs must be positive")
         if self.hidden > self.slots:
             raise ValueError(f"hidden={self.hidden} does not fit in {self.slots} slots")
-        d, h, a = self.obs_dim, self.hidden, self.num_outputs
-        sizes = {
-            "actor_W1": h * d, "actor_b1": h, "actor_W2": a * h, "actor_b2": a,
-            **({"actor_log_std": a} if self.continuous else {}),  # no per-slot term: fixed in this upload
-            "critic_W1": h * d, "critic_b1": h, "critic_W2": h, "critic_b2": 1,
-        }  # fmt: skip
-        offsets = np.cumsum([0, *sizes.values()])
-        self.offsets: dict[str, int] = {name: int(off) for name, off in zip(sizes, offsets)}
-        self.num_params = int(offsets[-1])
-        declared = getattr(spec, "num_params", None)
-        if declared is not None and int(declared) != self.num_params:
-            raise ValueError(f"spec declares {declared} parameters, the layout has {self.num_params}")
+        # a continuous actor's log std has no per-slot term: it stays fixed with this upload
+        self.offsets, self.num_params = parameter_offsets(spec)
 
     @classmethod
     def of(cls, obs_dim: int, hidden: int, num_outputs: int, slots: int, delta_scale: float = 1.0) -> BlockLayout:
@@ -263,6 +253,23 @@ class BlockLayout:
         return obs, d_actor, d_critic
 
 
+def parameter_offsets(spec: Any) -> tuple[dict[str, int], int]:
+    """Where each block of the flat theta starts, and its size, in ``scenarios/poly_net.py``'s order (this
+    module cannot import it; the tests check both agree). Refuses a spec that declares another size."""
+    d, h, a = int(spec.obs_dim), int(spec.hidden), int(spec.num_outputs)
+    sizes = {
+        "actor_W1": h * d, "actor_b1": h, "actor_W2": a * h, "actor_b2": a,
+        **({"actor_log_std": a} if getattr(spec, "continuous", False) else {}),
+        "critic_W1": h * d, "critic_b1": h, "critic_W2": h, "critic_b2": 1,
+    }  # fmt: skip
+    offsets = np.cumsum([0, *sizes.values()])
+    num_params = int(offsets[-1])
+    declared = getattr(spec, "num_params", None)
+    if declared is not None and int(declared) != num_params:
+        raise ValueError(f"spec declares {declared} parameters, the layout has {num_params}")
+    return {name: int(off) for name, off in zip(sizes, offsets)}, num_params
+
+
 def suggested_delta_scale(participants: int, transitions: int, clip_bound: float) -> float:
     """A power of two near ``participants * transitions / clip_bound``.
 
@@ -285,4 +292,4 @@ def layout_for_round(scenario: Any, slots: int, participants: int) -> BlockLayou
     return BlockLayout(scenario.poly_spec(), slots, scale)
 
 
-__all__ = ["NETWORKS", "BlockLayout", "layout_for_round", "suggested_delta_scale"]
+__all__ = ["NETWORKS", "BlockLayout", "layout_for_round", "parameter_offsets", "suggested_delta_scale"]

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from protos.rollout_layout import parameter_offsets
+
 NETWORKS = ("actor", "critic")
 # How a term's second factor is made from theta[i2]: 1, t, 1 + 2t, t + t^2.
 _ONE, _SAME, _ONE_PLUS_TWICE, _POLY = range(4)
@@ -61,15 +63,7 @@ class StatisticsLayout:
         self.per_output = 1 + d + len(self.upper[0])
         self.spread = a if self.continuous else 0  # summed log-std deltas, after the outputs' statistics
         self.stats_length = (a + 1) * self.per_output + self.spread
-        sizes = {"actor_W1": h * d, "actor_b1": h, "actor_W2": a * h, "actor_b2": a,
-                 **({"actor_log_std": a} if self.continuous else {}),
-                 "critic_W1": h * d, "critic_b1": h, "critic_W2": h, "critic_b2": 1}
-        offsets = np.cumsum([0, *sizes.values()])
-        self.offsets = {name: int(off) for name, off in zip(sizes, offsets)}
-        self.num_params = int(offsets[-1])
-        declared = getattr(spec, "num_params", None)
-        if declared is not None and int(declared) != self.num_params:
-            raise ValueError(f"spec declares {declared} parameters, the layout has {self.num_params}")
+        self.offsets, self.num_params = parameter_offsets(spec)
         self._build_terms()
         self.gradient_vectors = -(-self.terms // self.slots)  # ciphertexts of tiled statistics, coefficients, products
         self.theta_vectors = self.gradient_vectors
