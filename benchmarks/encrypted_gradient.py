@@ -2,7 +2,10 @@
 
 ``--upload statistics`` (the default): owners send tiled sufficient statistics under masks that
 cancel in the sum, the key holder encrypts the coefficients, the coordinator sums and multiplies
-once (``protos.rollout_statistics``). ``--upload transitions``, as described below:
+once (``protos.rollout_statistics``). ``--upload transitions``, as described below, with every
+owner under one key: the arithmetic per block is that of a federation, where each owner's blocks
+are under its own key and its sums go back to it (``fedhe bench round --rollout-upload transitions``
+times that whole protocol).
 
 It plays every role in one process, through the real wire format (``protos.codec``):
 

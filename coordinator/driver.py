@@ -37,6 +37,7 @@ from coordinator.integrity import Verdict, ask_verdict, integrity_query, read_ve
 from coordinator.offenders import OffenderSearch
 from coordinator.organizations import EXCLUDED, GONE, Organizations
 from coordinator.parallel_step import parallel_he_adam_step
+from coordinator.ray_shards import ShardedHEAdam, shard_settings
 from coordinator.refresh import StateRefresh, init_config
 from coordinator.report import (
     RunRecord,
@@ -82,11 +83,13 @@ class RoundDriver:
         self.poly = plan.optimizer.validate(backend.profile)
         self.aggregation = AGGREGATIONS[plan.aggregation]
         self.aggregation.check(plan, backend)
-        tiled = plan.rollout_layout(backend.slots, 1).theta_vectors * backend.slots if plan.rollouts else 0
+        tiled = plan.rollout_layout(backend.slots, 1).theta_vectors * backend.slots if plan.statistics else 0
         self.refresh = StateRefresh(backend, plan.optimizer, self.poly, self.aggregation.levels_used,
                                     plan.num_params, tiled)
         self.dp = DPAccountant(plan.settings) if plan.settings.dp_noise_multiplier > 0 else None
         self.workers = ChunkWorkers(backend)  # processes start only for a multi-chunk model
+        shards, ray_address = shard_settings()  # FEDHE_HE_SHARDS > 1: the step on Ray actors instead
+        self.sharded = ShardedHEAdam(backend, shards, ray_address) if shards > 1 else None
         self.state = CoordinatorState()
         self.organizations = Organizations()
         self.record = RunRecord()
@@ -135,6 +138,8 @@ class RoundDriver:
                 self.checkpoints.close()  # the last round's write completes even on the way out
             finally:
                 self.workers.close()
+                if self.sharded is not None:
+                    self.sharded.close()
 
     def report(self, outcome: RoundOutcome, board: TensorBoardLog) -> None:
         """The round's log line (``flwr log``), TensorBoard point and callback, with the latest confirmed row."""
@@ -199,7 +204,10 @@ class RoundDriver:
         refreshed = ctx.refreshed
         before = HEAdamState(refreshed.theta, **refreshed.state, step=self.steps())
         with outcome.timer.phase("he_adam"):
-            step = parallel_he_adam_step(self.workers, before, aggregate.update, self.plan.optimizer, self.poly)
+            if self.sharded is not None:  # the state goes to the shards and back: the driver keeps it
+                step = self.sharded.he_adam_step(before, aggregate.update, self.plan.optimizer, self.poly)
+            else:
+                step = parallel_he_adam_step(self.workers, before, aggregate.update, self.plan.optimizer, self.poly)
         outcome.he_ms = sum(outcome.timer.ms.get(phase, 0.0) for phase in HE_PHASES)
         self.refresh.stepped(refreshed.start_levels)
         self.state.optimizer = step.state
@@ -384,6 +392,7 @@ class RoundDriver:
     def summary_fields(self) -> dict:
         """Privacy, failure and organization fields for summary.json."""
         out = {"defense": self.plan.settings.defense, "masking": self.plan.settings.masking,
-               "aggregation": self.plan.aggregation, **self.record.summary(self.organizations)}
+               "aggregation": self.plan.aggregation, "he_shards": self.sharded.shards if self.sharded else 1,
+               **self.record.summary(self.organizations)}
         out.update(self.dp.summary() if self.dp else {"dp_epsilon": None})
         return out

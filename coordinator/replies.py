@@ -126,17 +126,18 @@ def read_refresh(
 
 
 def read_rollout(
-    backend: HEBackend, reply: Message, round_: int, block_length: int, blocks: int
+    backend: HEBackend, reply: Message, round_: int, block_length: int, blocks: int, theta_length: int
 ) -> tuple[list[EncryptedVector], EncryptedVector]:
-    """An owner's encrypted blocks (exactly ``blocks``, each ``block_length`` values) and statistics."""
-    limit = max_bytes_for(backend, block_length, vectors=blocks) + max_bytes_for(backend, messages.STATS_LENGTH)
+    """An owner's encrypted blocks (exactly ``blocks``, each ``block_length`` values) and tiled theta,
+    all under ``backend``, the owner's own key."""
+    limit = max_bytes_for(backend, block_length, vectors=blocks) + max_bytes_for(backend, theta_length)
     upload = messages.unpack(reply.content, messages.ROLLOUT, wire_pb2.RolloutUpload, max_bytes=limit + HEADER_BYTES)
     _check_round("rollout upload", upload.protocol_version, upload.round, round_)
     if len(upload.blocks) != blocks:
         raise MalformedMessageError(f"rollout upload holds {len(upload.blocks)} blocks, every owner sends {blocks}")
     vectors = [from_proto(backend, b, expected_length=block_length, fresh=True) for b in upload.blocks]
-    stats = from_proto(backend, upload.rollout_stats, expected_length=messages.STATS_LENGTH, fresh=True)
-    return vectors, stats
+    theta = from_proto(backend, upload.theta_tiled, expected_length=theta_length, fresh=True)
+    return vectors, theta
 
 
 def read_gradient(backend: HEBackend, reply: Message, round_: int, num_params: int) -> EncryptedVector:

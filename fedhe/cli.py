@@ -91,9 +91,9 @@ def simulate(
         "--rollout-upload",
         help=(
             "encrypted-rollouts only. statistics: owners send a few sufficient statistics of their rollouts, "
-            "under pairwise masks. transitions: they send every encrypted transition (any network the "
-            "coordinator can backpropagate, but masks cannot cover it: a key holder colluding with the "
-            "coordinator reads it). docs/encrypted-rollouts.md."
+            "under pairwise masks. transitions: they send every transition encrypted under a key of their "
+            "own (any network the coordinator can backpropagate; each owner turns its own gradient into a "
+            "masked update; costs an extra exchange and ~10x the coordinator's HE). docs/encrypted-rollouts.md."
         ),
     ),
     server_optimizer: str = typer.Option(

@@ -107,6 +107,31 @@ def keys_recipient(
     console.print(f"private: {private}\npublic (share this): {public}")
 
 
+@keys_app.command("owner")
+def keys_owner(
+    key_dir: Path = typer.Option(
+        ..., "--key-dir", help="This organization's key directory (holding participant.ctx): the key goes there."),
+) -> None:
+    """Create this organization's own CKKS key pair, for encrypted-rollout runs with transition uploads.
+
+    Run it on the organization's own node. owner.ctx (SECRET, 0600) stays in KEY_DIR; give
+    owner-eval.ctx (evaluation keys only) to the coordinator's operator, who stores it as
+    owners/<organization>.ctx next to coordinator.ctx. Rollouts then leave this node under this key:
+    no other party, key holders of the federation key included, can decrypt them.
+    """
+    from participant.owner_key import create_owner_key
+    from protos.keyfile import PARTICIPANT_KEY, inspect_key_file
+
+    try:
+        profile = inspect_key_file(key_dir / PARTICIPANT_KEY).profile.name
+        secret, evaluation, fingerprint = create_owner_key(key_dir, profile)
+    except WireError as exc:
+        fail(str(exc))
+    console.print(f"owner key [bold]{fingerprint}[/] (profile {profile})")
+    console.print(f"  secret, stays here     : {secret}")
+    console.print(f"  evaluation, to register: {evaluation} -> the coordinator's owners/<organization>.ctx")
+
+
 @keys_app.command("roster")
 def keys_roster(
     public_keys: list[Path] = typer.Argument(

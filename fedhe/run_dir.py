@@ -15,6 +15,7 @@ import numpy as np
 from coordinator.checkpoint import load_checkpoint
 from coordinator.server_app import RUN_INFO_FILE
 from participant.keyholder import KeyHolder, PlainKeyHolder, decrypt_vector, generate_keys, load_keyholder
+from participant.owner_key import simulated_owner_keys
 from participant.roster import simulated_organizations
 from protos.errors import CheckpointError, KeyFileError
 from protos.keyfile import PARTICIPANT_KEY, inspect_key_file
@@ -26,11 +27,13 @@ from scenarios import Scenario
 KEYS_DIR = "keys"
 
 
-def ensure_keys(key_dir: Path, profile: str, organizations: int = 0) -> Path:
+def ensure_keys(key_dir: Path, profile: str, organizations: int = 0, owners: int = 0) -> Path:
     """The federation key in ``key_dir``, created with ``profile`` if there is none yet.
 
     ``organizations`` > 0 (pairwise masking): also an X25519 key pair per simulated organization
     and the roster of indices 0..organizations-1 (an existing roster is extended, never replaced).
+    ``owners`` > 0 (transition uploads): each simulated organization's own CKKS key pair, registered
+    with the coordinator (``participant.owner_key``).
     """
     key_dir = Path(key_dir)
     if not (key_dir / PARTICIPANT_KEY).exists():
@@ -45,6 +48,8 @@ def ensure_keys(key_dir: Path, profile: str, organizations: int = 0) -> Path:
         fingerprint = info.fingerprint
     if organizations > 0:
         simulated_organizations(key_dir, fingerprint, organizations)
+    if owners > 0:
+        simulated_owner_keys(key_dir, tuple(f"participant-{i}" for i in range(owners)), profile)
     return key_dir
 
 

@@ -60,7 +60,8 @@ def simulate(
         check_resumable(out_dir, plan.optimizer.to_json())
     if not settings.plaintext:
         organizations = num_participants if resolved.masking == "pairwise" else 0
-        keys = ensure_keys(key_dir or out_dir / KEYS_DIR, resolved.he_profile, organizations).resolve()
+        owners = num_participants if plan.rollouts and not plan.statistics else 0
+        keys = ensure_keys(key_dir or out_dir / KEYS_DIR, resolved.he_profile, organizations, owners).resolve()
         settings = replace(settings, coordinator_key=str(keys / COORDINATOR_KEY), participant_key_dir=str(keys))
     summary: dict = {}
     quiet_simulation_engine(verbose)

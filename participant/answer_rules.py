@@ -96,20 +96,22 @@ def check_norm_query(query: wire_pb2.NormQuery, round_: int, participants: int, 
     ledger.claim("norms", round_)
 
 
-def check_gradient_query(query: wire_pb2.GradientQuery, round_: int, expected: int, ledger: AnswerLedger) -> None:
-    """Encrypted-rollout mode: exactly the layout's per-slot gradient ciphertexts, one query per round.
+def check_gradient_query(query: wire_pb2.GradientQuery, round_: int, expected: int, ledger: AnswerLedger,
+                         kind: str = "gradient") -> None:
+    """Encrypted-rollout mode: exactly the layout's per-slot gradient ciphertexts, one query of each
+    ``kind`` per round (``gradient``: the collapse of statistics uploads; ``owner-gradient``: an owner's own).
 
-    That they are masked is checked after decryption (``participant.gradient_collapse``), and only
-    a re-encryption leaves: nothing is released in the clear.
+    What they decrypt to is checked after decryption (masked for a collapse, this owner's own gradient
+    for an owner), and only a re-encryption leaves: nothing is released in the clear.
     """
-    check_version(query.protocol_version, "gradient query")
+    check_version(query.protocol_version, f"{kind} query")
     if query.round != round_:
-        raise RequestRefusedError(f"gradient query names round {query.round} inside a round-{round_} message")
+        raise RequestRefusedError(f"{kind} query names round {query.round} inside a round-{round_} message")
     if len(query.masked) != expected:
         raise RequestRefusedError(
-            f"gradient query holds {len(query.masked)} ciphertexts, the layout defines {expected}"
+            f"{kind} query holds {len(query.masked)} ciphertexts, the layout defines {expected}"
         )
-    ledger.claim("gradient", round_)
+    ledger.claim(kind, round_)
 
 
 def check_members(members: list[int], index: int, roster_size: int, min_members: int) -> list[int]:

@@ -4,7 +4,8 @@
 leaves and sends a reply that breaks the allowlist nowhere, replacing it with an error reply
 ("withheld by this node's egress audit") and logging the violation locally. ``audit_reply`` checks
 a reply field by field: every field must be either a valid ciphertext under the federation key
-(fresh: full depth, the profile's scale) or named metadata with its allowed values. Anything else
+(fresh: full depth, the profile's scale), one under this owner's own key where the protocol puts one
+(transition uploads, ``participant.owner_key``), or named metadata with its allowed values. Anything else
 (an unknown field, a new schema field no one declared here, a plaintext metric, an unrounded
 release) is a violation. An error reply may carry only a fixed category with the organization's
 name (``protos.reply_errors``) or the refusal text this node's own policy produces for the run.
@@ -48,6 +49,7 @@ class EgressRules:
     backend: Callable[[], HEBackend] | None = None  # the federation key; None: the node could not set itself up
     refusal: str | None = None  # the refusal text this node's policy produces for the run, if it refuses it
     release: bool = True  # whether rounded federation statistics may leave (node policy and run both agree)
+    owner: Callable[[], HEBackend] | None = None  # this owner's own key (transition uploads only)
 
 
 def egress_guard_mod(rules_for: Callable[[Context], EgressRules]) -> Mod:
@@ -82,7 +84,8 @@ def egress_problems(msg: Message, reply: Message, rules: EgressRules) -> list[st
     if rules.backend is None:
         return ["a reply with content from a node that could not set itself up"]
     request_round = int(msg.content.config_records.get(messages.CONFIG, {}).get("round", -1))
-    return audit_reply(reply.content, request_round, rules.backend(), release=rules.release)
+    owner = rules.owner() if rules.owner and messages.ROLLOUT in reply.content.array_records else None
+    return audit_reply(reply.content, request_round, rules.backend(), release=rules.release, owner=owner)
 
 
 def egress_audit_mod(directory: str | os.PathLike) -> Mod:
@@ -120,8 +123,9 @@ def egress_audit_mod(directory: str | os.PathLike) -> Mod:
 
 # -- the allowlist -----------------------------------------------------------------------------------
 # Per protobuf field: "vector" (a fresh ciphertext under the federation key), "vector-list" (a list
-# of them), "vector-map" (map of state name -> such a ciphertext), "message" / "message-list" (nested
-# messages with their own rules) or a check of the plaintext value, given the request's round.
+# of them), "vector-map" (map of state name -> such a ciphertext), "owner-vector" / "owner-vector-list"
+# (the same under this owner's own key), "message" / "message-list" (nested messages with their own
+# rules) or a check of the plaintext value, given the request's round.
 Check = Callable[[Any, int], bool]
 
 
@@ -186,8 +190,8 @@ ALLOWED_FIELDS: dict[str, dict[str, str | Check]] = {
     },
     "fedhe.v1.RolloutUpload": {
         **REPLY_HEADER,
-        "blocks": "vector-list",
-        "rollout_stats": "vector",
+        "blocks": "owner-vector-list",
+        "theta_tiled": "owner-vector",
     },
     "fedhe.v1.GradientReply": {
         **REPLY_HEADER,
@@ -224,9 +228,10 @@ CONFIG_VALUES: dict[str, Check] = {
 }
 
 
-def audit_reply(content: RecordDict, request_round: int, backend: HEBackend, release: bool = True) -> list[str]:
+def audit_reply(content: RecordDict, request_round: int, backend: HEBackend, release: bool = True,
+                owner: HEBackend | None = None) -> list[str]:
     """Every violation of the allowlist in one reply (empty: the reply may leave); ``release`` False: released
-    statistics are a violation too."""
+    statistics are a violation too; ``owner``: this owner's own key (None: nothing may be under one)."""
     problems: list[str] = []
     if content.metric_records:
         problems.append(f"plaintext metric records {sorted(content.metric_records)}")
@@ -258,13 +263,14 @@ def audit_reply(content: RecordDict, request_round: int, backend: HEBackend, rel
         except Exception as exc:  # noqa: BLE001 - any parse failure is a violation
             problems.append(f"record {name!r} does not parse: {exc}")
             continue
-        problems += [f"{name}: {p}" for p in audit_proto(proto, request_round, backend)]
+        problems += [f"{name}: {p}" for p in audit_proto(proto, request_round, backend, owner)]
         if not release and isinstance(proto, wire_pb2.IntegrityReply) and proto.HasField("released"):
             problems.append(f"{name}: released statistics, which this node does not release in this run")
     return problems
 
 
-def audit_proto(proto: ProtoMessage, request_round: int, backend: HEBackend) -> list[str]:
+def audit_proto(proto: ProtoMessage, request_round: int, backend: HEBackend,
+                owner: HEBackend | None = None) -> list[str]:
     """Walk every set field of a reply protobuf against ``ALLOWED_FIELDS``."""
     name = proto.DESCRIPTOR.full_name
     problems = [f"{name} carries {len(UnknownFieldSet(proto))} unknown field(s)"] if len(UnknownFieldSet(proto)) else []
@@ -279,28 +285,35 @@ def audit_proto(proto: ProtoMessage, request_round: int, backend: HEBackend) -> 
         elif rule == "vector-list":
             for k, vec in enumerate(value):
                 problems += _audit_vector(f"{where}[{k}]", vec, backend)
+        elif rule in ("owner-vector", "owner-vector-list"):
+            vectors = value if rule == "owner-vector-list" else [value]
+            if owner is None:
+                problems.append(f"{where} must be under this owner's own key, and this run gives it none")
+            for k, vec in enumerate(vectors if owner is not None else []):
+                problems += _audit_vector(f"{where}[{k}]", vec, owner, "this owner's own key")
         elif rule == "vector-map":
             if not set(value) <= set(STATE_NAMES):
                 problems.append(f"{where} has keys {sorted(value)}, allowed {list(STATE_NAMES)}")
             for key, vec in value.items():
                 problems += _audit_vector(f"{where}[{key}]", vec, backend)
         elif rule == "message":
-            problems += audit_proto(value, request_round, backend)
+            problems += audit_proto(value, request_round, backend, owner)
         elif rule == "message-list":
             for item in value:
-                problems += audit_proto(item, request_round, backend)
+                problems += audit_proto(item, request_round, backend, owner)
         elif not rule(value, request_round):
             problems.append(f"{where}={value!r} is not an allowed value")
     return problems
 
 
-def _audit_vector(where: str, vec: wire_pb2.EncryptedVector, backend: HEBackend) -> list[str]:
+def _audit_vector(where: str, vec: wire_pb2.EncryptedVector, backend: HEBackend,
+                  key: str = "the federation key") -> list[str]:
     if len(UnknownFieldSet(vec)):
         return [f"{where} carries unknown fields"]
     try:
         from_proto(backend, vec, fresh=True)
     except WireError as exc:
-        return [f"{where} is not a fresh ciphertext under the federation key: {exc}"]
+        return [f"{where} is not a fresh ciphertext under {key}: {exc}"]
     return []
 
 

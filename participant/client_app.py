@@ -28,7 +28,7 @@ from participant.answer_rules import AnswerLedger
 from participant.audit import EgressRules, egress_guard_mod
 from participant.failures import RunSettingsError, error_reply, log_to_stderr
 from participant.local_update import NodeIdentity, UpdateSource
-from participant.node import cached_keyholder, handle
+from participant.node import cached_keyholder, cached_owner_key, handle
 from participant.policy import NodePolicy, organization_of
 from participant.worker import WorkerClient, app_from, state_dir
 from protos import messages
@@ -104,6 +104,8 @@ def build_client_app(
             backend=lambda: cached_keyholder(policy.key_dir_for(run), run.plaintext, planned(run).settings.he_profile),
             refusal=str(refusal) if refusal else None,
             release=policy.release_statistics and run.release_metrics,
+            owner=lambda: cached_owner_key(policy.key_dir_for(run), policy.participant_index, run.plaintext,
+                                           planned(run).settings.he_profile),
         )
 
     # The guard wraps the handlers directly: whatever other mods do, no reply leaves the handlers unchecked.

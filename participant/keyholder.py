@@ -78,6 +78,14 @@ def generate_keys(out_dir: Path, profile_name: str = DEFAULT_PROFILE) -> KeySet:
     out.mkdir(parents=True, exist_ok=True)
     if (out / PARTICIPANT_KEY).exists():
         raise KeyFileError(f"{out / PARTICIPANT_KEY} exists; refusing to overwrite a federation key")
+    fingerprint = write_key_pair(out / PARTICIPANT_KEY, out / COORDINATOR_KEY, profile)
+    (out / FINGERPRINT_FILE).write_text(f"{fingerprint}\n")
+    return KeySet(out, profile, fingerprint)
+
+
+def write_key_pair(secret_path: Path, evaluation_path: Path, profile: HEProfile) -> str:
+    """A fresh CKKS key pair: the secret key (and public key) in one file, the evaluation keys (public
+    and relinearization, nothing that decrypts) in the other; returns the pair's fingerprint."""
     context = ts.context(
         ts.SCHEME_TYPE.CKKS,
         poly_modulus_degree=profile.poly_modulus_degree,
@@ -86,16 +94,15 @@ def generate_keys(out_dir: Path, profile_name: str = DEFAULT_PROFILE) -> KeySet:
     context.global_scale = 2.0**profile.scale_bits
     context.generate_relin_keys()
     fingerprint = public_fingerprint(profile.name, public_key_bytes(context))
-    participant_bytes = context.serialize(
+    secret_bytes = context.serialize(
         save_public_key=True, save_secret_key=True, save_relin_keys=False, save_galois_keys=False
     )
-    coordinator_bytes = context.serialize(
+    evaluation_bytes = context.serialize(
         save_public_key=True, save_secret_key=False, save_relin_keys=True, save_galois_keys=False
     )
-    write_key_file(out / PARTICIPANT_KEY, participant_bytes, profile, fingerprint, secret=True)
-    write_key_file(out / COORDINATOR_KEY, coordinator_bytes, profile, fingerprint, secret=False)
-    (out / FINGERPRINT_FILE).write_text(f"{fingerprint}\n")
-    return KeySet(out, profile, fingerprint)
+    write_key_file(secret_path, secret_bytes, profile, fingerprint, secret=True)
+    write_key_file(evaluation_path, evaluation_bytes, profile, fingerprint, secret=False)
+    return fingerprint
 
 
 def load_keyholder(path: Path) -> TensealKeyHolder:

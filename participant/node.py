@@ -32,8 +32,9 @@ from participant.answer_rules import (
 from participant.gradient_collapse import collapse_masked
 from participant.keyholder import KeyHolder, PlainKeyHolder, decrypt_vector, load_keyholder, reencrypt
 from participant.local_update import NodeIdentity, local_update
+from participant.owner_key import load_owner_key
 from participant.pairwise_masks import PairwiseMasker, RoundMasks
-from participant.rollout_owner import encrypted_rollout, owner_for, tiled_theta
+from participant.rollout_owner import RolloutOwner, encrypted_rollout, owner_for, owner_update, tiled_theta
 from protos import messages
 from protos.codec import PROTOCOL_VERSION, check_version, encrypt_to_proto, from_proto, max_bytes_for
 from protos.errors import ChunkLayoutError, FingerprintMismatchError, KeyFileError, RequestRefusedError
@@ -63,6 +64,14 @@ def cached_keyholder(key_dir: str, plaintext: bool, profile: str) -> KeyHolder:
             "'key-dir=\"/path/to/keys\"' (the directory holding participant.ctx)"
         )
     return load_keyholder(Path(key_dir))
+
+
+@lru_cache(maxsize=4)
+def cached_owner_key(key_dir: str, index: int, plaintext: bool, profile: str) -> KeyHolder:
+    """Transition uploads: this owner's own key (``participant.owner_key``); the plaintext baseline has none."""
+    if plaintext:
+        return PlainKeyHolder(get_profile(profile))
+    return load_owner_key(Path(key_dir), index, profile)
 
 
 @lru_cache(maxsize=8)
@@ -128,6 +137,17 @@ class Exchange:
 
     def unpack(self, record: str, cls: type[P], max_bytes: int) -> P:
         return messages.unpack(self.content, record, cls, max_bytes=max_bytes)
+
+    def own_key(self) -> KeyHolder:
+        """Transition uploads: this owner's own key, under which its rollouts leave."""
+        run = self.identity.run
+        return cached_owner_key(self.identity.key_dir, self.identity.participant_index, run.plaintext, run.he_profile)
+
+    def owner(self) -> RolloutOwner:
+        """This owner's environments and uploaded rounds, kept for the run."""
+        identity = self.identity
+        return owner_for(self.scenario, identity.participant_index, identity.variant,
+                         identity.randomness(self.round, "rollouts"), self.run_id)
 
 
 def handle(
@@ -208,7 +228,7 @@ def reply_refresh(exchange: Exchange) -> None:
         # theta goes back only when the coordinator holds none yet (it sent none): before round 1
         fresh_theta = None if exchange.has(messages.THETA) else exchange.theta
         answer = refresh(holder, request, fresh_theta, num_params)
-    if exchange.layout is not None and exchange.theta is not None:
+    if isinstance(exchange.layout, StatisticsLayout) and exchange.theta is not None:  # the coefficients T(theta)
         answer.theta_tiled.CopyFrom(tiled_theta(holder, exchange.theta, exchange.layout))
     exchange.reply[messages.REFRESH_REPLY] = messages.pack(answer)
 
@@ -232,6 +252,31 @@ def reply_gradient_query(exchange: Exchange) -> None:
     reply = wire_pb2.GradientReply(protocol_version=PROTOCOL_VERSION, round=exchange.round,
                                    gradient=dense)
     exchange.reply[messages.GRADIENT_REPLY] = messages.pack(reply)
+
+
+def reply_owner_gradient(exchange: Exchange) -> None:
+    """Transition uploads: the coordinator's sums of this owner's terms, under its own key, become its
+    update: checked against its own gradient, clipped, masked and encrypted under the federation key."""
+    layout = exchange.layout
+    if not isinstance(layout, BlockLayout):  # only transition uploads have an owner's gradient
+        return
+    key = exchange.own_key()
+    query = exchange.unpack(messages.OWNER_GRADIENT_QUERY, wire_pb2.GradientQuery,
+                            max_bytes_for(key, key.slots, layout.gradient_vectors))
+    check_gradient_query(query, exchange.round, layout.gradient_vectors, exchange.ledger, "owner-gradient")
+    uploaded = exchange.owner().uploaded.pop(exchange.round, None)
+    if uploaded is None:
+        raise RequestRefusedError(f"this owner uploaded no rollouts in round {exchange.round}")
+    owned, theta = uploaded
+    units = exchange.identity.plan.units(exchange.participants)
+    with exchange.timer.phase("owner_gradient"):
+        per_slot = [from_proto(key, vec, expected_length=key.slots) for vec in query.masked]
+        update = owner_update(key, per_slot, layout, owned, theta, exchange.scenario.poly_spec(),
+                              units.clip * units.factor)
+    with exchange.timer.phase("mask_encrypt"):
+        masks = round_masks(exchange)
+        exchange.reply[messages.UPDATE] = messages.pack(
+            encrypted_update(exchange.holder, exchange.round, update, owned.stats, masks))
 
 
 def reply_unmask(exchange: Exchange) -> None:
@@ -290,6 +335,7 @@ REPLIES: tuple[tuple[str, Callable[[Exchange], None]], ...] = (
     (messages.REFRESH_REQUEST, reply_refresh),
     (messages.NORM_QUERY, reply_norm_query),
     (messages.GRADIENT_QUERY, reply_gradient_query),
+    (messages.OWNER_GRADIENT_QUERY, reply_owner_gradient),
     (messages.UNMASK_REQUEST, reply_unmask),
     (messages.INTEGRITY_QUERY, reply_integrity),
 )
@@ -306,13 +352,14 @@ def train(exchange: Exchange) -> None:
         with exchange.timer.phase("train"):
             update, stats = local_update(scenario, identity, run_id, theta, round_, exchange.participants)
     else:
-        owner = owner_for(scenario, identity.participant_index, identity.variant,
-                          identity.randomness(round_, "rollouts"), run_id)
+        owner = exchange.owner()
         with exchange.timer.phase("train"):
             owned = owner.contribute(theta, identity.plan.units(exchange.participants))
-        if isinstance(layout, BlockLayout):  # transitions: no masks can cover them (docs/encrypted-rollouts.md)
+        if isinstance(layout, BlockLayout):  # transitions: under this owner's own key; its update follows
+            owner.uploaded = {round_: (owned, theta)}  # (reply_owner_gradient), only the latest round's
             with exchange.timer.phase("mask_encrypt"):
-                exchange.reply[messages.ROLLOUT] = messages.pack(encrypted_rollout(holder, round_, owned, layout))
+                exchange.reply[messages.ROLLOUT] = messages.pack(
+                    encrypted_rollout(exchange.own_key(), round_, owned, layout, theta))
             return
         update, stats = owned.tiled_statistics(layout), owned.stats
     with exchange.timer.phase("mask_encrypt"):

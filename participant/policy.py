@@ -34,7 +34,7 @@ COORDINATOR_MAY_SET: dict[str, str] = {
     "scenario": "what to train; checked: a built-in or installed scenario (or one in allowed-scenarios), never a "
                 "file the run names",
     "mode": "how to train; checked: one of allowed-modes",
-    "rollout_upload": "what encrypted-rollout owners send (transitions turn masking off: see masking)",
+    "rollout_upload": "what encrypted-rollout owners send (transitions: under each owner's own key)",
     "server_optimizer": "the coordinator's optimizer",
     "num_server_rounds": "how long to train",
     "coordinator_key": "a path on the coordinator's own machine",

@@ -7,9 +7,12 @@ it like any update (``protos.update_units``), by scaling its deltas: the gradien
 linear in them, so the federation's summed gradient stays within HE-Adam's bound ``C`` per
 coordinate (``clip_factors``).
 What it uploads (``rollout-upload``) is either its sufficient statistics, tiled and under its
-pairwise mask, as an ordinary update (``statistics``, the default), or Enc(scaled observations) and
-Enc(deltas) in a fixed number of blocks per round (``transitions``). Either way sizes reveal
-nothing, and rewards, returns and actions never leave in any form but the deltas they shaped.
+pairwise mask, as an ordinary update (``statistics``, the default), or Enc(scaled observations),
+Enc(deltas) and Enc(tiled theta) under the owner's own key (``transitions``, ``participant.owner_key``)
+in a fixed number of blocks per round; the coordinator's per-slot gradient sums come back to this
+owner alone, who checks them against its own gradient and sends them on as an ordinary update
+(``owner_update``). Either way sizes reveal nothing, and rewards, returns and actions never leave in
+any form but the deltas they shaped.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from participant.keyholder import KeyHolder
+from participant.keyholder import KeyHolder, decrypt_vector
 from participant.run_state import kept_for_run
-from protos.codec import PROTOCOL_VERSION, encrypt_to_proto
+from protos.codec import PROTOCOL_VERSION, EncryptedVector, encrypt_to_proto
+from protos.errors import RequestRefusedError
 from protos.fedhe.v1 import wire_pb2
 from protos.rollout_layout import BlockLayout
 from protos.rollout_statistics import StatisticsLayout
@@ -71,6 +75,7 @@ class RolloutOwner:
         self.rng = np.random.default_rng(int(rng_seed))
         self.env = scenario.build_vector_env(participant_index, int(env_seed), variant, num_envs=cfg.num_envs)
         self.collector = RolloutCollector(self.env, int(env_seed))
+        self.uploaded: dict[int, tuple[OwnerRound, np.ndarray]] = {}  # transitions: round -> (rollouts, theta)
 
     def contribute(self, theta: np.ndarray, units: UpdateUnits) -> OwnerRound:
         """One round: collect, compute deltas clipped to ``units.clip`` and weighted like any update."""
@@ -146,18 +151,43 @@ def owner_for(
                         lambda: RolloutOwner(scenario, index, seed, variant))
 
 
-def encrypted_rollout(holder: KeyHolder, round_: int, owner_round: OwnerRound,
-                      layout: BlockLayout) -> wire_pb2.RolloutUpload:
-    """Every block as one vector of consecutive full chunks (the layout's X_j, D_actor_a, D_critic)."""
+def encrypted_rollout(own_key: KeyHolder, round_: int, owner_round: OwnerRound, layout: BlockLayout,
+                      theta: np.ndarray) -> wire_pb2.RolloutUpload:
+    """Under the owner's own key: every block as one vector of consecutive full chunks (the layout's
+    X_j, D_actor_a, D_critic) and theta tiled in the same slots."""
     upload = wire_pb2.RolloutUpload(protocol_version=PROTOCOL_VERSION, round=round_)
     for block in owner_round.blocks(layout):
-        upload.blocks.append(encrypt_to_proto(holder, np.concatenate(block)))
-    upload.rollout_stats.CopyFrom(encrypt_to_proto(holder, owner_round.stats))
+        upload.blocks.append(encrypt_to_proto(own_key, np.concatenate(block)))
+    upload.theta_tiled.CopyFrom(tiled_theta(own_key, theta, layout))
     return upload
+
+
+# The owner's gradient from the coordinator's sums differs from its own by CKKS's error (measured:
+# 1e-6 of the largest coordinate, CartPole); more than this is a wrong or hostile computation.
+OWNER_GRADIENT_TOLERANCE = 5e-5
+
+
+def owner_update(own_key: KeyHolder, per_slot: list[EncryptedVector], layout: BlockLayout,
+                 owner_round: OwnerRound, theta: np.ndarray, spec: PolyNetSpec, bound: float) -> np.ndarray:
+    """The coordinator's per-slot sums of this owner's terms, decrypted and collapsed: the owner's
+    update, once it matches the gradient the owner computes itself (else ``RequestRefusedError``),
+    clipped to ``bound`` per coordinate (HE-Adam's C in update units)."""
+    if len(per_slot) != layout.gradient_vectors:
+        raise RequestRefusedError(
+            f"owner-gradient query holds {len(per_slot)} ciphertexts, the layout defines {layout.gradient_vectors}")
+    gradient = layout.collapse([decrypt_vector(own_key, vec)[: layout.slots] for vec in per_slot])
+    own = spec.gradient(theta, owner_round.obs, owner_round.d_actor, owner_round.d_critic)  # the spread stays fixed
+    error = float(np.max(np.abs(gradient - own)))
+    if error > OWNER_GRADIENT_TOLERANCE * max(float(np.max(np.abs(own))), 1e-12):
+        raise RequestRefusedError(
+            f"the coordinator's gradient differs from this owner's own by {error:.3g} (largest coordinate "
+            f"{float(np.max(np.abs(own))):.3g}): a wrong key or a wrong computation; refusing to send it on")
+    return np.clip(gradient, -bound, bound)
 
 
 def tiled_theta(holder: KeyHolder, theta: np.ndarray,
                 layout: BlockLayout | StatisticsLayout) -> wire_pb2.EncryptedVector:
-    """The refresher's copy of theta in the round's slot layout (tiled theta for transitions, the
-    coefficients ``T(theta)`` for statistics), so the coordinator can compute the gradient."""
+    """theta in the round's slot layout, so the coordinator can compute the gradient: the coefficients
+    ``T(theta)`` for statistics (the refresher's, under the federation key), tiled theta for transitions
+    (each owner's, under its own key)."""
     return encrypt_to_proto(holder, np.concatenate(layout.pack_theta(theta)))

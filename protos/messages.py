@@ -29,6 +29,7 @@ NORM_REPLY = "fedhe.norm-reply"  # key holder -> coordinator: NormReply (rounded
 ROLLOUT = "fedhe.rollout"  # owner -> coordinator (encrypted-rollout mode): RolloutUpload
 GRADIENT_QUERY = "fedhe.gradient-query"  # coordinator -> key holder: GradientQuery (masked per-slot sums)
 GRADIENT_REPLY = "fedhe.gradient-reply"  # key holder -> coordinator: GradientReply (dense, fresh)
+OWNER_GRADIENT_QUERY = "fedhe.owner-gradient-query"  # coordinator -> owner: GradientQuery under its own key
 UNMASK_REQUEST = "fedhe.unmask-request"  # coordinator -> survivor: UnmaskRequest (pairwise masking)
 UNMASK_REPLY = "fedhe.unmask-reply"  # survivor -> coordinator: UnmaskReply (opened shares, corrections)
 INTEGRITY_QUERY = "fedhe.integrity-query"  # coordinator -> key holder: IntegrityQuery
@@ -39,10 +40,11 @@ TRAIN = "train"
 REFRESH = "query.refresh"  # refresh/release only, no training (fallback refresher, last round)
 NORMS = "query.norms"  # robust aggregation: a key holder sums masked squared norms
 GRADIENT = "query.gradient"  # encrypted-rollout mode: a key holder collapses masked per-slot gradients
+OWNER_GRADIENT = "query.owner_gradient"  # transition uploads: an owner turns its own gradient into an update
 UNMASK = "query.unmask"  # pairwise masking: reveal survivors' seed shares, cancel masks with the missing
 INTEGRITY = "query.integrity"  # every round: is the aggregate within its bound; release the statistics
 IDENTIFY = "query.identify"  # once per node: its roster index and organization name (public)
-QUERIES = (REFRESH, NORMS, GRADIENT, UNMASK, INTEGRITY, IDENTIFY)
+QUERIES = (REFRESH, NORMS, GRADIENT, OWNER_GRADIENT, UNMASK, INTEGRITY, IDENTIFY)
 
 # Flower error code of a participant's reply when it holds another federation's key
 # (``protos.reply_errors``: every category of a data-free error reply).

@@ -69,7 +69,7 @@ class RunPlan:
         if self.statistics:
             return "rollout-statistics" + ("-pairwise" if self.settings.masking == "pairwise" else "")
         if self.rollouts:
-            return "rollout-gradient"
+            return "rollout-gradient" + ("-pairwise" if self.settings.masking == "pairwise" else "")
         if self.settings.defense in MASKED_NORM_DEFENSES:
             return self.settings.defense
         return "pairwise" if self.settings.masking == "pairwise" else "sum"
@@ -109,9 +109,6 @@ def resolve_masking(settings, participants: int = 0) -> str:
     if settings.masking not in MASKING:
         raise ValueError(f"unknown masking {settings.masking!r}; known: {', '.join(MASKING)}")
     conflicts = {
-        "mode encrypted-rollouts with rollout-upload transitions (the coordinator multiplies each owner's "
-        "ciphertexts, so masks would not cancel)": (settings.mode == ROLLOUTS
-                                                  and settings.rollout_upload == "transitions"),
         f"defense {settings.defense} (it needs each update's own norm, and under pairwise masks no ciphertext "
         "holds one participant's update)": settings.defense in MASKED_NORM_DEFENSES,
         "--plaintext (the baseline has no keys and no roster)": settings.plaintext,

@@ -6,7 +6,7 @@ from coordinator.aggregation.base import Aggregate, Aggregation, RoundContext
 from coordinator.aggregation.masked_sum import PairwiseMaskedSum
 from coordinator.aggregation.plain_sum import PlainSum
 from coordinator.aggregation.robust import MedianNorm, NormBound
-from coordinator.aggregation.rollout_gradient import RolloutGradient
+from coordinator.aggregation.rollout_gradient import MaskedRolloutGradient, RolloutGradient
 from coordinator.aggregation.rollout_statistics import MaskedStatisticsGradient, StatisticsGradient
 
 AGGREGATIONS: dict[str, type[Aggregation]] = {
@@ -15,6 +15,7 @@ AGGREGATIONS: dict[str, type[Aggregation]] = {
     "norm-bound": NormBound,
     "median-norm": MedianNorm,
     "rollout-gradient": RolloutGradient,
+    "rollout-gradient-pairwise": MaskedRolloutGradient,
     "rollout-statistics": StatisticsGradient,
     "rollout-statistics-pairwise": MaskedStatisticsGradient,
 }

@@ -42,9 +42,8 @@ def test_unknown_scenario_is_a_clear_error(tmp_path):
 
 
 def test_masking_where_masks_cannot_cancel_is_a_clear_error(tmp_path):
-    run = fedhe("simulate", "--masking", "pairwise", "--mode", "encrypted-rollouts", "--rollout-upload", "transitions",
-                "--out", str(tmp_path / "x"))
-    assert run.returncode == 2 and "masks would not cancel" in run.stderr and "masking off" in run.stderr
+    run = fedhe("simulate", "--masking", "pairwise", "--plaintext", "--out", str(tmp_path / "x"))
+    assert run.returncode == 2 and "no keys and no roster" in run.stderr and "masking off" in run.stderr
     assert "--masking" in fedhe("simulate", "--help").stdout
 
 

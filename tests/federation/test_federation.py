@@ -232,28 +232,52 @@ def test_hostile_replies_are_recorded_failures_and_rounds_complete(tmp_path):
 
 @pytest.mark.parametrize("upload", ["statistics", "transitions"])
 def test_encrypted_rollout_mode_learns_from_encrypted_rollouts_only(tmp_path, keys, coordinator_backend, upload):
-    """The coordinator trains on owners' encrypted statistics (masked) or transitions (unmasked); only
-    allowlisted ciphertexts leave owners."""
+    """The coordinator trains on owners' encrypted statistics or transitions (under each owner's own key,
+    then each owner's update), every update masked; only allowlisted ciphertexts leave owners."""
     out, audit = tmp_path / "run", tmp_path / "audit"
     rounds = 2 if upload == "statistics" else 1  # a transitions round takes ~9 s of HE
     settings = RunSettings(scenario="cartpole", mode="encrypted-rollouts", rollout_upload=upload,
                            num_server_rounds=rounds, out_dir=str(out), min_participants=3, seed=0)
     summary = simulate(settings, 3, keys.directory, client_mods=[egress_audit_mod(audit)])
     assert summary["mode"] == "encrypted-rollouts" and summary["rounds"] == rounds
-    assert summary["masking"] == ("pairwise" if upload == "statistics" else "off")
+    assert summary["masking"] == "pairwise"
     run_info = json.loads((out / "run.json").read_text())
     assert run_info["mode"] == "encrypted-rollouts" and run_info["rollout_upload"] == upload
     rows = read_metrics(out)
     assert all(r["participants"] == 3 and r["failed"] == [] and r["mean_return"] > 0 for r in rows)
-    replies, problems = audit_recorded(audit, coordinator_backend)
-    assert problems == []
     manifests = [m for m, _ in _audited_replies(audit)]
-    sent, not_sent = (messages.UPDATE, messages.ROLLOUT) if upload == "statistics" else (messages.ROLLOUT,
-                                                                                         messages.UPDATE)
-    assert sum(sent in m["array_records"] for m in manifests) == 3 * rounds
-    assert not any(not_sent in m["array_records"] for m in manifests)
-    assert sum(messages.GRADIENT_REPLY in m["array_records"] for m in manifests) == rounds  # one collapse a round
+    assert sum(messages.UPDATE in m["array_records"] for m in manifests) == 3 * rounds
+    uploads = sum(messages.ROLLOUT in m["array_records"] for m in manifests)
+    collapses = sum(messages.GRADIENT_REPLY in m["array_records"] for m in manifests)
+    if upload == "statistics":  # a key holder collapses the federation's terms, once a round
+        assert (uploads, collapses) == (0, rounds)
+        assert audit_recorded(audit, coordinator_backend)[1] == []
+    else:  # each owner's terms come back to that owner: no collapse by anyone else
+        assert (uploads, collapses) == (3 * rounds, 0)
+        _assert_owner_uploads_unreadable(audit, keys.directory)
     assert evaluate_run(out, keys.directory, episodes=2)["round"] == rounds
+
+
+def _assert_owner_uploads_unreadable(audit, key_dir):
+    """Every rollout upload is a fresh ciphertext under its owner's own key, and neither the federation
+    key nor another owner's key can load it: no key holder, with or without the coordinator, reads it."""
+    from participant.audit import audit_proto
+    from participant.keyholder import load_keyholder
+    from participant.owner_key import owner_key_path
+    from protos.errors import FingerprintMismatchError
+
+    federation = load_keyholder(key_dir)
+    owners = [load_keyholder(owner_key_path(key_dir, i)) for i in range(3)]
+    assert len({o.fingerprint for o in owners} | {federation.fingerprint}) == 4
+    uploads = recorded_protos(audit, messages.ROLLOUT, wire_pb2.RolloutUpload)
+    assert {u.blocks[0].key_fingerprint for _, u in uploads} == {o.fingerprint for o in owners}
+    for _, upload in uploads:
+        own = next(o for o in owners if o.fingerprint == upload.blocks[0].key_fingerprint)
+        assert audit_proto(upload, upload.round, federation, own) == []
+        assert "this owner's own key" in " ".join(audit_proto(upload, upload.round, federation))
+        for other in [federation] + [o for o in owners if o is not own]:
+            with pytest.raises(FingerprintMismatchError):
+                from_proto(other, upload.blocks[0])
 
 
 FLAKY_ONCE = """

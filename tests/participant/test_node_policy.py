@@ -95,8 +95,9 @@ def test_asking_for_more_than_the_rule_is_fine():
     deployed(**{"min-dp-noise-multiplier": 0.8}).check(RunSettings(dp_noise_multiplier=1.5, defense="dp"))
     deployed(masking="optional").check(RunSettings(mode="encrypted-rollouts"))
     deployed().check(RunSettings(mode="encrypted-rollouts"))  # statistics: masked like any update
-    with pytest.raises(PolicyRefusal, match="resolves to off.*requires pairwise"):
-        deployed().check(RunSettings(mode="encrypted-rollouts", rollout_upload="transitions"))
+    deployed().check(RunSettings(mode="encrypted-rollouts", rollout_upload="transitions"))  # owners' updates too
+    with pytest.raises(PolicyRefusal, match="masking=off, this node requires pairwise"):
+        deployed().check(RunSettings(mode="encrypted-rollouts", rollout_upload="transitions", masking="off"))
     deployed(**{"release-statistics": False}).check(RunSettings(release_metrics=False))
 
 

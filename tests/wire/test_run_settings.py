@@ -45,7 +45,7 @@ def test_masking_auto_is_pairwise_with_three_or_more_participants_and_local_ppo(
     assert masking(defense="median-norm") == "off" and masking(defense="norm-bound") == "off"
     assert masking(defense="dp", dp_noise_multiplier=1.0) == "pairwise"  # DP noise is added before masking
     assert masking(mode="encrypted-rollouts") == "pairwise"  # owners' statistics are summed like updates
-    assert masking(mode="encrypted-rollouts", rollout_upload="transitions") == "off"
+    assert masking(mode="encrypted-rollouts", rollout_upload="transitions") == "pairwise"  # owners' updates, too
     assert masking(plaintext=True) == "off"
     assert masking(2, masking="pairwise") == "pairwise" and masking(masking="off") == "off"
 
@@ -55,8 +55,6 @@ def test_masking_auto_is_pairwise_with_three_or_more_participants_and_local_ppo(
     [
         (RunSettings(masking="pairwise", defense="median-norm"), "needs each update's own norm"),
         (RunSettings(masking="pairwise", defense="norm-bound"), "needs each update's own norm"),
-        (RunSettings(masking="pairwise", mode="encrypted-rollouts", rollout_upload="transitions"),
-         "masks would not cancel"),
         (RunSettings(masking="pairwise", plaintext=True), "no keys and no roster"),
         (RunSettings(masking="sometimes"), "unknown masking"),
     ],
@@ -82,9 +80,10 @@ def test_the_coordinator_refuses_masking_with_masked_norm_defenses_and_encrypted
         forced = RunPlan(plan.scenario, dataclasses.replace(plan.settings, masking="pairwise"), plan.optimizer)
         assert forced.aggregation == defense and not getattr(AGGREGATIONS[defense], "masked", False)
     transitions = RunSettings(mode="encrypted-rollouts", rollout_upload="transitions")
-    with pytest.raises(ValueError, match="encrypted-rollouts"):
-        resolve_plan(dataclasses.replace(transitions, masking="pairwise"))
-    assert resolve_plan(transitions).aggregation == "rollout-gradient"
+    masked = resolve_plan(transitions)
+    assert masked.aggregation == "rollout-gradient-pairwise" and AGGREGATIONS[masked.aggregation].masked
+    unmasked = resolve_plan(dataclasses.replace(transitions, masking="off"))
+    assert unmasked.aggregation == "rollout-gradient" and not AGGREGATIONS[unmasked.aggregation].masked
     statistics = resolve_plan(RunSettings(mode="encrypted-rollouts"))
     assert statistics.aggregation == "rollout-statistics-pairwise" and AGGREGATIONS[statistics.aggregation].masked
     unmasked = resolve_plan(RunSettings(mode="encrypted-rollouts", masking="off"))

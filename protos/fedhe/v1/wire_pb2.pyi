@@ -185,16 +185,16 @@ class RefreshReply(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., theta: _Optional[_Union[EncryptedVector, _Mapping]] = ..., state: _Optional[_Mapping[str, EncryptedVector]] = ..., theta_tiled: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
 
 class RolloutUpload(_message.Message):
-    __slots__ = ("protocol_version", "round", "blocks", "rollout_stats")
+    __slots__ = ("protocol_version", "round", "blocks", "theta_tiled")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    ROLLOUT_STATS_FIELD_NUMBER: _ClassVar[int]
+    THETA_TILED_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     round: int
     blocks: _containers.RepeatedCompositeFieldContainer[EncryptedVector]
-    rollout_stats: EncryptedVector
-    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[EncryptedVector, _Mapping]]] = ..., rollout_stats: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
+    theta_tiled: EncryptedVector
+    def __init__(self, protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[EncryptedVector, _Mapping]]] = ..., theta_tiled: _Optional[_Union[EncryptedVector, _Mapping]] = ...) -> None: ...
 
 class GradientQuery(_message.Message):
     __slots__ = ("protocol_version", "round", "masked")
