@@ -27,15 +27,25 @@ def keygen(
             "simulation on one machine (`flwr run` with participant-key-dir=DIR) with pairwise masking."
         ),
     ),
+    owner_keys: bool = typer.Option(
+        False,
+        "--owner-keys",
+        help=(
+            "With --simulated-organizations: also each organization's own CKKS key pair, registered for the "
+            "coordinator (DIR/owners/), for encrypted-rollout runs with rollout-upload transitions."
+        ),
+    ),
 ) -> None:
     """Create a federation key (the key ceremony).
 
     participant.ctx holds the SECRET key (mode 0600): copy it to every participant out of band.
     coordinator.ctx holds only evaluation keys (public + relinearization): give it to the
     coordinator. Both carry the fingerprint in fingerprint.txt; every message is checked
-    against it. For pairwise masking, build the roster next (`fedhe keys roster`).
+    against it. For pairwise masking, build the roster next (`fedhe keys roster`); for transition
+    uploads, each organization makes its own key pair on its node (`fedhe keys owner`).
     """
     from participant.keyholder import generate_keys
+    from participant.owner_key import simulated_owner_keys
     from participant.roster import simulated_organizations as create_organizations
 
     try:
@@ -43,6 +53,8 @@ def keygen(
         roster = None
         if simulated_organizations > 0:
             roster = create_organizations(out, keys.fingerprint, simulated_organizations)
+            if owner_keys:
+                simulated_owner_keys(out, roster.names, keys.profile.name)
     except (WireError, ValueError) as exc:
         fail(str(exc))
     console.print(f"federation key [bold]{keys.fingerprint}[/] (profile {keys.profile.name})")
@@ -50,6 +62,8 @@ def keygen(
     console.print(f"  evaluation, coordinator  : {keys.coordinator_key}")
     if roster is not None:
         console.print(f"  roster of {roster.size} simulated organizations (digest {roster.digest}): {out}")
+        if owner_keys:
+            console.print(f"  their own keys for transition uploads, registered for the coordinator: {out}/owners")
 
 
 @keys_app.command("inspect")

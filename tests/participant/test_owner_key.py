@@ -7,15 +7,24 @@ import dataclasses
 import numpy as np
 import pytest
 import tenseal as ts
+from typer.testing import CliRunner
 
 from coordinator.encrypted_gradient import GradientSum
 from coordinator.owner_keys import owner_backend
+from fedhe.cli import app
 from participant.keyholder import load_keyholder
-from participant.owner_key import OWNERS_DIR, create_owner_key, load_owner_key, simulated_owner_keys
+from participant.owner_key import (
+    OWNER_EVALUATION_KEY,
+    OWNER_KEY,
+    OWNERS_DIR,
+    create_owner_key,
+    load_owner_key,
+    simulated_owner_keys,
+)
 from participant.rollout_owner import RolloutOwner, encrypted_rollout, owner_update
 from protos.codec import EncryptedVector, from_proto, to_proto_for_decryption
 from protos.errors import KeyFileError, RequestRefusedError
-from protos.keyfile import COORDINATOR_KEY, inspect_key_file, load_evaluation_backend
+from protos.keyfile import COORDINATOR_KEY, PARTICIPANT_KEY, inspect_key_file, load_evaluation_backend
 from protos.optimizer import HEAdamConfig
 from protos.rollout_layout import layout_for_round
 from protos.update_units import UpdateUnits
@@ -42,6 +51,19 @@ def test_an_owner_key_is_its_own_and_its_evaluation_half_cannot_decrypt(tmp_path
         load_owner_key(tmp_path / "elsewhere", 0, keys.profile.name)
     with pytest.raises(KeyFileError, match="profile"):
         load_owner_key(tmp_path, 0, "n8k-d2")  # the owner.ctx just made, for another profile
+
+
+def test_keys_owner_makes_the_pair_on_the_organizations_node_with_the_federations_profile(tmp_path, small_keys):
+    (tmp_path / PARTICIPANT_KEY).write_bytes((small_keys.directory / PARTICIPANT_KEY).read_bytes())
+    runner = CliRunner()
+    result = runner.invoke(app, ["keys", "owner", "--key-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    secret, evaluation = inspect_key_file(tmp_path / OWNER_KEY), inspect_key_file(tmp_path / OWNER_EVALUATION_KEY)
+    assert secret.has_secret_key and not evaluation.has_secret_key and evaluation.has_relin_keys
+    assert secret.profile.name == small_keys.profile.name and secret.fingerprint != small_keys.fingerprint
+    assert secret.fingerprint in result.output and "owners/<organization>.ctx" in result.output
+    again = runner.invoke(app, ["keys", "owner", "--key-dir", str(tmp_path)])
+    assert again.exit_code == 2 and "refusing to overwrite" in again.output
 
 
 def test_the_coordinator_uses_the_key_registered_for_the_organization(tmp_path, keys, coordinator_backend):
@@ -95,3 +117,13 @@ def test_only_the_owner_reads_its_rollouts_and_it_sends_on_only_its_own_gradient
     used = np.flatnonzero(truth)
     assert abs(np.corrcoef(read[used], truth[used])[0, 1]) < 0.05
     assert np.max(np.abs(read[used] - truth[used])) > 1e3 * np.max(np.abs(truth))
+
+
+def test_keygen_makes_and_registers_simulated_organizations_owner_keys(tmp_path):
+    result = CliRunner().invoke(app, ["keygen", "--out", str(tmp_path), "--profile", "n8k-d2",
+                                      "--simulated-organizations", "3", "--owner-keys"])
+    assert result.exit_code == 0, result.output
+    for index in range(3):
+        registered = inspect_key_file(tmp_path / OWNERS_DIR / f"participant-{index}.ctx")
+        assert not registered.has_secret_key
+        assert load_owner_key(tmp_path, index, "n8k-d2").fingerprint == registered.fingerprint
