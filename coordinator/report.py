@@ -178,6 +178,7 @@ def write_summary(
     """summary.json; ``participants``: the most that answered one round."""
     rows = read_metrics(directory)
     final = recent_mean_return(rows)
+    solved_at = rounds_to_solve(rows, threshold)
     up = [r["bytes_up"] / r["participants"] for r in rows if r.get("participants")]
     summary = {
         "scenario": scenario,
@@ -186,8 +187,9 @@ def write_summary(
         "rounds": len(rows),
         "final_return": None if final is None else round(final, 2),
         "reward_threshold": threshold,
-        "solved": is_solved(rows, threshold),  # the same predicate as --stop-on-solve, at the end
-        "rounds_to_solve": rounds_to_solve(rows, threshold),
+        # reached the threshold (--stop-on-solve's predicate) at some round; final_return is where it ended
+        "solved": solved_at is not None,
+        "rounds_to_solve": solved_at,
         "wall_s": round(wall_s, 2),
         "num_params": num_params,
         "upload_bytes_per_param": round(sum(up) / len(up) / num_params, 2) if up else None,

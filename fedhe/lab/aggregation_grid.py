@@ -135,7 +135,7 @@ def run_cell(spec: GridSpec, cell: dict[str, Any], key_dir: Path | None) -> dict
         "seed": cell["seed"],
         "participants": spec.participants,
         "malicious": 0 if cell["attack"] == "none" else spec.malicious,
-        "solved": bool(summary["solved"] or summary.get("rounds_to_solve") is not None),
+        "solved": bool(summary["solved"]),
         "rounds_to_solve": summary.get("rounds_to_solve"),
         "final_return": summary.get("final_return"),
         "rounds": summary.get("rounds"),
