@@ -13,6 +13,10 @@ refresher's part).
 With ``workers`` > 1 every step and refresh runs twice on the same inputs, in-process and over
 that many worker processes per side (``coordinator.chunk_workers``), so the two timings are paired
 (same machine load) and the two steps are checked to give the same ciphertexts byte for byte.
+With ``shards`` > 1 the paired side is the step sharded on Ray (``coordinator.ray_shards``) instead:
+the actors own the state for the whole run, each upload goes to them as its wire bytes, they unmask
+the refresher's reply and mask the next request themselves; the ``_workers`` fields then hold the
+shards' timings (``paired`` says which) and the refresher's side runs over ``shards`` processes.
 ``step_cpu_ms``, ``refresh_cpu_ms`` and their ``_workers`` twins are CPU time, the workers' included:
 on a shared machine the wall times depend on the other jobs, the CPU time shows what the workers
 add (serializing chunks in and out), and CPU time over cores is the best wall time idle cores give.
@@ -24,6 +28,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +52,7 @@ from coordinator.he_adam import (
     unmask_state,
 )
 from coordinator.parallel_step import parallel_he_adam_step
+from coordinator.ray_shards import ShardedHEAdam
 from participant.keyholder import decrypt_vector, generate_keys, load_keyholder
 from protos.backend import HEBackend
 from protos.codec import (
@@ -117,6 +123,25 @@ def refresh_roundtrip(
                      sum(len(data) for data in request.values()), sum(len(data) for data in reply.values()))
 
 
+def sharded_refresh_roundtrip(
+    coordinator: HEBackend, sharded: ShardedHEAdam, holder_workers: ChunkWorkers, names: tuple[str, ...]
+) -> Refreshed:
+    """``refresh_roundtrip`` with the state masked inside the shards; the shards check the fresh
+    chunks when they unmask them (in the next step), so ``fresh`` is read here untimed, for the
+    in-process side only."""
+    t0 = time.perf_counter()
+    masked, masks = sharded.masked(names)
+    request = {name: msg.SerializeToString() for name, msg in masked.items()}
+    t1 = time.perf_counter()
+    reply = reencrypt_request(holder_workers, request, sharded.length)
+    t2 = time.perf_counter()
+    wire = {name: parse_message(wire_pb2.EncryptedVector, data) for name, data in reply.items()}
+    t3 = time.perf_counter()
+    fresh = {name: from_proto(coordinator, msg, expected_length=msg.length, fresh=True) for name, msg in wire.items()}
+    return Refreshed(wire, fresh, masks, (t1 - t0 + t3 - t2) * 1e3, (t2 - t1) * 1e3,
+                     sum(len(data) for data in request.values()), sum(len(data) for data in reply.values()))
+
+
 def reencrypt_request(holder_workers: ChunkWorkers, request: dict[str, bytes], length: int) -> dict[str, bytes]:
     """The refresher's side: every masked vector re-encrypted, wire bytes in and out."""
     return {
@@ -134,9 +159,13 @@ def run_he_adam_bench(
     seed: int = 0,
     on_step: Callable[[int], None] | None = None,
     workers: int | None = None,
+    shards: int = 0,
+    ray_address: str | None = None,
 ) -> dict:
     config = config or HEAdamConfig(lr=0.01, clip_bound=1.0)
     workers = default_workers() if workers is None else max(1, workers)
+    if shards > 1:
+        workers = shards  # the paired side: shards for the coordinator, as many processes for the refresher
     with tempfile.TemporaryDirectory(prefix="fedhe-bench-") as tmp:
         keys = generate_keys(Path(tmp), profile)
         coordinator = load_evaluation_backend(keys.coordinator_key)
@@ -165,11 +194,18 @@ def run_he_adam_bench(
     in_process = keyholder_workers(holder, workers=1)
     refreshed: Refreshed | None = None
     start = dict.fromkeys(STATE_NAMES, 0)  # levels used at the start of the next step
-    with ChunkWorkers(coordinator, workers) as step_workers, keyholder_workers(holder, workers) as refresh_workers:
+    with ((ShardedHEAdam(coordinator, shards, ray_address) if shards > 1 else nullcontext()) as sharded,
+          ChunkWorkers(coordinator, 1 if sharded else workers) as step_workers,
+          keyholder_workers(holder, workers) as refresh_workers):
         step_workers.warm()
         refresh_workers.warm()
+        shard_pids: list[int] = []
+        if sharded is not None:  # Ray's start and the actors' context loading stay out of the timings
+            sharded.set_state(state)
+            shard_pids = sharded.local_pids()
         for t, g in enumerate(grads):
-            aggregate = send(holder, coordinator, encrypt_vector(holder, g * config.update_scale))
+            uploaded = encode_vector(holder, encrypt_vector(holder, g * config.update_scale))
+            aggregate = decode_vector(coordinator, uploaded, expected_length=params)
             t0, cpu0 = time.perf_counter(), time.process_time()
             kept = state
             if refreshed is not None:
@@ -180,7 +216,17 @@ def run_he_adam_bench(
             timings["step_cpu"].append((time.process_time() - cpu0) * 1e3)
             x = decrypt_vector(holder, send(coordinator, holder, result.x))  # workers do not return x
             x_min, x_max = min(x_min, float(x.min())), max(x_max, float(x.max()))
-            if workers > 1:
+            if sharded is not None:
+                t0, cpu0 = time.perf_counter(), cpu_seconds(shard_pids)
+                if refreshed is not None:
+                    sharded.unmask(refreshed.wire, refreshed.masks)
+                sharded.accumulate(parse_message(wire_pb2.EncryptedVector, uploaded), fresh=True)
+                sharded.step(config, poly)
+                paired["step"].append((time.perf_counter() - t0) * 1e3)
+                paired["step_cpu"].append((cpu_seconds(shard_pids) - cpu0) * 1e3)
+                identical = identical and _same_bytes(result.state.theta, sharded.vector("theta"))
+                identical = identical and _same_bytes(result.state.w, sharded.vector("w"))
+            elif workers > 1:
                 t0, cpu0 = time.perf_counter(), cpu_seconds(step_workers.pids())
                 if refreshed is None:
                     parallel = parallel_he_adam_step(step_workers, state, aggregate, config, poly)
@@ -202,11 +248,14 @@ def run_he_adam_bench(
             timings["refresh"].append(refreshed.coordinator_ms + refreshed.key_holder_ms)
             timings["refresh_key_holder"].append(refreshed.key_holder_ms)
             if workers > 1:  # the same state refreshed again, re-encrypted over the workers; the run goes on from it
-                cpu0 = cpu_seconds(refresh_workers.pids())
-                again = refresh_roundtrip(coordinator, refresh_workers, {name: state.named()[name] for name in due})
+                cpu0 = cpu_seconds(refresh_workers.pids() + shard_pids)
+                if sharded is not None:  # masked in the shards (their state is the same, byte for byte)
+                    again = sharded_refresh_roundtrip(coordinator, sharded, refresh_workers, due)
+                else:
+                    again = refresh_roundtrip(coordinator, refresh_workers, {name: state.named()[name] for name in due})
                 paired["refresh"].append(again.coordinator_ms + again.key_holder_ms)
                 paired["refresh_key_holder"].append(again.key_holder_ms)
-                paired["refresh_cpu"].append((cpu_seconds(refresh_workers.pids()) - cpu0) * 1e3)
+                paired["refresh_cpu"].append((cpu_seconds(refresh_workers.pids() + shard_pids) - cpu0) * 1e3)
                 refreshed = again
 
             w = decrypt_vector(holder, send(coordinator, holder, state.w)) / np.sqrt(config.tau_value)
@@ -241,6 +290,8 @@ def run_he_adam_bench(
         "refresh_key_holder_ms": typical["refresh_key_holder"],
         "he_ms_per_100k_params": he_ms / params * 100_000,
         "workers": workers,
+        "shards": shards if shards > 1 else 1,
+        "paired": "shards" if shards > 1 else "workers",
         "ms_per_step_workers": with_workers["step"],
         "refresh_ms_workers": with_workers["refresh"],
         "refresh_key_holder_ms_workers": with_workers["refresh_key_holder"],

@@ -19,6 +19,12 @@ refresher's pools here are ``benchmarks.parallel_keyholder`` and ``benchmarks.pa
   update (``encrypt_message``), decrypt theta (``decrypt_message``) and re-encrypt the masked
   state (``reencrypt_message``).
 
+With ``shards`` > 1 the coordinator's side runs on Ray actors that own the state and the running
+sum (``coordinator.ray_shards``): each upload goes to them as its wire bytes (``read_updates`` is
+then forwarding, validating and adding, in the actors), they step, mask the state for the refresh
+and unmask the reply themselves, and theta comes back as wire bytes; the coordinator process holds
+no ciphertext of the model. Its CPU time counts the actors' (local actors only).
+
 The n uploads are n copies of one encrypted update: validating a chunk costs the same whatever
 it holds, and encrypting n distinct updates would only time the same encryption n times.
 ``bytes_up`` counts the n update vectors and the refresher's fresh state, ``bytes_down`` theta
@@ -47,7 +53,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +75,8 @@ def run_scale_bench(
     workers: int | None = None,
     seed: int = 0,
     on_row: Callable[[dict], None] | None = None,
+    shards: int = 0,
+    ray_address: str | None = None,
 ) -> dict:
     """Every (params, participants) row in its own subprocess, then the fit."""
     from coordinator.chunk_workers import default_workers
@@ -83,24 +91,27 @@ def run_scale_bench(
         keys = generate_keys(Path(tmp), profile or DEFAULT_PROFILE)
         for p in params:
             for n in participants:
-                row = _row_in_subprocess(keys.directory, p, n, workers, seed)
+                row = _row_in_subprocess(keys.directory, p, n, workers, seed, shards, ray_address)
                 rows.append(row)
                 if on_row:
                     on_row(row)
-    return {"profile": keys.profile.name, "slots": keys.profile.slots, "workers": workers, "rows": rows,
+    return {"profile": keys.profile.name, "slots": keys.profile.slots, "workers": workers,
+            "shards": max(1, shards), "rows": rows,
             "fit": fit(rows, keys.profile.slots)}
 
 
-def _row_in_subprocess(key_dir: Path, params: int, participants: int, workers: int, seed: int) -> dict:
+def _row_in_subprocess(key_dir: Path, params: int, participants: int, workers: int, seed: int,
+                       shards: int = 0, ray_address: str | None = None) -> dict:
     args = json.dumps({"key_dir": str(key_dir), "params": params, "participants": participants,
-                       "workers": workers, "seed": seed})
+                       "workers": workers, "seed": seed, "shards": shards, "ray_address": ray_address})
     done = subprocess.run([sys.executable, "-m", "benchmarks.scale", args], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"scale row params={params} participants={participants} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_row(key_dir: Path, params: int, participants: int, workers: int, seed: int = 0) -> dict:
+def run_row(key_dir: Path, params: int, participants: int, workers: int, seed: int = 0, shards: int = 0,
+            ray_address: str | None = None) -> dict:
     """One round's HE work at this size (call it in a fresh process: ``peak_rss_mb`` is the process's)."""
     from benchmarks.he_adam import reencrypt_request
     from benchmarks.parallel_encryption import encrypt_message
@@ -110,11 +121,13 @@ def run_row(key_dir: Path, params: int, participants: int, workers: int, seed: i
     from coordinator.chunk_workers import ChunkWorkers
     from coordinator.he_adam import HEAdamConfig, HEAdamState, initial_optimizer_state, mask_state, unmask_state
     from coordinator.parallel_step import parallel_he_adam_step
+    from coordinator.ray_shards import ShardedHEAdam
     from participant.keyholder import load_keyholder
     from protos import messages
     from protos.codec import chunk_count, encrypt_vector, from_proto, parse_message, to_proto
     from protos.fedhe.v1 import wire_pb2
     from protos.keyfile import load_evaluation_backend
+    from protos.optimizer import STATE_NAMES
     from protos.update_units import UpdateUnits
 
     coordinator = load_evaluation_backend(Path(key_dir) / "coordinator.ctx")
@@ -124,19 +137,32 @@ def run_row(key_dir: Path, params: int, participants: int, workers: int, seed: i
     rng = np.random.default_rng(seed)
     units = UpdateUnits.of(config, participants)
     chunks = chunk_count(params, coordinator.slots)
-    with ChunkWorkers(coordinator, workers) as coordinator_workers, keyholder_workers(holder, workers) as own:
+    sharded = ShardedHEAdam(coordinator, shards, ray_address) if shards > 1 else None
+    with (sharded or nullcontext(), ChunkWorkers(coordinator, 1 if sharded else workers) as coordinator_workers,
+          keyholder_workers(holder, workers) as own):
         if chunks > 1:  # start-up is once per run, not per round: keep it out of the timings
             coordinator_workers.warm()
             own.warm()
-        timer = _Timer({"coordinator": coordinator_workers.pids, "participant": own.pids})
+        shard_pids: list[int] = []
+        coordinator_pids = (lambda: shard_pids) if sharded else coordinator_workers.pids
+        timer = _Timer({"coordinator": coordinator_pids, "participant": own.pids})
         theta = from_proto(coordinator, encrypt_message(own, rng.normal(scale=0.1, size=params)), fresh=True)
         state = HEAdamState(theta, **initial_optimizer_state(coordinator, params))
         stats = encrypt_vector(coordinator, np.zeros(messages.STATS_LENGTH))
+        if sharded is not None:  # Ray's start and the actors' loading are once per run, too
+            sharded.set_state(state)
+            shard_pids += sharded.local_pids()
 
         with timer("participant", "encrypt_update"):
             upload = encrypt_message(own, units.encode(rng.normal(size=params))).SerializeToString()
         total = total_stats = None
         for _ in range(participants):
+            if sharded is not None:  # the shards validate and add their chunks
+                with timer("coordinator", "read_updates"):
+                    sharded.accumulate(parse_message(wire_pb2.EncryptedVector, upload), fresh=True)
+                with timer("coordinator", "sum"):
+                    total_stats = add_vectors(coordinator, total_stats, stats)
+                continue
             with timer("coordinator", "read_updates"):
                 update = from_proto(coordinator, parse_message(wire_pb2.EncryptedVector, upload),
                                     expected_length=params, fresh=True)
@@ -145,24 +171,38 @@ def run_row(key_dir: Path, params: int, participants: int, workers: int, seed: i
                 total_stats = add_vectors(coordinator, total_stats, stats)
             del update
         with timer("coordinator", "he_adam"):
-            step = parallel_he_adam_step(coordinator_workers, state, total, config, poly)
+            if sharded is not None:
+                sharded.step(config, poly)
+            else:
+                step = parallel_he_adam_step(coordinator_workers, state, total, config, poly)
         del total, total_stats, state
         with timer("coordinator", "refresh_out"):
-            masked, masks = mask_state(coordinator, step.state.named())
-            request = {name: to_proto(coordinator, vec).SerializeToString() for name, vec in masked.items()}
-        del masked
+            if sharded is not None:
+                masked_wire, masks = sharded.masked(STATE_NAMES)
+                request = {name: msg.SerializeToString() for name, msg in masked_wire.items()}
+            else:
+                masked, masks = mask_state(coordinator, step.state.named())
+                request = {name: to_proto(coordinator, vec).SerializeToString() for name, vec in masked.items()}
+                del masked
         with timer("participant", "reencrypt_state"):
             reply = reencrypt_request(own, request, params)
         with timer("coordinator", "refresh_in"):  # a round may unmask in the next step's workers instead
-            fresh = {name: from_proto(coordinator, parse_message(wire_pb2.EncryptedVector, data),
-                                      expected_length=params, fresh=True) for name, data in reply.items()}
-            unmask_state(coordinator, fresh, masks)
-        del fresh
+            if sharded is not None:
+                sharded.unmask({name: parse_message(wire_pb2.EncryptedVector, data) for name, data in reply.items()},
+                               masks)
+            else:
+                fresh = {name: from_proto(coordinator, parse_message(wire_pb2.EncryptedVector, data),
+                                          expected_length=params, fresh=True) for name, data in reply.items()}
+                unmask_state(coordinator, fresh, masks)
+                del fresh
         with timer("coordinator", "theta_out"):
-            theta_bytes = to_proto(coordinator, step.state.theta).SerializeToString()
+            if sharded is not None:
+                theta_bytes = sharded.export("theta").SerializeToString()
+            else:
+                theta_bytes = to_proto(coordinator, step.state.theta).SerializeToString()
         with timer("participant", "decrypt_theta"):
             decrypt_message(own, parse_message(wire_pb2.EncryptedVector, theta_bytes), expected_length=params)
-        worker_peak = max((peak_rss_mb(pid) for pid in coordinator_workers.pids() + own.pids()), default=0.0)
+        worker_peak = max((peak_rss_mb(pid) for pid in coordinator_pids() + own.pids()), default=0.0)
     return {
         "params": params,
         "participants": participants,
@@ -173,6 +213,7 @@ def run_row(key_dir: Path, params: int, participants: int, workers: int, seed: i
         "bytes_down": participants * len(theta_bytes) + sum(len(data) for data in request.values()),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
         "worker_peak_rss_mb": round(worker_peak, 1),
+        "shard_processes": len(shard_pids),  # Ray actors on this machine, measured here
         "coordinator_cpu_ms": timer.total("coordinator", cpu=True),
         "participant_cpu_ms": timer.total("participant", cpu=True),
         "coordinator_split_ms": timer.split("coordinator"),
@@ -256,7 +297,7 @@ def _least_squares(design: np.ndarray, y: np.ndarray, rows: list[dict]) -> dict:
 def _main() -> None:
     args = json.loads(sys.argv[1])
     print(json.dumps(run_row(Path(args["key_dir"]), args["params"], args["participants"], args["workers"],
-                             args["seed"])))
+                             args["seed"], args.get("shards", 0), args.get("ray_address"))))
 
 
 if __name__ == "__main__":

@@ -370,6 +370,15 @@ class ShardedHEAdam:
             return [self.local.where()]
         return self._all([actor.where.remote() for actor in self.actors])
 
+    def local_pids(self) -> list[int]:
+        """The actor processes on this machine (benchmarks read their CPU time and memory in /proc)."""
+        if self.local is not None:
+            return []
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        return [pid for node, pid in self.where() if node == here]
+
     def _each(self, method: str) -> None:
         if self.local is not None:
             getattr(self.local, method)()

@@ -26,19 +26,27 @@ def bench_he_adam(
         None, "--workers", min=1, help="Worker processes per side (default: FEDHE_WORKERS or the cores); "
         "above 1, every step and refresh also runs in-process on the same inputs, for a paired 1-vs-N timing."
     ),
+    shards: int = typer.Option(
+        0, "--shards", min=0, help="Above 1: the paired side is the step sharded over this many Ray actors "
+        "(coordinator.ray_shards) instead of --workers processes."
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="With --shards: join the Ray cluster at this address (default: a local Ray)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
     """HE-Adam on ciphertexts vs the same Adam in NumPy (gradient scale jumps 10x halfway)."""
     from benchmarks.he_adam import run_he_adam_bench
     from coordinator.he_adam import HEAdamConfig, HEAdamConfigError
+    from coordinator.ray_shards import ShardError
 
     config = HEAdamConfig(lr=0.01, clip_bound=1.0, degree=degree, interval_upper=interval_upper)
     try:
         with progress_bar() as bar:
             task = bar.add_task("HE-Adam steps", total=steps)
             result = run_he_adam_bench(steps, params, profile, config, seed, on_step=lambda _: bar.advance(task),
-                                       workers=workers)
-    except (HEAdamConfigError, WireError) as exc:
+                                       workers=workers, shards=shards, ray_address=ray_address)
+    except (HEAdamConfigError, WireError, ShardError) as exc:
         fail(str(exc))
     typer.echo(json.dumps(result, indent=None if as_json else 2))
 
@@ -142,6 +150,9 @@ def bench_federation(
     ),
     server_optimizer: str = typer.Option("adam", "--server-optimizer", help="adam (HE-Adam) or sgd (HE-SGD)."),
     masking: str = typer.Option("auto", "--masking", help="Pairwise masks in the encrypted runs: auto, pairwise, off."),
+    pipeline_rollouts: bool = typer.Option(
+        False, "--pipeline-rollouts", help="local-ppo: collect the next round's rollouts while the coordinator steps."
+    ),
     stop_on_solve: bool = typer.Option(
         False, "--stop-on-solve", help="End each run once solved (compare rounds_to_solve, wall_per_round_ratio)."
     ),
@@ -161,6 +172,7 @@ def bench_federation(
             result = run_federation_bench(
                 scenario, seeds, participants, rounds, out, on_run=on_run, mode=mode, stop_on_solve=stop_on_solve,
                 masking=masking, rollout_upload=rollout_upload, server_optimizer=server_optimizer,
+                pipeline_rollouts=pipeline_rollouts,
             )
         except (WireError, ValueError, RuntimeError) as exc:
             fail(str(exc))
@@ -182,6 +194,9 @@ def bench_round(
     rollout_upload: str = typer.Option(
         "statistics", "--rollout-upload", help="encrypted-rollouts: owners send statistics or transitions."
     ),
+    pipeline_rollouts: bool = typer.Option(
+        False, "--pipeline-rollouts", help="local-ppo: collect the next round's rollouts while the coordinator steps."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
     """Where a round's time goes: per-phase medians on each side, encrypted next to plaintext.
@@ -199,7 +214,8 @@ def bench_round(
         try:
             result = run_round_profile(scenario, rounds, participants, seed, out,
                                        on_run=lambda kind: bar.update(task, advance=1, description=f"{kind} done"),
-                                       bandwidth_mbps=bandwidth_mbps, mode=mode, rollout_upload=rollout_upload)
+                                       bandwidth_mbps=bandwidth_mbps, mode=mode, rollout_upload=rollout_upload,
+                                       pipeline_rollouts=pipeline_rollouts)
         except (WireError, ValueError, RuntimeError) as exc:
             fail(str(exc))
     typer.echo(json.dumps(result, indent=None if as_json else 2))
@@ -264,6 +280,13 @@ def bench_scale(
     workers: int | None = typer.Option(
         None, "--workers", min=1, help="Worker processes per side (default: FEDHE_WORKERS or the cores)."
     ),
+    shards: int = typer.Option(
+        0, "--shards", min=0, help="Above 1: the coordinator's side runs on this many Ray actors that own the "
+        "state and the running sum (coordinator.ray_shards); the refresher keeps --workers processes."
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="With --shards: join the Ray cluster at this address (default: a local Ray)."
+    ),
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
 ) -> None:
@@ -283,7 +306,8 @@ def bench_scale(
                                                     f"{row['coordinator_ms']:.0f} ms")
 
         try:
-            result = run_scale_bench(sizes, counts, profile, workers, seed, on_row=on_row)
+            result = run_scale_bench(sizes, counts, profile, workers, seed, on_row=on_row, shards=shards,
+                                     ray_address=ray_address)
         except (WireError, ValueError, RuntimeError) as exc:
             fail(str(exc))
     typer.echo(json.dumps(result, indent=None if as_json else 2))

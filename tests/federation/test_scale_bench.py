@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from benchmarks.scale import fit
@@ -24,6 +25,18 @@ def test_bench_scale_prints_one_row_per_size_and_a_fit():
     up = [r["bytes_up"] for r in report["rows"]]
     assert up[1] > up[0]  # one more update to upload
     assert report["fit"]["wall"]["linear"] is None  # one model size cannot tell growth in parameters
+
+
+@pytest.mark.slow
+def test_bench_scale_shards_runs_the_coordinator_on_ray_actors():
+    """Two chunks on two local Ray actors: the same row, the actors' memory and CPU counted."""
+    result = CliRunner().invoke(app, ["bench", "scale", "--params", "9000", "--participants", "2", "--shards", "2",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    (row,) = report["rows"]
+    assert report["shards"] == 2 and row["chunks"] == 2 and all(key in row for key in ROW_KEYS)
+    assert row["shard_processes"] == 2 and row["worker_peak_rss_mb"] > 0  # two actor processes, measured
 
 
 def test_bench_scale_refuses_a_bad_list():
