@@ -50,9 +50,11 @@ def run_federation_bench(
     masking: str = "auto",
     rollout_upload: str = "statistics",
     server_optimizer: str = "adam",
+    pipeline_rollouts: bool = False,
 ) -> dict:
     base = RunSettings(scenario=scenario_ref, mode=mode, num_server_rounds=rounds or 0, masking=masking,
-                       rollout_upload=rollout_upload, server_optimizer=server_optimizer)
+                       rollout_upload=rollout_upload, server_optimizer=server_optimizer,
+                       pipeline_rollouts=pipeline_rollouts)
     plan = resolve_plan(base)
     scenario, resolved = plan.scenario, plan.settings
     n = participants or scenario.num_participants
@@ -111,6 +113,7 @@ def run_federation_bench(
         "mode": mode,
         **({"rollout_upload": rollout_upload} if mode == "encrypted-rollouts" else {}),
         "server_optimizer": server_optimizer,
+        "pipeline_rollouts": pipeline_rollouts,
         "masking": resolve_plan(replace(base, plaintext=False), n).settings.masking,
         "stop_on_solve": stop_on_solve,
         "participants": n,

@@ -145,13 +145,14 @@ def run_round_profile(
     bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS,
     mode: str = "local-ppo",
     rollout_upload: str = "statistics",
+    pipeline_rollouts: bool = False,
 ) -> dict:
     if bandwidth_mbps < 0:
         raise ValueError(f"--bandwidth-mbps must be >= 0 (0: transfer left out), got {bandwidth_mbps:g}")
     if rounds <= WARMUP_ROUNDS:
         raise ValueError(f"--rounds must exceed the {WARMUP_ROUNDS} warm-up round(s)")
     base = RunSettings(scenario=scenario_ref, num_server_rounds=rounds, seed=seed, mode=mode,
-                       rollout_upload=rollout_upload)
+                       rollout_upload=rollout_upload, pipeline_rollouts=pipeline_rollouts)
     scenario = resolve_plan(base).scenario
     n = participants or scenario.num_participants
     root = Path(out_root or tempfile.mkdtemp(prefix="fedhe-bench-round-"))
@@ -159,6 +160,7 @@ def run_round_profile(
                     "bandwidth_mbps": bandwidth_mbps}
     if mode == "encrypted-rollouts":
         result["rollout_upload"] = rollout_upload
+    result["pipeline_rollouts"] = pipeline_rollouts
     for kind in ("encrypted", "plaintext"):
         settings = replace(base, plaintext=kind == "plaintext", out_dir=str(root / kind), min_participants=n,
                            masking="off" if kind == "plaintext" else base.masking)

@@ -69,7 +69,8 @@ def run_federation(
         num_params=plan.num_params,
         wall_s=driver.record.wall_s(),
         extra={"mode": settings.mode, "rollout_upload": settings.rollout_upload,
-               "server_optimizer": settings.server_optimizer, **driver.summary_fields()},
+               "server_optimizer": settings.server_optimizer, "pipeline_rollouts": settings.pipeline_rollouts,
+               **driver.summary_fields()},
     )
 
 
@@ -80,7 +81,7 @@ def write_run_info(out_dir: Path, settings: RunSettings, scenario_name: str, num
             "plaintext": settings.plaintext, "seed": settings.seed, "rounds": settings.num_server_rounds,
             "he_profile": settings.he_profile, "robust_training": settings.robust_training, "mode": settings.mode,
             "rollout_upload": settings.rollout_upload, "server_optimizer": settings.server_optimizer,
-            "masking": settings.masking,
+            "masking": settings.masking, "pipeline_rollouts": settings.pipeline_rollouts,
             # The seed above makes only the initial policy; each participant's randomness is its own.
             "reproducible": False, "private_randomness": True,
             "randomness": "decided by each organization's node (OS entropy unless its policy sets a seed)"}

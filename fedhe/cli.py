@@ -110,8 +110,16 @@ def simulate(
         help=(
             "pairwise: participants add pairwise masks that cancel in the sum, so a key holder colluding with the "
             "coordinator cannot read an individual update (docs/threat-model.md). off: no masks. auto: pairwise "
-            "with 3 or more participants unless the norm-bound/median-norm defenses or transition uploads rule "
-            "masks out."
+            "with 3 or more participants unless the norm-bound/median-norm defenses rule masks out."
+        ),
+    ),
+    pipeline_rollouts: bool = typer.Option(
+        False,
+        "--pipeline-rollouts",
+        help=(
+            "local-ppo: each participant collects the next round's rollouts with the current policy while the "
+            "coordinator aggregates and steps (HE hidden behind rollouts); PPO's ratio corrects for the one-round-old "
+            "behaviour policy. docs/architecture.md."
         ),
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
@@ -155,6 +163,7 @@ def simulate(
         rollout_upload=rollout_upload,
         server_optimizer=server_optimizer,
         masking=masking,
+        pipeline_rollouts=pipeline_rollouts,
         seed=-1 if seed is None else seed,
         stop_on_solve=stop_on_solve,
         resume=resume,

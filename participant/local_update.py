@@ -87,7 +87,8 @@ def honest_update(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train, then clip (plus the DP noise share), weight and pre-scale; statistics of this round's episodes."""
     run, units = identity.run, identity.plan.units(n)
-    result = trainer_for(identity, scenario, run_id, round_).train(theta, round_, run.num_server_rounds)
+    result = trainer_for(identity, scenario, run_id, round_).train(theta, round_, run.num_server_rounds,
+                                                                   prefetch=run.pipeline_rollouts)
     if run.dp_noise_multiplier > 0:
         rng = np.random.default_rng(identity.randomness(round_, "dp"))
         update = units.encode_unclipped(

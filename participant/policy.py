@@ -52,6 +52,7 @@ COORDINATOR_MAY_SET: dict[str, str] = {
     "dp_noise_multiplier": "checked: at least min-dp-noise-multiplier",
     "dp_delta": "the coordinator's privacy accounting",
     "masking": "checked: pairwise wherever the node's masking is required",
+    "pipeline_rollouts": "when participants collect rollouts (with the theta they already hold)",
 }
 NODE_DECIDES: dict[str, str] = {
     "plaintext": "this node requires encryption",

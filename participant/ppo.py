@@ -2,11 +2,19 @@
 
 The update leaves the participant (clipped and encrypted by the caller); everything
 else (environments, RNG state, episodes in progress) stays local across rounds.
+
+Pipelined rounds (``prefetch``): once a round's update is computed, the next round's rollouts are
+collected in a background thread with the theta this round started from, while the update is
+encrypted, sent, aggregated and stepped. The next round optimises from the new theta on those
+rollouts; PPO's probability ratio is taken against the policy that collected them (their stored
+log-probabilities), which is what the ratio is for. Rollouts whose behaviour policy is older than
+the previous round's theta (the participant sat out a round) are dropped and collected afresh.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,24 +93,47 @@ class ParticipantTrainer:
         self.obs_std = RunningStd(self.spec.obs_dim)
         self.reward_correction = PerturbedRewardCorrection() if robust.mode == "reward-defense" else None
         self._round = 0
+        self._prefetch: tuple[int, Future[Rollout]] | None = None  # (the round it is for, its collection)
+        self._collector_thread: ThreadPoolExecutor | None = None
 
-    def train(self, theta: np.ndarray, round: int, total_rounds: int | None = None) -> LocalResult:
-        """Run one local round starting from the shared ``theta`` (not modified)."""
+    def train(self, theta: np.ndarray, round: int, total_rounds: int | None = None,
+              prefetch: bool = False) -> LocalResult:
+        """Run one local round starting from the shared ``theta`` (not modified); ``prefetch``: then
+        start collecting the next round's rollouts with ``theta`` (module docstring)."""
         self._round = int(round)  # the lr and SA-PPO kappa schedules use it
         cfg = self.scenario.ppo
-        self._lr = cfg.lr * (annealed(round, total_rounds or self.scenario.rounds) if cfg.anneal_lr else 1.0)
+        total = total_rounds or self.scenario.rounds
+        self._lr = cfg.lr * (annealed(round, total) if cfg.anneal_lr else 1.0)
         theta_in = np.array(theta, dtype=np.float64)
         if theta_in.shape != (self.spec.num_params,):
             raise ValueError(f"theta has shape {theta_in.shape}, scenario needs ({self.spec.num_params},)")
-        rollout = self.collector.collect(
-            Policy(self.spec, theta_in),
-            cfg.steps_per_env,
-            self.rng,
-            cfg.gamma,
-            cfg.reward_scale,
-            obs_fn=self._obs_fn(),
-            reward_fn=self._reward_fn(),
-        )
+        rollout = self._prefetched(round)
+        if rollout is None:
+            rollout = self._collect(theta_in)
+        result = self._learn(theta_in, rollout)
+        if prefetch and round < total:
+            self._collector_thread = self._collector_thread or ThreadPoolExecutor(1, "fedhe-rollouts")
+            self._prefetch = (round + 1, self._collector_thread.submit(self._collect, theta_in))
+        return result
+
+    def _collect(self, theta: np.ndarray) -> Rollout:
+        cfg = self.scenario.ppo
+        return self.collector.collect(Policy(self.spec, theta), cfg.steps_per_env, self.rng, cfg.gamma,
+                                      cfg.reward_scale, obs_fn=self._obs_fn(), reward_fn=self._reward_fn())
+
+    def _prefetched(self, round: int) -> Rollout | None:
+        """The rollouts collected for ``round`` in the background (its collection's error is this round's);
+        None if there are none, or they are for another round (they are waited for and dropped)."""
+        if self._prefetch is None:
+            return None
+        (for_round, future), self._prefetch = self._prefetch, None
+        if for_round != round:
+            future.exception()  # never two collections on the same environments at once
+            return None
+        return future.result()
+
+    def _learn(self, theta_in: np.ndarray, rollout: Rollout) -> LocalResult:
+        cfg = self.scenario.ppo
         rollout = self._correct_rewards(rollout)
         batch = _flatten(rollout, cfg.gamma, cfg.gae_lambda)
         self._radius = cfg.robust.epsilon * self._sigma(batch.obs) if cfg.robust.mode == "sa-ppo" else None
@@ -206,6 +237,8 @@ class ParticipantTrainer:
         return theta, infos
 
     def close(self) -> None:
+        if self._collector_thread is not None:
+            self._collector_thread.shutdown(wait=True)  # a collection in flight finishes before its envs close
         self.env.close()
 
 

@@ -40,7 +40,7 @@ class RunSettings:
     scenario: str = "cartpole"  # built-in name, entry point, or path to a scenario .py file
     mode: str = "local-ppo"  # local-ppo | encrypted-rollouts (the coordinator learns from encrypted rollouts)
     # encrypted-rollouts only: statistics (owners send sufficient statistics, under pairwise masks) |
-    # transitions (owners send every transition; masks cannot cover them: docs/encrypted-rollouts.md)
+    # transitions (owners send every transition under a key of their own: docs/encrypted-rollouts.md)
     rollout_upload: str = "statistics"
     server_optimizer: str = "adam"  # adam (HE-Adam) | sgd (HE-SGD with momentum, the linear baseline)
     num_server_rounds: int = 0  # 0: the scenario's default
@@ -68,8 +68,11 @@ class RunSettings:
     dp_noise_multiplier: float = 0.0  # z > 0: participants add distributed Gaussian noise (client-level DP)
     dp_delta: float = 1e-5
     # Pairwise masks under the ciphertexts (docs/threat-model.md, "Pairwise masks"): pairwise | off |
-    # auto (pairwise with 3+ participants unless a masked-norm defense or transition uploads rule masks out).
+    # auto (pairwise with 3+ participants unless a masked-norm defense rules masks out).
     masking: str = "auto"
+    # local-ppo: participants collect the next round's rollouts with the current theta while the
+    # coordinator aggregates and steps; PPO's ratio corrects against that behaviour policy.
+    pipeline_rollouts: bool = False
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:

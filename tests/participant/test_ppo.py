@@ -152,3 +152,54 @@ def test_cartpole_learns_in_a_few_rounds():
     assert np.mean(last.episode_returns) > 100
     env = sc.build_env(0, 0)
     assert np.mean(evaluate_policy(env, Policy(spec, theta), episodes=3, seed=0)) > 100
+
+
+def _small_cartpole() -> Scenario:
+    return load_scenario("cartpole").with_overrides(ppo=SMALL)
+
+
+def test_a_pipelined_round_learns_from_the_theta_before_on_rollouts_collected_in_the_background():
+    """Round 2 of a pipelined trainer is PPO from theta_2 on rollouts that theta_1 collected while round 1's
+    update was away; a round after one the participant sat out collects afresh; the last round prefetches
+    nothing."""
+    scenario = _small_cartpole()
+    theta1 = scenario.policy_spec().init(0)
+    theta2, theta4 = theta1 + 0.01, theta1 - 0.02
+    pipelined, reference = ParticipantTrainer(scenario, 0, 7), ParticipantTrainer(scenario, 0, 7)
+    try:
+        first = pipelined.train(theta1, 1, total_rounds=4, prefetch=True)
+        np.testing.assert_array_equal(first.update, reference.train(theta1, 1, total_rounds=4).update)
+        second = pipelined.train(theta2, 2, total_rounds=4, prefetch=True)
+        reference._round, reference._lr = 2, pipelined._lr
+        expected = reference._learn(theta2, reference._collect(theta1))
+        np.testing.assert_array_equal(second.update, expected.update)
+        assert second.episode_returns == expected.episode_returns
+        # Round 3 skipped: the rollouts theta_2 collected for it are dropped, round 4 collects with theta_4.
+        fourth = pipelined.train(theta4, 4, total_rounds=4, prefetch=True)
+        reference._collect(theta2)
+        np.testing.assert_array_equal(fourth.update, reference.train(theta4, 4, total_rounds=4).update)
+        assert pipelined._prefetch is None  # the last round
+    finally:
+        pipelined.close()
+        reference.close()
+
+
+def test_a_background_collection_that_fails_fails_the_round_it_was_for():
+    class BreaksLater(gym.Wrapper):
+        steps = 0
+
+        def step(self, action):
+            BreaksLater.steps += 1
+            if BreaksLater.steps > 2 * SMALL.steps_per_env:  # round 1 (2 envs x 32 steps) works
+                raise RuntimeError("simulator crashed")
+            return self.env.step(action)
+
+    scenario = Scenario(name="breaks", make_env=lambda i, s: BreaksLater(gym.make("CartPole-v1")), ppo=SMALL)
+    trainer = ParticipantTrainer(scenario, 0, 1)
+    theta = scenario.policy_spec().init(0)
+    try:
+        trainer.train(theta, 1, total_rounds=3, prefetch=True)
+        with pytest.raises(RuntimeError, match="the environment failed"):
+            trainer.train(theta, 2, total_rounds=3, prefetch=True)
+    finally:
+        trainer.close()
