@@ -315,8 +315,9 @@ class RoundDriver:
             if len(active) >= wanted or time.monotonic() > deadline or (waited and enough) or left_out:
                 break
             if not self.record.warned_short:
-                log.warning("round %d: the run asks for %d participants, %d organizations are connected; waiting up "
-                            "to %g s, then going on with those present", outcome.round, wanted, len(active), wait_s)
+                log.warning("round %d: the run asks for %d participants, %d organizations are available (%d "
+                            "connected, the others left out or not yet named); waiting up to %g s, then going on "
+                            "with those present", outcome.round, wanted, len(active), len(present), wait_s)
                 self.record.warned_short = True
             self.checkpoints.start()  # no round starts soon: write the last one now
             time.sleep(0.5)
