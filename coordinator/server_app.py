@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from coordinator.driver import RoundDriver
 from coordinator.exchange import RoundOutcome
+from coordinator.ray_shards import shard_settings
 from coordinator.report import read_metrics, write_summary
 from protos.backend import HEBackend, PlainBackend
 from protos.keyfile import load_evaluation_backend
@@ -82,6 +83,7 @@ def write_run_info(out_dir: Path, settings: RunSettings, scenario_name: str, num
             "he_profile": settings.he_profile, "robust_training": settings.robust_training, "mode": settings.mode,
             "rollout_upload": settings.rollout_upload, "server_optimizer": settings.server_optimizer,
             "masking": settings.masking, "pipeline_rollouts": settings.pipeline_rollouts,
+            "he_shards": shard_settings()[0],  # this machine's FEDHE_HE_SHARDS (coordinator.ray_shards)
             # The seed above makes only the initial policy; each participant's randomness is its own.
             "reproducible": False, "private_randomness": True,
             "randomness": "decided by each organization's node (OS entropy unless its policy sets a seed)"}

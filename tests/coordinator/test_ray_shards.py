@@ -6,6 +6,7 @@ started by ``ShardedHEAdam`` and a two-node cluster on this host started with ``
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -21,7 +22,14 @@ import pytest
 from support.he_adam_states import encrypted_state
 
 from coordinator.he_adam import HEAdamConfig, HEAdamState, he_adam_step, unmask_state
-from coordinator.ray_shards import ShardedHEAdam, ShardError, chunk_ranges
+from coordinator.ray_shards import (
+    RAY_ADDRESS_ENV,
+    SHARDS_ENV,
+    ShardedHEAdam,
+    ShardError,
+    chunk_ranges,
+    shard_settings,
+)
 from participant.keyholder import decrypt_vector, reencrypt
 from protos.codec import encrypt_to_proto, from_proto
 from protos.errors import WireError
@@ -103,6 +111,23 @@ def test_two_local_shards_are_the_in_process_steps_byte_for_byte(coordinator_bac
         state, aggregate = encrypted_state(coordinator_backend, length, seed=2)
         expected = he_adam_step(coordinator_backend, state, aggregate, CONFIG, poly).state
         assert serialized(sharded.he_adam_step(state, aggregate, CONFIG, poly).state) == serialized(expected)
+
+
+def test_the_coordinator_machine_chooses_the_shards_and_run_json_records_them(monkeypatch, tmp_path):
+    from coordinator.server_app import RUN_INFO_FILE, write_run_info
+    from protos.settings import RunSettings
+
+    monkeypatch.delenv(SHARDS_ENV, raising=False)
+    monkeypatch.delenv(RAY_ADDRESS_ENV, raising=False)
+    assert shard_settings() == (1, None)
+    monkeypatch.setenv(SHARDS_ENV, "3")
+    monkeypatch.setenv(RAY_ADDRESS_ENV, "10.0.0.5:6379")
+    assert shard_settings() == (3, "10.0.0.5:6379")
+    write_run_info(tmp_path, RunSettings(), "cartpole", 835)
+    assert json.loads((tmp_path / RUN_INFO_FILE).read_text())["he_shards"] == 3
+    monkeypatch.setenv(SHARDS_ENV, "two")
+    with pytest.raises(ValueError, match=SHARDS_ENV):
+        shard_settings()
 
 
 def test_an_unreachable_cluster_is_one_clear_error(coordinator_backend):
