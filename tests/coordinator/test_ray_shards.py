@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -202,6 +203,7 @@ def two_node_cluster(tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Pope
 
         ray.shutdown()
         stop(nodes)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
