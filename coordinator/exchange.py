@@ -101,7 +101,12 @@ class Exchange:
     def collect(self, outgoing: list[Message], read: Callable[[int, Message], T], outcome: RoundOutcome,
                 what: str) -> Iterator[tuple[int, T]]:
         """Push, stream and read each reply; an error reply or one that does not read is a failure."""
-        for node, reply in self.stream(outgoing, outcome):
+        return self.collect_pending(self.push(outgoing, outcome), read, outcome, what)
+
+    def collect_pending(self, pending: dict[str, int], read: Callable[[int, Message], T], outcome: RoundOutcome,
+                        what: str) -> Iterator[tuple[int, T]]:
+        """``collect`` for messages already pushed (``pending``: message id -> node)."""
+        for node, reply in self.replies(pending, outcome):
             if reply.has_error():
                 self.error_reply(node, reply, outcome)
                 continue

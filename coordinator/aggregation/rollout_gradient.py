@@ -56,9 +56,10 @@ class RolloutGradient(PlainSum):
         self.contributors.append(node)  # so far: its update, in ``finish``, decides
 
     def finish(self) -> Aggregate | None:
-        """Each owner's per-slot sums back to that owner; its update in reply, summed like any."""
+        """Each owner's per-slot sums back to that owner, sent as soon as they are computed (the owner
+        works on them while the next owner's are); its update in reply, summed like any."""
         ctx = self.ctx
-        outgoing = []
+        pending: dict[str, int] = {}
         for node, upload in self.uploads.items():
             with ctx.outcome.timer.phase("encrypted_gradient"):
                 gradient = GradientSum(upload.key, self.layout)
@@ -67,13 +68,13 @@ class RolloutGradient(PlainSum):
                 sums = [EncryptedVector([chunk], self.layout.slots) for chunk in gradient.result()]
                 query = wire_pb2.GradientQuery(protocol_version=PROTOCOL_VERSION, round=ctx.round,
                                                masked=[to_proto_for_decryption(upload.key, vec) for vec in sums])
-            outgoing.append(ctx.exchange.message(node, ctx.round, ctx.participants, messages.OWNER_GRADIENT,
-                                                 {messages.OWNER_GRADIENT_QUERY: messages.pack(query)},
-                                                 self.train_config()))
+            message = ctx.exchange.message(node, ctx.round, ctx.participants, messages.OWNER_GRADIENT,
+                                           {messages.OWNER_GRADIENT_QUERY: messages.pack(query)}, self.train_config())
+            pending.update(ctx.exchange.push([message], ctx.outcome))
         self.uploads.clear()
         self.contributors = []  # now the owners whose update is in the sum
         take = lambda node, reply: PlainSum.add(self, node, reply)  # noqa: E731 - the update, read and summed
-        for _ in ctx.exchange.collect(outgoing, take, ctx.outcome, "owner update"):
+        for _ in ctx.exchange.collect_pending(pending, take, ctx.outcome, "owner update"):
             pass
         if not self.contributors:
             self.fail("no owner sent its update")
